@@ -1,0 +1,458 @@
+"""Pure functions on batches of KV caches: prefill, latent steps, decode, truncate, concatenate.
+
+A `KV` is a transformers `DynamicCache` plus the padding mask of every slot. Shapes:
+keys/values per layer are (B, H, L, Dh); the mask is (B, L) with 1 = real token.
+
+The one invariant everything here keeps: **in every row, the real slots hold the
+positions 0 … n−1 in slot order** (n = that row's number of real slots); padding slots
+are masked out and their position is irrelevant. A new token of a row therefore sits
+at position n + (its index among the new real tokens), which is what `_positions`
+computes and passes explicitly to the model on every forward. Because RoPE is relative
+(R(p + d) = R(d) R(p)), a cache can be truncated or appended to another one by
+re-rotating its keys by the position shift (values unchanged) — see `rotate_keys`.
+Padding can then sit anywhere (left of a prompt, between two senders' segments)
+without changing a single logit of the real tokens, and nothing is renumbered the way
+LatentMAS's truncation renumbers new tokens from the truncated length.
+
+Supported model families are those whose decoder has a standard `rotary_emb` with
+full-head-dim `rotate_half` RoPE (`ROPE_MODEL_TYPES`); for others every function works
+except those that shift positions (truncation, concatenation), which raise.
+
+Nothing here mutates a cache it was given: `DynamicCache.update` concatenates into new
+tensors, and each function first makes a shallow copy of the cache object. So a cache
+handed to `decode` (or a second receiver) is unchanged for its first owner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+ROPE_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmo", "olmo2", "granite"}
+)
+
+
+@dataclass
+class KV:
+    """A batch of KV caches and the padding mask of its slots."""
+
+    cache: DynamicCache
+    mask: torch.Tensor  # (B, L) long; 1 = real token, 0 = padding
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.mask.shape[1]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) number of real slots per row = the next free position of the row."""
+        return self.mask.sum(-1)
+
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(layer.keys, layer.values) for layer in self.cache.layers]
+
+
+@dataclass
+class Step:
+    """What a forward over new inputs returns: the extended cache and the last position's outputs."""
+
+    kv: KV
+    hidden: torch.Tensor  # (B, D) final-norm hidden state at the last position
+    logits: torch.Tensor  # (B, V) next-token logits at the last position (fp32)
+
+
+# ---- construction and copying ---------------------------------------------------------------
+
+
+def cache_from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A DynamicCache holding exactly these (keys, values) per layer (no copy of the tensors)."""
+    cache = DynamicCache()
+    for idx, (k, v) in enumerate(layers):
+        cache.update(k, v, idx)
+    return cache
+
+
+def empty(batch_size: int, device: torch.device | str = "cpu") -> KV:
+    """A KV of B rows and no slots."""
+    return KV(DynamicCache(), torch.zeros(batch_size, 0, dtype=torch.long, device=device))
+
+
+def copy(kv: KV, *, clone: bool = False) -> KV:
+    """A new cache object over the same tensors (or cloned ones): safe to extend or hand on."""
+    if not kv.cache.layers or kv.seq_len == 0:
+        return KV(DynamicCache(), kv.mask.clone())
+    layers = [(k.clone(), v.clone()) if clone else (k, v) for k, v in kv.layers()]
+    return KV(cache_from_layers(layers), kv.mask.clone())
+
+
+def _is_empty(kv: KV) -> bool:
+    return kv.seq_len == 0 or not kv.cache.layers or not kv.cache.layers[0].is_initialized
+
+
+def select(kv: KV, rows: Sequence[int] | torch.Tensor) -> KV:
+    """Rows of a batch (index_select along B); rows may repeat."""
+    index = torch.as_tensor(rows, dtype=torch.long, device=kv.mask.device)
+    if _is_empty(kv):
+        return KV(DynamicCache(), kv.mask.index_select(0, index))
+    layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv.layers()]
+    return KV(cache_from_layers(layers), kv.mask.index_select(0, index))
+
+
+def compact(kv: KV) -> KV:
+    """Drop slot columns that are padding in every row (exact: positions follow real slots only)."""
+    keep = kv.mask.bool().any(0)  # (L,)
+    if bool(keep.all()):
+        return kv
+    idx = keep.nonzero().squeeze(-1)
+    if idx.numel() == 0:
+        return empty(kv.batch_size, kv.mask.device)
+    layers = [(k.index_select(2, idx), v.index_select(2, idx)) for k, v in kv.layers()]
+    return KV(cache_from_layers(layers), kv.mask.index_select(1, idx))
+
+
+def stack(kvs: Sequence[KV]) -> KV:
+    """Concatenate batches along B, left-padding each to the longest (pads masked, values zero)."""
+    kvs = [compact(kv) for kv in kvs]
+    length = max(kv.seq_len for kv in kvs)
+    device = kvs[0].mask.device
+    masks = [torch.nn.functional.pad(kv.mask, (length - kv.seq_len, 0)) for kv in kvs]
+    mask = torch.cat(masks, 0)
+    if length == 0:
+        return empty(mask.shape[0], device)
+    template = next(kv for kv in kvs if not _is_empty(kv))
+    layers = []
+    for layer_idx, (k_ref, v_ref) in enumerate(template.layers()):
+        ks, vs = [], []
+        for kv in kvs:
+            pad = length - kv.seq_len
+            if _is_empty(kv):
+                shape_k = (kv.batch_size, k_ref.shape[1], length, k_ref.shape[3])
+                shape_v = (kv.batch_size, v_ref.shape[1], length, v_ref.shape[3])
+                ks.append(k_ref.new_zeros(shape_k))
+                vs.append(v_ref.new_zeros(shape_v))
+                continue
+            k, v = kv.cache.layers[layer_idx].keys, kv.cache.layers[layer_idx].values
+            ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
+            vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
+        layers.append((torch.cat(ks, 0), torch.cat(vs, 0)))
+    return KV(cache_from_layers(layers), mask)
+
+
+def nbytes(kv: KV) -> int:
+    """Bytes held by the cache's key and value tensors."""
+    if _is_empty(kv):
+        return 0
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv.layers())
+
+
+# ---- positions and RoPE -----------------------------------------------------------------------
+
+
+def rotary_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The model's own rotary module if its family is supported for position shifts, else None."""
+    if model.config.model_type not in ROPE_MODEL_TYPES:
+        return None
+    return model.get_decoder().rotary_emb
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rotate_keys(keys: torch.Tensor, shift: torch.Tensor, rotary: torch.nn.Module | None) -> torch.Tensor:
+    """Keys computed at positions p re-rotated to positions p + shift (per row).
+
+    keys: (B, H, L, Dh); shift: (B,) integer position shift (may be negative).
+    """
+    if rotary is None:
+        raise ValueError(
+            "shifting cache positions needs a RoPE model of a supported family "
+            f"({sorted(ROPE_MODEL_TYPES)})"
+        )
+    shift = shift.to(keys.device)
+    if not bool(shift.ne(0).any()):
+        return keys
+    probe = torch.zeros(1, device=keys.device, dtype=torch.float32)
+    cos, sin = rotary(probe, position_ids=shift[:, None].float())  # (B, 1, Dh) each
+    if cos.shape[-1] != keys.shape[-1]:
+        raise ValueError(
+            f"rotary dim {cos.shape[-1]} != head dim {keys.shape[-1]}: partial RoPE is not supported"
+        )
+    scale = float(getattr(rotary, "attention_scaling", 1.0))
+    cos, sin = (cos / scale)[:, None].float(), (sin / scale)[:, None].float()  # (B, 1, 1, Dh)
+    k = keys.float()
+    return (k * cos + _rotate_half(k) * sin).to(keys.dtype)
+
+
+def _positions(past_lengths: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions of new tokens: continue each row after its real past slots."""
+    return past_lengths[:, None] + (new_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+# ---- forward passes ---------------------------------------------------------------------------
+
+
+def forward(
+    model: torch.nn.Module,
+    past: KV | None,
+    new_mask: torch.Tensor,
+    *,
+    input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+) -> tuple[KV, torch.Tensor]:
+    """Run new inputs (B, T) on top of `past` (unchanged). Returns the extended KV and the
+    final-norm hidden states of the new positions (B, T, D). Padding slots of the new
+    segment are zeroed in the cache so garbage (or NaN) from fully-masked pad rows never
+    reaches a later attention product."""
+    batch = new_mask.shape[0]
+    if past is None:
+        past = empty(batch, new_mask.device)
+    if past.batch_size != batch:
+        raise ValueError(f"past cache has {past.batch_size} rows but the new inputs have {batch}")
+    new_mask = new_mask.to(past.mask.device).long()
+    state = copy(past)
+    full_mask = torch.cat([past.mask, new_mask], dim=1)  # (B, L + T)
+    out = model.get_decoder()(
+        input_ids=input_ids,
+        inputs_embeds=inputs_embeds,
+        attention_mask=full_mask,
+        position_ids=_positions(past.lengths, new_mask),
+        past_key_values=state.cache,
+        use_cache=True,
+    )
+    cache = out.past_key_values
+    if not bool(new_mask.all()):
+        steps = new_mask.shape[1]
+        keep = new_mask.bool()[:, None, :, None]  # (B, 1, T, 1)
+        for layer in cache.layers:
+            k_old, k_new = layer.keys[:, :, :-steps], layer.keys[:, :, -steps:]
+            v_old, v_new = layer.values[:, :, :-steps], layer.values[:, :, -steps:]
+            layer.keys = torch.cat([k_old, torch.where(keep, k_new, torch.zeros_like(k_new))], dim=2)
+            layer.values = torch.cat([v_old, torch.where(keep, v_new, torch.zeros_like(v_new))], dim=2)
+    return KV(cache, full_mask), out.last_hidden_state
+
+
+def next_token_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """lm_head on hidden states (..., D) -> fp32 logits (..., V)."""
+    return model.get_output_embeddings()(hidden).float()
+
+
+def prefill(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    past: KV | None = None,
+) -> Step:
+    """Continue from `past` (or start) with left-padded tokens (B, T); last position is real in every row."""
+    kv, hidden = forward(model, past, attention_mask, input_ids=input_ids)
+    last = hidden[:, -1]  # (B, D)
+    return Step(kv, last, next_token_logits(model, last))
+
+
+# ---- latent steps -----------------------------------------------------------------------------
+
+
+@dataclass
+class Realignment:
+    """Maps a last hidden state to the next input embedding for a latent step.
+
+    e = h · W_a (if `matrix` is set) then rescaled to `target_norm`, the mean norm of the
+    input embeddings. W_a = (W_outᵀ W_out + λI)⁻¹ W_outᵀ W_in solves the ridge problem
+    min ‖W_out W_a − W_in‖² + λ‖W_a‖²: output-embedding directions are sent to the
+    matching input embeddings. The rescale matters even with tied embeddings (W_a ≈ I):
+    SmolLM2-135M's hidden norm is ~53 against an embedding norm of ~3.2.
+    """
+
+    matrix: torch.Tensor | None  # (D, D) fp32
+    target_norm: float
+
+    def without_matrix(self) -> Realignment:
+        return Realignment(None, self.target_norm)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.float()  # (B, D)
+        if self.matrix is not None:
+            x = x @ self.matrix.to(x.device)
+        x = x * (self.target_norm / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
+        return x.to(hidden.dtype)
+
+
+@torch.no_grad()
+def realignment(model: torch.nn.Module, reg: float = 1e-5) -> Realignment:
+    """Compute W_a and the target norm once per model, in fp32."""
+    w_in = model.get_input_embeddings().weight.float()  # (V, D)
+    w_out = model.get_output_embeddings().weight.float()  # (V, D)
+    gram = w_out.T @ w_out + reg * torch.eye(w_out.shape[1], device=w_out.device)  # (D, D)
+    matrix = torch.linalg.solve(gram, w_out.T @ w_in)  # (D, D)
+    return Realignment(matrix, float(w_in.norm(dim=-1).mean()))
+
+
+@dataclass
+class LatentResult:
+    step: Step
+    fed: torch.Tensor  # (B, steps, D) the embeddings fed at each latent step
+
+
+def latent_steps(model: torch.nn.Module, start: Step, steps: int, realign: Realignment) -> LatentResult:
+    """`steps` latent steps: feed realign(last hidden) back as the next input embedding."""
+    if steps < 0:
+        raise ValueError(f"latent_steps must be >= 0, got {steps}")
+    step, fed = start, []
+    ones = torch.ones(start.kv.batch_size, 1, dtype=torch.long, device=start.kv.mask.device)
+    for _ in range(steps):
+        embedding = realign(step.hidden)  # (B, D)
+        fed.append(embedding)
+        kv, hidden = forward(model, step.kv, ones, inputs_embeds=embedding[:, None, :])
+        step = Step(kv, hidden[:, -1], next_token_logits(model, hidden[:, -1]))
+    width = start.hidden.shape[-1]
+    stacked = torch.stack(fed, 1) if fed else start.hidden.new_zeros(start.kv.batch_size, 0, width)
+    return LatentResult(step, stacked)
+
+
+# ---- truncation and fusion --------------------------------------------------------------------
+
+
+def keep_last(kv: KV, n: int, rotary: torch.nn.Module | None) -> KV:
+    """Keep the last n slots; re-rotate kept keys so each row's real slots again start at position 0."""
+    if n < 0:
+        raise ValueError(f"cannot keep a negative number of positions ({n})")
+    if n >= kv.seq_len:
+        return copy(kv)
+    if n == 0:
+        return empty(kv.batch_size, kv.mask.device)
+    cut = kv.seq_len - n
+    dropped = kv.mask[:, :cut].sum(-1)  # (B,) real positions removed before the kept ones
+    layers = [(rotate_keys(k[:, :, cut:], -dropped, rotary), v[:, :, cut:]) for k, v in kv.layers()]
+    return KV(cache_from_layers(layers), kv.mask[:, cut:].clone())
+
+
+def concat(
+    kvs: Sequence[KV],
+    rotary: torch.nn.Module | None,
+    value_scales: Sequence[torch.Tensor] | None = None,
+) -> KV:
+    """Join several senders' caches along the sequence, each segment re-rotated to follow the
+    previous ones. `value_scales[s]` (num_layers, B) multiplies segment s's values (a
+    CacheFuser's gates; keys are never mixed or scaled)."""
+    kvs = [kv for kv in kvs]
+    if not kvs:
+        raise ValueError("concat needs at least one cache")
+    batch = kvs[0].batch_size
+    if any(kv.batch_size != batch for kv in kvs):
+        raise ValueError(f"all caches must have the same batch size, got {[kv.batch_size for kv in kvs]}")
+    if value_scales is not None and len(value_scales) != len(kvs):
+        raise ValueError(f"{len(value_scales)} value scales for {len(kvs)} caches")
+    parts = [(i, kv) for i, kv in enumerate(kvs) if not _is_empty(kv)]
+    mask = torch.cat([kv.mask for kv in kvs], dim=1)
+    if not parts:
+        return KV(DynamicCache(), mask)
+    if value_scales is None and len(parts) == 1 and parts[0][0] == 0:
+        return copy(parts[0][1])  # a lone first segment needs no shift
+    offsets, total = [], torch.zeros(batch, dtype=torch.long, device=mask.device)
+    for kv in kvs:
+        offsets.append(total.clone())
+        total = total + kv.lengths
+    num_layers = len(parts[0][1].cache.layers)
+    layers = []
+    for layer_idx in range(num_layers):
+        ks, vs = [], []
+        for i, kv in parts:
+            k, v = kv.cache.layers[layer_idx].keys, kv.cache.layers[layer_idx].values
+            ks.append(rotate_keys(k, offsets[i], rotary))
+            if value_scales is not None:
+                v = v * value_scales[i][layer_idx].to(v.dtype)[:, None, None, None]
+            vs.append(v)
+        layers.append((torch.cat(ks, 2), torch.cat(vs, 2)))
+    mask = torch.cat([kvs[i].mask for i, _ in parts], dim=1)
+    return KV(cache_from_layers(layers), mask)
+
+
+# ---- decoding and scoring ---------------------------------------------------------------------
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def decode(
+    model: torch.nn.Module,
+    kv: KV,
+    logits: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy (temperature 0) or sampled decoding from `kv` (unchanged) and its next-token logits.
+
+    Returns token ids (B, T) with `pad_token_id` after each row's end, and the number of
+    tokens generated per row (B,), the end-of-sequence token included.
+    """
+    batch = kv.batch_size
+    device = logits.device
+    eos = torch.tensor(list(eos_token_ids), device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    counts = torch.zeros(batch, dtype=torch.long, device=device)
+    ones = torch.ones(batch, 1, dtype=torch.long, device=device)
+    tokens = []
+    state = kv
+    for t in range(max_new_tokens):
+        token = _pick(logits, temperature, top_p, generator)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        tokens.append(token)
+        counts += (~finished).long()
+        finished |= torch.isin(token, eos)
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        state, hidden = forward(model, state, ones, input_ids=token[:, None])
+        logits = next_token_logits(model, hidden[:, -1])
+    if not tokens:
+        return torch.zeros(batch, 0, dtype=torch.long, device=device), counts
+    return torch.stack(tokens, 1), counts
+
+
+def answer_nll(
+    model: torch.nn.Module,
+    kv: KV,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_mask: torch.Tensor,
+) -> torch.Tensor:
+    """Teacher-forced mean negative log-likelihood per row (B,) of a target given a prompt on `kv`.
+
+    prompt: left-padded (B, Tp); target: right-padded (B, Tt). Differentiable w.r.t. the
+    cache's tensors (e.g. gated values), so a loss on it trains whatever built the cache.
+    """
+    ids = torch.cat([prompt_ids, target_ids], dim=1)  # (B, Tp + Tt)
+    mask = torch.cat([prompt_mask, target_mask], dim=1)
+    _, hidden = forward(model, kv, mask, input_ids=ids)
+    tp, tt = prompt_ids.shape[1], target_ids.shape[1]
+    logits = next_token_logits(model, hidden[:, tp - 1 : tp + tt - 1])  # (B, Tt, V)
+    nll = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), target_ids, reduction="none"
+    )  # (B, Tt)
+    weights = target_mask.float()
+    return (nll * weights).sum(-1) / weights.sum(-1).clamp_min(1.0)

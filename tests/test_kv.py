@@ -1,0 +1,277 @@
+"""Equivalence tests of the cache plumbing on a tiny random Llama (fp32, CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gcache import kv
+from gcache.llm.local import LocalLM
+
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def llm() -> LocalLM:
+    return LocalLM.tiny_random(seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(llm):
+    return llm.model
+
+
+def _ids(*lengths: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(10, 2000, (n,), generator=g) for n in lengths]
+
+
+def _left_pad(seqs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = s
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+def _full_logits(model, seq: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(seq[None]).logits[0, -1].float()
+
+
+def _ones(seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return seq[None], torch.ones(1, len(seq), dtype=torch.long)
+
+
+@torch.no_grad()
+def test_agent_b_on_agent_a_cache_equals_one_forward(model):
+    a, b = _ids(9, 6)
+    step_a = kv.prefill(model, *_ones(a))
+    step_b = kv.prefill(model, *_ones(b), past=step_a.kv)
+    torch.testing.assert_close(step_b.logits[0], _full_logits(model, torch.cat([a, b])), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_continuation_with_padding_in_both_segments_matches_each_row_alone(model):
+    # Left padding in the first segment *and* the second puts pads between the segments.
+    firsts, seconds = _ids(4, 9, 6, seed=1), _ids(7, 3, 5, seed=2)
+    step = kv.prefill(model, *_left_pad(firsts))
+    step = kv.prefill(model, *_left_pad(seconds), past=step.kv)
+    for i in range(3):
+        ref = _full_logits(model, torch.cat([firsts[i], seconds[i]]))
+        torch.testing.assert_close(step.logits[i], ref, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_left_padded_batch_equals_each_prompt_alone_also_after_latent_steps(llm, model):
+    prompts = _ids(5, 11, 8, seed=3)
+    realign = llm.realignment(True)
+    batched = kv.prefill(model, *_left_pad(prompts))
+    batched_latent = kv.latent_steps(model, batched, 4, realign)
+    for i, p in enumerate(prompts):
+        alone = kv.prefill(model, *_ones(p))
+        torch.testing.assert_close(batched.logits[i], alone.logits[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(batched.hidden[i], alone.hidden[0], atol=ATOL, rtol=0)
+        alone_latent = kv.latent_steps(model, alone, 4, realign)
+        torch.testing.assert_close(batched_latent.step.hidden[i], alone_latent.step.hidden[0], atol=ATOL, rtol=0)
+        torch.testing.assert_close(batched_latent.fed[i], alone_latent.fed[0], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_latent_step_feeds_the_rescaled_last_hidden_state_without_realignment(llm, model):
+    realign = llm.realignment(False)
+    assert realign.matrix is None
+    start = kv.prefill(model, *_ones(_ids(7)[0]))
+    result = kv.latent_steps(model, start, 3, realign)
+    target = float(model.get_input_embeddings().weight.norm(dim=-1).mean())
+    hidden = start.hidden
+    state = start
+    for t in range(3):
+        expected = hidden * (target / hidden.norm(dim=-1, keepdim=True))
+        torch.testing.assert_close(result.fed[:, t], expected, atol=1e-6, rtol=1e-6)
+        # ... and that embedding is what the model was run on.
+        state_kv, h = kv.forward(model, state.kv, torch.ones(1, 1, dtype=torch.long), inputs_embeds=expected[:, None])
+        state = kv.Step(state_kv, h[:, -1], kv.next_token_logits(model, h[:, -1]))
+        hidden = state.hidden
+    torch.testing.assert_close(result.step.hidden, hidden, atol=ATOL, rtol=0)
+
+
+def test_realignment_matrix_solves_the_regularised_least_squares_problem(llm, model):
+    reg = 1e-5
+    w_in = model.get_input_embeddings().weight.detach().double()
+    w_out = model.get_output_embeddings().weight.detach().double()
+    dim = w_out.shape[1]
+    # Ridge regression as an ordinary least-squares problem on an augmented system.
+    a = torch.cat([w_out, reg**0.5 * torch.eye(dim, dtype=torch.float64)])
+    b = torch.cat([w_in, torch.zeros(dim, dim, dtype=torch.float64)])
+    expected = torch.linalg.lstsq(a, b).solution
+    realign = llm.realignment(True)
+    torch.testing.assert_close(realign.matrix.double(), expected, atol=1e-4, rtol=1e-4)
+    assert realign.target_norm == pytest.approx(float(w_in.norm(dim=-1).mean()), rel=1e-5)
+
+
+def test_realignment_is_near_identity_for_tied_embeddings():
+    tied = LocalLM.tiny_random(seed=1, tie_word_embeddings=True)
+    matrix = tied.realignment(True).matrix
+    torch.testing.assert_close(matrix, torch.eye(matrix.shape[0]), atol=1e-3, rtol=0)
+
+
+@torch.no_grad()
+def test_rerotated_keys_equal_keys_computed_at_the_shifted_positions(llm, model):
+    seq = _ids(6)[0]
+    at_zero = kv.prefill(model, *_ones(seq))
+    shift = 13
+    cache = kv.empty(1).cache
+    out = model.get_decoder()(
+        input_ids=seq[None], position_ids=torch.arange(shift, shift + 6)[None], past_key_values=cache, use_cache=True
+    )
+    keys_shifted = out.past_key_values.layers[0].keys
+    rotated = kv.rotate_keys(at_zero.kv.cache.layers[0].keys, torch.tensor([shift]), llm.rotary)
+    torch.testing.assert_close(rotated, keys_shifted, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_truncation_keeps_n_positions_and_continues_after_the_original_ones(llm, model):
+    prefix, suffix = _ids(12, 5, seed=4)
+    n = 4
+    full = kv.prefill(model, *_ones(prefix))
+    kept = kv.keep_last(full.kv, n, llm.rotary)
+    assert kept.seq_len == n and all(k.shape[2] == n and v.shape[2] == n for k, v in kept.layers())
+    ours = kv.prefill(model, *_ones(suffix), past=kept)
+
+    # Reference by hand: slice the *unrotated* last n slots and continue at the original positions.
+    sliced = kv.cache_from_layers([(k[:, :, -n:], v[:, :, -n:]) for k, v in full.kv.layers()])
+    out = model(
+        input_ids=suffix[None],
+        attention_mask=torch.ones(1, n + len(suffix), dtype=torch.long),
+        position_ids=torch.arange(len(prefix), len(prefix) + len(suffix))[None],
+        past_key_values=sliced,
+        use_cache=True,
+    )
+    torch.testing.assert_close(ours.logits[0], out.logits[0, -1].float(), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_truncating_a_padded_batch_matches_each_row_alone(llm, model):
+    prompts, suffixes = _ids(6, 10, seed=5), _ids(3, 5, seed=6)
+    batched = kv.latent_steps(model, kv.prefill(model, *_left_pad(prompts)), 3, llm.realignment(True)).step
+    kept = kv.keep_last(batched.kv, 3, llm.rotary)
+    cont = kv.prefill(model, *_left_pad(suffixes), past=kept)
+    for i in range(2):
+        alone = kv.latent_steps(model, kv.prefill(model, *_ones(prompts[i])), 3, llm.realignment(True)).step
+        alone_cont = kv.prefill(model, *_ones(suffixes[i]), past=kv.keep_last(alone.kv, 3, llm.rotary))
+        torch.testing.assert_close(cont.logits[i], alone_cont.logits[0], atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_concatenated_senders_equal_a_hand_built_cache_at_consecutive_positions(llm, model):
+    a, b, c = _ids(7, 5, 4, seed=7)
+    kv_a = kv.prefill(model, *_ones(a)).kv
+    kv_b = kv.prefill(model, *_ones(b)).kv  # computed on its own, from position 0
+    fused = kv.concat([kv_a, kv_b], llm.rotary)
+    ours = kv.prefill(model, *_ones(c), past=fused)
+
+    # Reference: B computed alone but at positions len(a)..; raw tensors joined; C continues after both.
+    decoder = model.get_decoder()
+    out_b = decoder(input_ids=b[None], position_ids=torch.arange(7, 12)[None], past_key_values=kv.empty(1).cache, use_cache=True)
+    joined = kv.cache_from_layers(
+        [
+            (torch.cat([ka, lb.keys], 2), torch.cat([va, lb.values], 2))
+            for (ka, va), lb in zip(kv_a.layers(), out_b.past_key_values.layers, strict=True)
+        ]
+    )
+    ref = model(input_ids=c[None], position_ids=torch.arange(12, 16)[None], past_key_values=joined, use_cache=True)
+    torch.testing.assert_close(ours.logits[0], ref.logits[0, -1].float(), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_concat_of_padded_batches_and_stack_of_rows_match_rows_alone(llm, model):
+    firsts, seconds, thirds = _ids(3, 8, seed=8), _ids(6, 2, seed=9), _ids(4, 4, seed=10)
+    kv1 = kv.prefill(model, *_left_pad(firsts)).kv
+    kv2 = kv.prefill(model, *_left_pad(seconds)).kv
+    fused = kv.concat([kv1, kv2], llm.rotary)
+    cont = kv.prefill(model, *_left_pad(thirds), past=fused)
+    rows = []
+    for i in range(2):
+        row = kv.concat(
+            [kv.prefill(model, *_ones(firsts[i])).kv, kv.prefill(model, *_ones(seconds[i])).kv], llm.rotary
+        )
+        rows.append(row)
+        alone = kv.prefill(model, *_ones(thirds[i]), past=row)
+        torch.testing.assert_close(cont.logits[i], alone.logits[0], atol=ATOL, rtol=0)
+    stacked = kv.stack(rows[::-1])
+    cont2 = kv.prefill(model, *_left_pad(thirds[::-1]), past=stacked)
+    torch.testing.assert_close(cont2.logits.flip(0), cont.logits, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_value_scale_of_one_is_plain_concatenation(llm, model):
+    a, b, c = _ids(5, 5, 3, seed=11)
+    kv_a, kv_b = kv.prefill(model, *_ones(a)).kv, kv.prefill(model, *_ones(b)).kv
+    scales = [torch.ones(llm.num_layers, 1), torch.ones(llm.num_layers, 1)]
+    plain = kv.prefill(model, *_ones(c), past=kv.concat([kv_a, kv_b], llm.rotary))
+    gated = kv.prefill(model, *_ones(c), past=kv.concat([kv_a, kv_b], llm.rotary, scales))
+    torch.testing.assert_close(plain.logits, gated.logits, atol=1e-6, rtol=0)
+    halved = kv.prefill(model, *_ones(c), past=kv.concat([kv_a, kv_b], llm.rotary, [s * 0.5 for s in scales]))
+    assert not torch.allclose(plain.logits, halved.logits, atol=1e-4)
+
+
+@torch.no_grad()
+def test_decode_does_not_change_the_callers_cache(llm, model):
+    step = kv.prefill(model, *_ones(_ids(8, seed=12)[0]))
+    before = [(k.clone(), v.clone()) for k, v in step.kv.layers()]
+    mask_before = step.kv.mask.clone()
+    kwargs = dict(max_new_tokens=6, eos_token_ids=[-1], pad_token_id=0)
+    first, _ = kv.decode(model, step.kv, step.logits, **kwargs)
+    assert step.kv.seq_len == 8 and torch.equal(step.kv.mask, mask_before)
+    for (k0, v0), (k1, v1) in zip(before, step.kv.layers(), strict=True):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+    second, _ = kv.decode(model, step.kv, step.logits, **kwargs)  # a second consumer sees the same cache
+    assert torch.equal(first, second)
+
+
+@torch.no_grad()
+def test_greedy_decode_matches_step_by_step_full_forwards(model):
+    seq = _ids(6, seed=13)[0]
+    step = kv.prefill(model, *_ones(seq))
+    tokens, counts = kv.decode(model, step.kv, step.logits, max_new_tokens=5, eos_token_ids=[-1], pad_token_id=0)
+    assert counts.tolist() == [5]
+    cur = seq
+    for t in range(5):
+        nxt = _full_logits(model, cur).argmax()
+        assert int(tokens[0, t]) == int(nxt)
+        cur = torch.cat([cur, nxt[None]])
+
+
+def test_answer_nll_gradient_reaches_value_gates_and_not_the_frozen_model(llm, model):
+    a, b, prompt, target = _ids(5, 4, 6, 3, seed=14)
+    with torch.no_grad():
+        kv_a, kv_b = kv.prefill(model, *_ones(a)).kv, kv.prefill(model, *_ones(b)).kv
+    gates = torch.ones(2, llm.num_layers, 1, requires_grad=True)
+    fused = kv.concat([kv_a, kv_b], llm.rotary, [gates[0], gates[1]])
+    nll = kv.answer_nll(model, fused, *_ones(prompt), *_ones(target))
+    nll.sum().backward()
+    assert gates.grad is not None and bool(gates.grad.abs().gt(0).all())
+    assert all(p.grad is None for p in model.parameters())
+    # The NLL equals the cross-entropy of one plain forward over the same cache (no gates).
+    with torch.no_grad():
+        plain = kv.concat([kv_a, kv_b], llm.rotary)
+        logits = []
+        state = kv.prefill(model, *_ones(prompt), past=plain)
+        for tok in target:
+            logits.append(state.logits[0])
+            state = kv.prefill(model, tok.view(1, 1), torch.ones(1, 1, dtype=torch.long), past=state.kv)
+        ref = torch.nn.functional.cross_entropy(torch.stack(logits), target)
+    assert float(nll) == pytest.approx(float(ref), abs=1e-4)
+
+
+def test_nbytes_counts_keys_and_values(llm, model):
+    with torch.no_grad():
+        step = kv.prefill(model, *_ones(_ids(10)[0]))
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    expected = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 10 * head_dim * 4
+    assert kv.nbytes(step.kv) == expected
+    assert kv.nbytes(kv.empty(1)) == 0
