@@ -1,0 +1,140 @@
+"""HumanEval+ (164 problems): complete a Python function; reward 1.0 iff every test passes.
+
+    task = HumanEvalPlus(timeout=20.0, max_workers=2)
+    ex = task.load_examples()[0]
+    task.score_details(["```python\\n" + ex.answer + "\\n```"], [ex])[0]["fraction"]   # 1.0
+
+Tests: the EvalPlus ``HumanEvalPlus-OriginFmt`` file (local ``humaneval/HumanEvalPlus-OriginFmt.jsonl.gz``,
+hub ``evalplus/humanevalplus``). Chosen over the native file because its ``check(candidate)``
+already holds the expected outputs of every base and plus input (the native file stores
+inputs only; expected outputs would have to be computed by running the canonical
+solution, ~120k calls), and because it is exactly what the hub dataset ships, so local and
+hub data go through the same code. Its one loop over the inputs is instrumented so
+``score_details`` reports the fraction of inputs passed (see ``code_eval``).
+
+The program run for a reply is: the prompt (imports and helper functions such as
+``poly``) + the reply's code (a full definition of the entry point overrides the prompt's
+stub; a reply without it is taken as the function body) + the test + ``check(entry_point)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import textwrap
+
+from .base import Example, Task, check_pairs
+from .code_eval import FOOTER, HEADER, instrument_test, score_programs
+from .extract import extract_code
+
+log = logging.getLogger(__name__)
+
+# Upstream records whose tests are wrong, with the reason. Each is either repaired by
+# TEST_FIXES (then scored normally) or, if not, unscorable (reward None).
+KNOWN_BROKEN = {
+    "HumanEval/32": (
+        "OriginFmt test asserts `_poly(*candidate(*inp), inp) <= 0.0001`: arguments swapped "
+        "(_poly(xs, x) is called with the root as coefficients) and no abs(), so every solution "
+        "fails; repaired to `abs(_poly(*inp, candidate(*inp))) <= 0.0001` (the original HumanEval check)"
+    ),
+}
+TEST_FIXES = {
+    "HumanEval/32": (
+        "assert _poly(*candidate(*inp), inp) <= 0.0001",
+        "assert abs(_poly(*inp, candidate(*inp))) <= 0.0001",
+    ),
+}
+
+
+def assemble_program(code: str, example: Example) -> str:
+    """The program that tests ``code`` (a reply's extracted code) on ``example``."""
+    entry = example.meta["entry_point"]
+    prompt = example.meta["prompt"]
+    if re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(entry)}\s*\(", code, re.M):
+        solution = prompt + "\n\n" + code  # the reply's definition replaces the prompt's stub
+    else:
+        first = next((line for line in code.splitlines() if line.strip()), "")
+        body = code if first[:1].isspace() else textwrap.indent(code, "    ")
+        solution = prompt.rstrip("\n") + "\n" + body  # a body continuing the prompt's signature
+    return HEADER + solution + "\n\n" + example.meta["test"] + f"\n\ncheck({entry})\n" + FOOTER
+
+
+class HumanEvalPlus(Task):
+    name = "humaneval"
+    domain = "code"
+    answer_format = "Give the complete Python function in a single ```python code block."
+
+    def __init__(
+        self,
+        *,
+        timeout: float = 20.0,
+        memory_mb: int = 1024,
+        max_workers: int | None = None,
+        hub_id: str = "evalplus/humanevalplus",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.timeout, self.memory_mb, self.max_workers = timeout, memory_mb, max_workers
+        self.hub_id = hub_id
+
+    def _load(self) -> list[Example]:
+        rows = self._rows("humaneval/HumanEvalPlus-OriginFmt.jsonl.gz", self.hub_id, None, "test")
+        examples = []
+        for i, row in enumerate(rows):
+            test, broken = row["test"], KNOWN_BROKEN.get(row["task_id"])
+            if row["task_id"] in TEST_FIXES:
+                old, new = TEST_FIXES[row["task_id"]]
+                if old in test:
+                    test, broken = test.replace(old, new), None
+                else:
+                    log.warning(
+                        "%s: the known upstream test bug is not there any more; fix not applied",
+                        row["task_id"],
+                    )
+            test, instrumented = instrument_test(test)
+            if not instrumented:
+                log.warning("%s: no test-input loop found; scored pass/fail only", row["task_id"])
+            question = (
+                f"Complete the following Python function:\n```python\n{row['prompt'].strip()}\n```"
+            )
+            examples.append(
+                Example(
+                    id=row["task_id"],
+                    question=question,
+                    answer=row["prompt"] + row["canonical_solution"],
+                    meta={
+                        "index": i,
+                        "prompt": row["prompt"],
+                        "entry_point": row["entry_point"],
+                        "test": test,
+                        "broken": broken,
+                    },
+                )
+            )
+        return examples
+
+    def extract_answer(self, completion: str) -> str | None:
+        return extract_code(completion) if isinstance(completion, str) else None
+
+    def score_details(self, completions: list[str], examples: list[Example]) -> list[dict]:
+        """Per reply: extracted code, passed, fraction of test inputs passed, sandbox status."""
+        check_pairs(completions, examples)
+        codes = [
+            extract_code(c, ex.meta["entry_point"]) if isinstance(c, str) else None
+            for c, ex in zip(completions, examples, strict=True)
+        ]
+        programs = [
+            assemble_program(code, ex) if code is not None and not ex.meta["broken"] else None
+            for code, ex in zip(codes, examples, strict=True)
+        ]
+        return score_programs(
+            programs,
+            examples,
+            codes,
+            timeout=self.timeout,
+            memory_mb=self.memory_mb,
+            max_workers=self.max_workers,
+        )
+
+    def target_text(self, example: Example) -> str:
+        return f"```python\n{example.answer.strip(chr(10))}\n```"

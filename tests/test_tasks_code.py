@@ -1,0 +1,176 @@
+"""HumanEval+ and MBPP+: program assembly, per-test fractions, broken records, and the full
+reference-solution check (slow)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+import pytest
+
+from gcache.tasks.code_eval import instrument_test
+from gcache.tasks.humaneval import KNOWN_BROKEN as HE_BROKEN
+from gcache.tasks.humaneval import TEST_FIXES, HumanEvalPlus
+from gcache.tasks.humaneval import assemble_program as assemble_humaneval
+from gcache.tasks.mbppplus import HEAVY_TESTS, MbppPlus
+from gcache.tasks.mbppplus import KNOWN_BROKEN as MBPP_BROKEN
+from gcache.tasks.sandbox import run_program
+
+log = logging.getLogger(__name__)
+
+
+@pytest.fixture(scope="module")
+def humaneval():
+    return HumanEvalPlus(max_workers=2)
+
+
+@pytest.fixture(scope="module")
+def mbpp():
+    return MbppPlus(max_workers=2)
+
+
+def by_id(task, example_id):
+    return next(ex for ex in task.load_examples() if ex.id == example_id)
+
+
+def return_none(example) -> str:
+    return f"```python\ndef {example.meta['entry_point']}(*args, **kwargs):\n    return None\n```"
+
+
+def test_every_record_has_an_instrumented_test_loop(humaneval, mbpp):
+    for ex in humaneval.load_examples() + mbpp.load_examples():
+        assert "_gcache_tally.expect(len(inputs))" in ex.meta["test"], ex.id
+        assert ex.meta["entry_point"], ex.id
+
+
+def test_instrument_test_leaves_unknown_formats_alone():
+    test = "def check(candidate):\n    assert candidate(1) == 2\n"
+    assert instrument_test(test) == (test, False)
+
+
+def test_questions_show_the_problem(humaneval, mbpp):
+    he = by_id(humaneval, "HumanEval/0")
+    assert "def has_close_elements(numbers: List[float], threshold: float) -> bool:" in he.question
+    assert he.question.startswith("Complete the following Python function")
+    mb = by_id(mbpp, "Mbpp/2")
+    assert mb.question.startswith(
+        "Write a function to find the shared elements from the given two lists."
+    )
+    assert "assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))" in mb.question
+    assert mb.meta["entry_point"] == "similar_elements"
+    assert humaneval.domain == mbpp.domain == "code"
+
+
+def test_reference_round_trip_and_wrong_answer(humaneval, mbpp):
+    for task, ids in [(humaneval, ["HumanEval/0", "HumanEval/32"]), (mbpp, ["Mbpp/2", "Mbpp/793"])]:
+        examples = [by_id(task, i) for i in ids]
+        replies = [f"Here is my solution.\n{task.target_text(ex)}\nDone." for ex in examples]
+        replies += [return_none(ex) for ex in examples]
+        assert task.reward(replies, examples + examples) == [1.0, 1.0, 0.0, 0.0]
+
+
+def test_fraction_counts_test_inputs(humaneval):
+    ex = by_id(humaneval, "HumanEval/0")
+    partial = "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```"
+    details = humaneval.score_details([partial, humaneval.target_text(ex)], [ex, ex])
+    assert details[0]["reward"] == 0.0 and details[0]["status"] == "failed"
+    assert 0.0 < details[0]["fraction"] < 1.0
+    assert details[0]["tests_total"] == details[1]["tests_total"] > 7  # base (7) + plus inputs
+    assert details[0]["tests_passed"] < details[0]["tests_total"]
+    assert "test " in details[0]["message"] and "AssertionError" in details[0]["message"]
+    assert details[1]["fraction"] == 1.0 and details[1]["tests_passed"] == details[1]["tests_total"]
+
+
+def test_body_only_completion_continues_the_prompt(humaneval):
+    ex = by_id(humaneval, "HumanEval/2")  # truncate_number
+    body = "    return number % 1.0\n"
+    assert humaneval.reward([body], [ex]) == [1.0]
+    assert humaneval.reward(["return number % 1.0"], [ex]) == [1.0]  # unindented body gets indented
+
+
+def test_early_sys_exit_does_not_pass(humaneval, mbpp):
+    he, mb = by_id(humaneval, "HumanEval/2"), by_id(mbpp, "Mbpp/2")
+    cheat = "```python\nimport sys\ndef {}(*args):\n    sys.exit(0)\n```"
+    details = humaneval.score_details([cheat.format("truncate_number")], [he])
+    details += mbpp.score_details([cheat.format("similar_elements")], [mb])
+    assert [d["reward"] for d in details] == [0.0, 0.0]
+    assert all(d["status"] == "failed" for d in details)
+
+
+def test_timeouts_and_unscorable_replies(humaneval):
+    ex = by_id(humaneval, "HumanEval/2")
+    slow = HumanEvalPlus(timeout=1.0, max_workers=2)
+    details = slow.score_details(
+        ["def truncate_number(number):\n    while True:\n        pass\n", None], [ex, ex]
+    )
+    assert (
+        details[0]["status"] == "timeout"
+        and details[0]["reward"] == 0.0
+        and details[0]["fraction"] == 0.0
+    )
+    assert details[1]["reward"] is None and details[1]["status"] == "unscored"
+
+
+def test_humaneval32_upstream_test_is_broken_and_repaired(humaneval):
+    assert set(TEST_FIXES) <= set(HE_BROKEN)
+    ex = by_id(humaneval, "HumanEval/32")
+    old, new = TEST_FIXES["HumanEval/32"]
+    assert new in ex.meta["test"] and old not in ex.meta["test"]
+    # with the upstream test, even the canonical solution fails ...
+    broken = ex.__class__(
+        ex.id, ex.question, ex.answer, {**ex.meta, "test": ex.meta["test"].replace(new, old)}
+    )
+    result = run_program(assemble_humaneval(ex.answer, broken), timeout=20)
+    assert result.status == "failed"
+    assert (
+        result.details["tests_passed"] == 0
+        and result.details["tests_failed"] == result.details["tests_total"]
+    )
+    # ... with the repaired one it passes, and a wrong root fails
+    assert humaneval.reward([humaneval.target_text(ex)], [ex]) == [1.0]
+    wrong = "```python\ndef find_zero(xs):\n    return 0.0\n```"
+    assert humaneval.reward([wrong], [ex]) == [0.0]
+
+
+def test_known_broken_without_fix_is_unscorable():
+    task = HumanEvalPlus(max_workers=2)
+    examples = task.load_examples()
+    ex = examples[5]
+    unfixable = ex.__class__(ex.id, ex.question, ex.answer, {**ex.meta, "broken": "test is wrong"})
+    assert task.reward([task.target_text(ex)], [unfixable]) == [None]
+
+
+@pytest.mark.slow
+def test_all_reference_solutions_pass_and_wrong_ones_fail(humaneval, mbpp):
+    """Every canonical solution of HumanEval+ (164) and MBPP+ (378) passes all base and plus
+    tests with the default limits (only records broken upstream and not repaired may fail);
+    for 20 sampled tasks a `return None` body and another task's reference fail."""
+    start = time.monotonic()
+    for task, broken in [(humaneval, HE_BROKEN), (mbpp, MBPP_BROKEN)]:
+        examples = task.load_examples()
+        rng = random.Random(0)
+        sample = rng.sample(examples, 10)
+        others = [examples[(examples.index(ex) + 1) % len(examples)] for ex in sample]
+        replies = [task.target_text(ex) for ex in examples]
+        replies += [return_none(ex) for ex in sample] + [
+            task.target_text(other) for other in others
+        ]
+        details = task.score_details(replies, examples + sample + sample)
+        reference, wrong = details[: len(examples)], details[len(examples) :]
+        unrepaired = {i for i in broken if i not in TEST_FIXES}
+        failing = {
+            ex.id: d["message"][:200]
+            for ex, d in zip(examples, reference, strict=True)
+            if d["reward"] != 1.0
+        }
+        assert set(failing) == unrepaired, failing
+        assert all(
+            d["fraction"] == 1.0 and d["tests_total"] > 0 for d in reference if d["reward"] == 1.0
+        )
+        assert [d["reward"] for d in wrong] == [0.0] * len(wrong), [
+            d["message"][:100] for d in wrong
+        ]
+    elapsed = time.monotonic() - start
+    log.info("full reference-solution check took %.1f s", elapsed)
+    assert set(HEAVY_TESTS) <= {ex.id for ex in mbpp.load_examples()}
