@@ -27,7 +27,10 @@ def test_target_text_round_trip_for_every_example(data_dir, name, kwargs):
     task = build_task(name, data_dir=data_dir, **kwargs)
     examples = task.load_examples()
     targets = [task.target_text(ex) for ex in examples]
-    assert all(t.startswith("\\boxed{") for t in targets)
+    if name == "arith":  # asks for the bare number: the target is the number itself
+        assert targets == [ex.answer for ex in examples]
+    else:
+        assert all(t.startswith("\\boxed{") for t in targets)
     assert task.reward(targets, examples) == [1.0] * len(examples)
     # the same answer inside a longer reply still scores
     replies = [f"Let me think step by step. ... So the final answer is {t}." for t in targets[:50]]
@@ -97,5 +100,7 @@ def test_answer_format_matches_target_text(data_dir):
                 and target.startswith("```python\n")
                 and target.endswith("\n```")
             )
+        elif name == "arith":
+            assert "only the final number" in task.answer_format and target == task.load_examples()[0].answer
         else:
             assert "\\boxed{" in task.answer_format and target.startswith("\\boxed{")

@@ -246,7 +246,9 @@ def generate_problem(rng: random.Random, steps: int) -> tuple[str, int, dict]:
 class Arith(Task):
     name = "arith"
     domain = "math"
-    answer_format = "Give the final answer as \\boxed{number}."
+    # Small models answer best when asked for the bare number (DESIGN §6); extraction still
+    # accepts \boxed{}, "The answer is", or the last number.
+    answer_format = "Reply with only the final number."
 
     def __init__(
         self,
@@ -306,4 +308,4 @@ class Arith(Task):
         return score_number(completion, example.answer)
 
     def target_text(self, example: Example) -> str:
-        return f"\\boxed{{{example.answer}}}"
+        return example.answer

@@ -1,0 +1,82 @@
+"""Generation modes: who writes the final answer after the judger has read the fused cache.
+
+- `local` (no object): the judger's own decoding is the answer.
+- `hybrid`: the judger decodes a draft from its fused cache; an API model writes the
+  final answer from the question and that draft.
+- `api_hint`: the judger decodes a short hint (≤ `hint_tokens`) from its fused cache;
+  the API model answers from the question and the hint.
+
+In both API modes what the API receives is text decoded *from the fused cache*, so a
+different cache gives a different request (never a metadata string about the cache).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+MODES = ("local", "hybrid", "api_hint")
+
+SYSTEM = "You are an expert problem solver. Answer accurately and follow the requested answer format."
+
+
+def hybrid_messages(question: str, draft: str, answer_format: str) -> list[dict]:
+    user = (
+        f"Question:\n{question}\n\n"
+        f"A team of smaller models worked on this question together and wrote this draft:\n{draft}\n\n"
+        f"Check the draft, correct it if it is wrong, and give the final answer. {answer_format}"
+    )
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def hint_messages(question: str, hint: str, answer_format: str) -> list[dict]:
+    user = f"Question:\n{question}\n\nHint from a collaborating model:\n{hint}\n\n{answer_format}"
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+class ApiMode:
+    """Sends each judger output (draft or hint) with its question to the API model."""
+
+    def __init__(self, name: str, client) -> None:
+        if name not in ("hybrid", "api_hint"):
+            raise ValueError(f"mode={name!r} is not an API mode; allowed: hybrid, api_hint")
+        self.name = name
+        self.client = client
+        self.last_requests: list[list[dict]] = []
+
+    def requests(self, questions: Sequence[str], outputs: Sequence[str], answer_format: str) -> list[list[dict]]:
+        build = hybrid_messages if self.name == "hybrid" else hint_messages
+        return [build(q, o, answer_format) for q, o in zip(questions, outputs, strict=True)]
+
+    def finalize(
+        self, questions: Sequence[str], outputs: Sequence[str], answer_format: str
+    ) -> tuple[list[str], dict[str, float]]:
+        """Final answers from the API, and this call's usage (tokens, cost) for logging."""
+        requests = self.requests(questions, outputs, answer_format)
+        self.last_requests = requests
+        before = self.client.usage.snapshot()
+        replies = self.client.chat_many_sync(requests)
+        stats = {f"api_{k}": float(v) for k, v in self.client.usage.delta(before).as_dict().items()}
+        return [r.text for r in replies], stats
+
+
+def build_mode(cfg: DictConfig | dict | None):
+    """None for `local`; an `ApiMode` with a checked client for `hybrid` / `api_hint`."""
+    if cfg is None:
+        return None
+    cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    name = cfg.get("name", "local")
+    if name not in MODES:
+        raise ValueError(f"mode={name!r} is not one of {list(MODES)}")
+    if name == "local":
+        return None
+    from gcache.llm.api import ApiClient, ApiConfig
+
+    api = dict(cfg.get("api") or {})
+    client = ApiClient(ApiConfig(**api))
+    client.check_sync()  # fail before training, naming the endpoint
+    return ApiMode(name, client)

@@ -1,0 +1,295 @@
+"""GCacheModule: the LightningModule that learns the communication graph and the cache fuser.
+
+Its only parameters are the `GraphPolicy` (GCN + MLP) and the `CacheFuser`. The frozen
+LM and the sentence embedder are held outside the module's parameters (plain
+attributes, built in `setup`) and never written into checkpoints.
+
+`training_step` for a batch of B questions:
+
+1. edge logits (B, N+1, N+1) from the policy over the N agents and the judger (node N);
+2. G DAGs per question sampled from the agent block under the topology mask;
+3. rollouts of all B·G graphs (`RolloutEngine`, batched, identical agents shared);
+4. rewards from the task (`Task.reward`; None = unscorable, left out of baselines);
+5. policy loss: REINFORCE with a leave-one-out baseline + edge cost − entropy bonus;
+6. fuser loss: teacher-forced NLL of the reference answer given the judger's prompt on
+   its fused cache, with gates driven by the judger-edge logits (gradient reaches the
+   fuser and, through those logits, the policy). Upstream agents' caches are treated
+   as constants (gradient through the judger's fusion only, not through every agent);
+7. one Adam step on policy + fuser (automatic optimisation).
+
+Validation and test use the deterministic graph (p > 0.5) and greedy decoding.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+
+from gcache import kv
+from gcache.agents import Roster
+from gcache.embeddings import TextEmbedder
+from gcache.llm.local import LocalLM
+from gcache.policy.cache_fuser import CacheFuser
+from gcache.policy.graph_policy import (
+    GraphPolicy,
+    active_agents,
+    deterministic_dag,
+    edge_entropy,
+    edge_probabilities,
+    expected_edges,
+    reinforce_loss,
+    sample_dags,
+    topology_mask,
+)
+from gcache.rollout import RolloutConfig, RolloutEngine
+from gcache.tasks.base import Example, Task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    edge_cost: float = 0.01
+    entropy_coef: float = 0.01
+    fuser_weight: float = 1.0
+    fuser_rows_per_question: int = 1  # sampled graphs per question used in the fuser loss
+
+
+class GCacheModule(L.LightningModule):
+    def __init__(
+        self,
+        *,
+        task: Task,
+        roster: Roster,
+        policy: GraphPolicy,
+        fuser: CacheFuser,
+        llm: LocalLM,
+        embedder: TextEmbedder,
+        rollout: RolloutConfig,
+        topology: str = "full",
+        topology_seed: int = 0,
+        graphs_per_question: int = 4,
+        policy_lr: float = 1e-3,
+        fuser_lr: float = 1e-2,
+        loss: LossConfig = LossConfig(),
+        generator_mode: Any = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if graphs_per_question < 1:
+            raise ValueError(f"graphs_per_question must be >= 1, got {graphs_per_question}")
+        self.task = task
+        self.roster = roster
+        self.policy = policy
+        self.fuser = fuser
+        if fuser.num_layers != llm.num_layers:
+            raise ValueError(f"the fuser has {fuser.num_layers} layers but the model has {llm.num_layers}")
+        # Plain attributes, not submodules: never trained, never in a checkpoint.
+        self.llm = llm
+        self.embedder = embedder
+        self.rollout_config = rollout
+        self.topology = topology
+        self.graphs_per_question = graphs_per_question
+        self.policy_lr = policy_lr
+        self.fuser_lr = fuser_lr
+        self.loss_config = loss
+        self.generator_mode = generator_mode  # gcache.modes.* object or None (= local)
+        self.seed = seed
+        n = roster.num_agents
+        self.register_buffer("agent_mask", topology_mask(topology, n, seed=topology_seed), persistent=False)
+        self.active = active_agents(topology, n)
+        self._role_emb: torch.Tensor | None = None
+        self._engine: RolloutEngine | None = None
+        self._sample_gen = torch.Generator().manual_seed(seed)
+        self.last_step_timings: dict[str, float] = {}
+
+    @property
+    def engine(self) -> RolloutEngine:
+        if self._engine is None:
+            self._engine = RolloutEngine(self.llm, self.roster, self.rollout_config, fuser=self.fuser)
+        return self._engine
+
+    def _role_embeddings(self) -> torch.Tensor:
+        if self._role_emb is None:
+            texts = [*self.roster.profiles, self.roster.judger.profile]
+            self._role_emb = self.embedder.embed(texts)  # (N+1, D)
+        return self._role_emb.to(self.device)
+
+    def _anchor_edges(self) -> torch.Tensor:
+        """Roster anchor edges plus every agent -> judger (node N). (2, E)"""
+        n = self.roster.num_agents
+        judger = torch.stack([torch.arange(n), torch.full((n,), n)])
+        return torch.cat([self.roster.anchor_edge_index(), judger], 1).to(self.device)
+
+    def edge_logits(self, questions: list[str]) -> torch.Tensor:
+        """(B, N+1, N+1) policy logits; column N scores agent -> judger edges."""
+        query = self.embedder.embed(questions).to(self.device)  # (B, D)
+        return self.policy(self._role_embeddings(), query, self._anchor_edges())
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def _answers(self, batch: list[Example], rows) -> tuple[list[str], dict[str, float]]:
+        """Final answers: the judger's decoding (local) or the API model's (hybrid, api_hint)."""
+        answers = [r.answer for r in rows.rollouts]
+        if self.generator_mode is None:
+            return answers, {}
+        questions = [batch[r.question_index].question for r in rows.rollouts]
+        return self.generator_mode.finalize(questions, answers, self.task.answer_format)
+
+    def training_step(self, batch: list[Example], batch_idx: int):
+        cfg = self.loss_config
+        start = time.perf_counter()
+        questions = [ex.question for ex in batch]
+        b, g, n = len(batch), self.graphs_per_question, self.roster.num_agents
+        logits = self.edge_logits(questions)  # (B, N+1, N+1)
+        agent_logits = logits[:, :n, :n]
+        mask = self.agent_mask & self._active_mask()
+        sample = sample_dags(agent_logits, mask, g, generator=self._sample_gen, temperature=self.policy.temperature)
+        adjacency = sample.adjacency.reshape(b * g, n, n)
+        index = [q for q in range(b) for _ in range(g)]
+        policy_s = time.perf_counter() - start
+        rollout_start = time.perf_counter()
+        rows = self.engine.run(
+            questions, adjacency, index, answer_format=self.task.answer_format, active=self.active,
+            edge_logits=logits.detach(), keep_judger_inputs=True,
+        )
+        answers, api_stats = self._answers(batch, rows)
+        rollout_s = time.perf_counter() - rollout_start
+        update_start = time.perf_counter()
+        scored = self.task.reward(answers, [batch[q] for q in index])
+        rewards = torch.tensor([math.nan if r is None else float(r) for r in scored], device=self.device).view(b, g)
+        if not bool(torch.isfinite(rewards[~rewards.isnan()]).all()):
+            log.warning("non-finite reward for questions %s: step skipped", [ex.id for ex in batch])
+            return None
+        temp = self.policy.temperature
+        policy_loss, stats = reinforce_loss(
+            sample.log_prob, rewards, expected_edges(agent_logits, mask, temp), edge_entropy(agent_logits, mask, temp),
+            edge_cost=cfg.edge_cost, entropy_coef=cfg.entropy_coef,
+        )
+        fuser_loss = self.fuser_loss(batch, rows, logits)
+        loss = policy_loss + cfg.fuser_weight * fuser_loss
+        # Forward parts of the update (the backward and optimiser step follow in Lightning).
+        self.last_step_timings = {"rollout_s": rollout_s, "update_forward_s": policy_s + time.perf_counter() - update_start}
+        if not bool(torch.isfinite(loss)):
+            log.warning("non-finite loss (policy %s, fuser %s) for questions %s: step skipped",
+                        float(policy_loss), float(fuser_loss), [ex.id for ex in batch])
+            return None
+        scorable = rewards[~rewards.isnan()]
+        metrics = {
+            "train/reward": scorable.mean() if scorable.numel() else torch.tensor(0.0),
+            "train/policy_loss": policy_loss.detach(),
+            "train/fuser_loss": fuser_loss.detach(),
+            "train/edge_prob": edge_probabilities(agent_logits, mask)[:, mask].mean().detach()
+            if bool(mask.any()) else torch.tensor(0.0),
+            "train/edges_per_graph": sample.adjacency.float().sum((-1, -2)).mean(),
+            **self._rollout_metrics("train", rows, start, b),
+            **{f"train/{k}": v for k, v in api_stats.items()},
+        }
+        metrics.update({f"train/{k}": v for k, v in stats.items() if torch.is_tensor(v) and v.numel() == 1})
+        gates = self.fuser.gates(torch.zeros(1, 1, device=self.device))[0, :, 0]
+        metrics["train/gate_mean"] = gates.mean().detach()
+        metrics["train/gate_slope"] = self.fuser.logit_slope.detach()
+        self.log_dict(metrics, batch_size=b, prog_bar=False)
+        self.log("reward", metrics["train/reward"], prog_bar=True, batch_size=b, logger=False)
+        return loss
+
+    def fuser_loss(self, batch: list[Example], rows, logits: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced NLL of the reference answer given the judger prompt on its fused cache."""
+        n = self.roster.num_agents
+        per_q = self.loss_config.fuser_rows_per_question
+        seen: dict[int, int] = {}
+        fused, prompts, targets = [], [], []
+        for inp in rows.judger_inputs:
+            if seen.get(inp.question_index, 0) >= per_q or not inp.sender_kvs:
+                continue
+            seen[inp.question_index] = seen.get(inp.question_index, 0) + 1
+            s = logits[inp.question_index, inp.senders, n][:, None]  # (S, 1) with grad
+            fused.append(self.fuser.fuse(inp.sender_kvs, s, self.llm.rotary))
+            prompts.append(inp.prompt)
+            targets.append(self.task.target_text(batch[inp.question_index]))
+        if not fused:
+            return logits.sum() * 0.0
+        tok = self.llm.tokenizer
+        prompt_ids, prompt_mask = self.llm.encode(prompts)
+        target = tok(targets, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+        target_ids = target["input_ids"].to(self.llm.device)
+        target_mask = target["attention_mask"].to(self.llm.device)
+        nll = kv.answer_nll(self.llm.model, kv.stack(fused), prompt_ids, prompt_mask, target_ids, target_mask)
+        return nll.mean().to(self.device)
+
+    def _active_mask(self) -> torch.Tensor:
+        n = self.roster.num_agents
+        on = torch.zeros(n, dtype=torch.bool, device=self.agent_mask.device)
+        on[self.active] = True
+        return on[:, None] & on[None, :]
+
+    def _rollout_metrics(self, stage: str, rows, start: float, num_questions: int) -> dict[str, torch.Tensor]:
+        rs = rows.rollouts
+        k = max(len(rs), 1)
+        return {
+            f"{stage}/decoded_tokens": torch.tensor(sum(r.decoded_tokens for r in rs) / k),
+            f"{stage}/prompt_tokens": torch.tensor(sum(r.prompt_tokens for r in rs) / k),
+            f"{stage}/cache_bytes": torch.tensor(float(max(r.peak_cache_bytes for r in rs))) if rs else torch.tensor(0.0),
+            f"{stage}/seconds_per_question": torch.tensor((time.perf_counter() - start) / max(num_questions, 1)),
+            f"{stage}/prefill_share": torch.tensor(rows.prefills / max(rows.prefills_naive, 1)),
+        }
+
+    @torch.no_grad()
+    def evaluate_batch(self, batch: list[Example]) -> tuple[list[str], list[float | None], Any]:
+        questions = [ex.question for ex in batch]
+        n = self.roster.num_agents
+        logits = self.edge_logits(questions)
+        mask = self.agent_mask & self._active_mask()
+        adjacency = deterministic_dag(logits[:, :n, :n], mask)  # (B, N, N)
+        rows = self.engine.run(
+            questions, adjacency, list(range(len(batch))), answer_format=self.task.answer_format,
+            active=self.active, edge_logits=logits,
+        )
+        answers, _ = self._answers(batch, rows)
+        return answers, self.task.reward(answers, batch), rows
+
+    def _eval_step(self, stage: str, batch: list[Example]) -> None:
+        start = time.perf_counter()
+        answers, rewards, rows = self.evaluate_batch(batch)
+        scored = [r for r in rewards if r is not None]
+        acc = sum(scored) / len(scored) if scored else 0.0
+        metrics = {f"{stage}/accuracy": torch.tensor(acc), **self._rollout_metrics(stage, rows, start, len(batch))}
+        self.log_dict(metrics, batch_size=len(batch), on_epoch=True, on_step=False)
+
+    def validation_step(self, batch: list[Example], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: list[Example], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(
+            [
+                {"params": self.policy.parameters(), "lr": self.policy_lr},
+                {"params": self.fuser.parameters(), "lr": self.fuser_lr},
+            ]
+        )
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # lists of Examples (text); tensors are made on the right device later
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["sample_generator_state"] = self._sample_gen.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("sample_generator_state")
+        if state is not None:
+            self._sample_gen.set_state(state)
+
+    def edge_probability_matrix(self, question: str) -> torch.Tensor:
+        """(N, N) edge probabilities among agents for a question (for pictures)."""
+        n = self.roster.num_agents
+        with torch.no_grad():
+            logits = self.edge_logits([question])[:, :n, :n]
+            return edge_probabilities(logits, self.agent_mask & self._active_mask())[0].cpu()

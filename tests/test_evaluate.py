@@ -1,0 +1,97 @@
+"""Evaluation: every method and control runs, the report is what results.jsonl says, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from gcache.evaluate import CONF_DIR, METHODS, evaluate, read_results, summarize, wilson_interval
+
+TINY = ["model=tiny-random", "task=gsm8k", "limit=3", "batch_size=3", "latent_steps=2", "max_new_tokens=4",
+        "agent_max_new_tokens=4"]
+
+
+def _cfg(tmp_path, *extra):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[*TINY, *extra])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+    return cfg
+
+
+def _without_time(report):
+    return {m: {k: v for k, v in s.items() if "seconds" not in k and "speedup" not in k}
+            for m, s in report["methods"].items()}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    return out, evaluate(_cfg(out))
+
+
+def test_all_methods_and_both_controls_complete(full_run):
+    out, report = full_run
+    assert list(report["methods"]) == list(METHODS)
+    records = read_results(out / "results.jsonl")
+    assert len(records) == 3 * len(METHODS)
+    assert {(r["method"]) for r in records} == set(METHODS)
+    for name in ("report.json", "report.md", "report.png"):
+        assert (out / name).is_file()
+    by = report["methods"]
+    assert by["single"]["peak_cache_bytes"] < by["latent_mas"]["peak_cache_bytes"]
+    assert by["text_mas"]["decoded_tokens_per_question"] > by["latent_mas"]["decoded_tokens_per_question"]
+
+
+def test_report_numbers_equal_those_recomputed_from_results(full_run):
+    out, report = full_run
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    written = json.loads((out / "report.json").read_text())
+    for method in METHODS:
+        rows = [r for r in records if r["method"] == method]
+        rewards = [r["reward"] for r in rows if r["reward"] is not None]
+        stats = written["methods"][method]
+        assert stats["accuracy"] == pytest.approx(sum(rewards) / len(rewards))
+        assert stats["decoded_tokens_per_question"] == pytest.approx(sum(r["decoded_tokens"] for r in rows) / len(rows))
+        assert stats["prompt_tokens_per_question"] == pytest.approx(sum(r["prompt_tokens"] for r in rows) / len(rows))
+        assert stats["seconds_per_question"] == pytest.approx(sum(r["seconds"] for r in rows) / len(rows))
+        assert stats["peak_cache_bytes"] == max(r["peak_cache_bytes"] for r in rows)
+        text = written["methods"]["text_mas"]
+        assert stats["speedup_vs_text_mas"] == pytest.approx(text["seconds_per_question"] / stats["seconds_per_question"])
+    assert "| gcache |" in (out / "report.md").read_text()
+
+
+def test_resume_after_an_interrupted_run_gives_the_same_report(full_run, tmp_path):
+    out, report = full_run
+    lines = (out / "results.jsonl").read_text().splitlines()
+    # An interrupted run: the first 7 records, then a line torn mid-write.
+    (tmp_path / "results.jsonl").write_text("\n".join(lines[:7]) + "\n" + lines[7][:25])
+    resumed = evaluate(_cfg(tmp_path))
+    records = read_results(tmp_path / "results.jsonl")
+    assert len(records) == len(lines)
+    assert sorted((r["id"], r["method"]) for r in records) == sorted(
+        (json.loads(line)["id"], json.loads(line)["method"]) for line in lines
+    )
+    assert _without_time(resumed) == _without_time(report)
+
+
+def test_a_finished_run_is_not_recomputed(full_run, tmp_path):
+    out, _ = full_run
+    (tmp_path / "results.jsonl").write_text((out / "results.jsonl").read_text())
+    before = (tmp_path / "results.jsonl").read_text()
+    evaluate(_cfg(tmp_path))
+    assert (tmp_path / "results.jsonl").read_text() == before
+
+
+def test_wilson_interval_and_unknown_method(tmp_path):
+    low, high = wilson_interval(0, 10)
+    assert low == 0.0 and 0.25 < high < 0.35
+    low, high = wilson_interval(5, 10)
+    assert low < 0.5 < high and math.isclose(low + high, 1.0, abs_tol=1e-9)
+    with pytest.raises(ValueError, match="unknown methods \\['oracle'\\]"):
+        evaluate(_cfg(tmp_path, "methods=[oracle]"))
+    assert summarize([]) == {"methods": {}}

@@ -1,0 +1,85 @@
+"""The frozen local LM: the embedded model loads offline, converts once, and decodes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from gcache.llm import local
+from gcache.llm.local import LocalLM
+
+
+@pytest.mark.slow
+def test_embedded_model_converts_once_then_loads_from_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("GCACHE_CACHE_DIR", str(tmp_path))
+    first = local.ensure_embedded_model_dir()
+    assert first.parent == tmp_path / "models" and (first / "model.safetensors").is_file()
+
+    def must_not_convert():
+        raise AssertionError("the second load converted the GGUF again")
+
+    monkeypatch.setattr(local, "embedded_gguf_path", must_not_convert)
+    start = time.perf_counter()
+    llm = LocalLM.embedded(device="cpu")
+    load_seconds = time.perf_counter() - start
+    assert load_seconds < 10  # typically ~0.5 s; generous for a busy 2-core machine
+    assert llm.model.dtype == torch.float32 and not any(p.requires_grad for p in llm.model.parameters())
+    assert sum(p.numel() for p in llm.model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def embedded() -> LocalLM:
+    return LocalLM.embedded(device="cpu")
+
+
+@pytest.mark.slow
+def test_embedded_model_answers_a_chat_question(embedded):
+    text = embedded.chat_text([{"role": "user", "content": "What is the capital of France? Answer in one word."}])
+    assert text.startswith("<|im_start|>") and text.rstrip().endswith("<|im_start|>assistant")
+    out = embedded.generate([text], max_new_tokens=8)
+    assert "paris" in out.texts[0].lower()
+    assert 1 <= int(out.num_tokens[0]) <= 8
+
+
+@pytest.mark.slow
+def test_batched_greedy_decoding_equals_one_at_a_time(embedded):
+    prompts = [
+        embedded.chat_text([{"role": "user", "content": q}])
+        for q in ("What is 2 + 2?", "Name a colour of the sky on a clear day, in one word.")
+    ]
+    batched = embedded.generate(prompts, max_new_tokens=6)
+    for i, prompt in enumerate(prompts):
+        assert embedded.generate([prompt], max_new_tokens=6).texts[0] == batched.texts[i]
+
+
+def test_left_padding_and_token_counting():
+    llm = LocalLM.tiny_random()
+    ids, mask = llm.encode(["a b c d e f", "a"])
+    assert mask[1, 0] == 0 and mask[1, -1] == 1  # left padded
+    assert int(mask[0].sum()) == llm.count_tokens("a b c d e f")
+
+
+def test_sampling_is_reproducible_with_a_generator():
+    llm = LocalLM.tiny_random()
+    prompt = [llm.chat_text([{"role": "user", "content": "hello"}])]
+    runs = [
+        llm.generate(prompt, max_new_tokens=5, temperature=1.0, generator=torch.Generator().manual_seed(7)).texts
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_missing_model_path_names_the_path(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(FileNotFoundError, match="no-such-model"):
+        LocalLM.from_pretrained(missing)
+
+
+def test_bad_dtype_and_device_are_refused():
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        local.resolve_dtype("int8", torch.device("cpu"))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            local.resolve_device("cuda")

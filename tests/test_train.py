@@ -1,0 +1,148 @@
+"""The training application: config composition, a real Lightning run, checkpoints, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from gcache.train import CONF_DIR, build_module, build_task, run
+
+TASKS = ["arith", "gsm8k", "gpqa", "medqa", "humaneval", "mbppplus"]
+TOPOLOGIES = ["full", "chain", "star", "layered", "mesh", "random", "debate", "direct"]
+MODES = ["local", "hybrid", "api_hint"]
+TINY = [
+    "model=tiny-random",
+    "logger=csv",
+    "limit_train=4",
+    "limit_val=2",
+    "limit_test=2",
+    "batch_size=2",
+    "graphs_per_question=2",
+    "latent_steps=2",
+    "max_new_tokens=4",
+]
+
+
+def _compose(overrides: list[str], output_dir: Path | None = None):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.output_dir = str(output_dir) if output_dir else "unused"
+    return cfg
+
+
+def test_config_composes_for_every_task_topology_and_mode():
+    for task in TASKS:
+        for topology in TOPOLOGIES:
+            for mode in MODES:
+                cfg = _compose([f"task={task}", f"topology={topology}", f"mode={mode}"])
+                assert cfg.task.name == task and cfg.topology.name == topology and cfg.mode.name == mode
+
+
+def test_unknown_group_option_lists_the_choices():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="topology"):
+        _compose(["topology=ring"])
+
+
+def test_train_runs_end_to_end_and_writes_summary_checkpoint_and_pictures(tmp_path):
+    cfg = _compose([*TINY, "task=gsm8k"], tmp_path)
+    summary = run(cfg)
+    assert summary["steps"] == 2 and summary["test_accuracy"] is not None
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["steps"] == 2 and written["questions_seen"] == 4
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "topology").glob("*.png"))
+
+
+def test_fast_dev_run(tmp_path):
+    cfg = _compose([*TINY, "task=gsm8k", "+trainer.fast_dev_run=true"], tmp_path)
+    summary = run(cfg)
+    assert summary["steps"] == 1
+
+
+@pytest.fixture(scope="module")
+def tiny_module():
+    cfg = _compose([*TINY, "task=gsm8k"])
+    task = build_task(cfg)
+    return cfg, task, build_module(cfg, task=task)
+
+
+def test_training_step_changes_every_policy_and_fuser_parameter_and_no_lm_parameter(tiny_module):
+    cfg, task, module = tiny_module
+    batch = task.splits()["train"][:2]
+    optimizer = module.configure_optimizers()
+    trainable = {n: p.detach().clone() for n, p in module.named_parameters()}
+    assert trainable and all(n.startswith(("policy.", "fuser.")) for n in trainable)
+    lm_before = {n: p.detach().clone() for n, p in module.llm.model.named_parameters()}
+    module.log_dict = lambda *a, **k: None
+    module.log = lambda *a, **k: None
+    loss = module.training_step(batch, 0)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    for name, param in module.named_parameters():
+        assert not torch.equal(param.detach(), trainable[name]), f"{name} did not change"
+    for name, param in module.llm.model.named_parameters():
+        assert torch.equal(param, lm_before[name]) and param.grad is None, name
+
+
+def test_checkpoint_holds_no_lm_weights_and_reloads_into_an_identical_policy(tmp_path, tiny_module):
+    cfg, task, module = tiny_module
+    path = tmp_path / "policy.ckpt"
+    torch.save({"state_dict": module.state_dict()}, path)
+    lm_bytes = sum(p.numel() * p.element_size() for p in module.llm.model.parameters())
+    assert path.stat().st_size < lm_bytes / 10
+    assert all(k.startswith(("policy.", "fuser.")) for k in module.state_dict())
+    fresh = build_module(cfg, task=task, llm=module.llm)
+    fresh.load_state_dict(torch.load(path)["state_dict"])
+    for (n1, p1), (n2, p2) in zip(module.named_parameters(), fresh.named_parameters(), strict=True):
+        assert n1 == n2 and torch.equal(p1, p2)
+    question = task.splits()["val"][0].question
+    torch.testing.assert_close(module.edge_logits([question]), fresh.edge_logits([question]))
+
+
+def test_same_seed_gives_the_same_graphs_answers_and_metrics(tmp_path):
+    summaries = []
+    for k in range(2):
+        cfg = _compose([*TINY, "task=gsm8k", "seed=3"], tmp_path / f"run{k}")
+        summary = run(cfg)
+        timeless = {
+            key: {m: v for m, v in summary[key].items() if "seconds" not in m} for key in ("val", "test")
+        }
+        summaries.append({**timeless, "steps": summary["steps"]})
+    assert summaries[0] == summaries[1]
+    logs = [
+        (tmp_path / f"run{k}" / "csv" / "version_0" / "metrics.csv").read_text().splitlines() for k in range(2)
+    ]
+    # Wall-clock columns differ; every reward/loss/edge column must be identical.
+    header = logs[0][0].split(",")
+    keep = [i for i, h in enumerate(header) if "seconds" not in h]
+    rows = [[[line.split(",")[i] for i in keep] for line in log] for log in logs]
+    assert rows[0] == rows[1]
+
+
+@pytest.mark.slow
+def test_multirun_makes_two_output_dirs_and_two_wandb_runs(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "GCACHE_DATA_DIR": os.environ["GCACHE_DATA_DIR"]}
+    cmd = [
+        sys.executable, "-m", "gcache.train", "-m", "topology=chain,full", *TINY, "task=gsm8k", "logger=wandb",
+        "limit_train=2", f"hydra.sweep.dir={tmp_path}", "run_test=false",
+    ]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job in jobs:
+        assert (job / "summary.json").is_file()
+        runs = list((job / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, list((job / "wandb").iterdir())
