@@ -41,11 +41,14 @@ def hint_messages(question: str, hint: str, answer_format: str) -> list[dict]:
 class ApiMode:
     """Sends each judger output (draft or hint) with its question to the API model."""
 
-    def __init__(self, name: str, client) -> None:
+    def __init__(self, name: str, client, *, local_tokens: int) -> None:
         if name not in ("hybrid", "api_hint"):
             raise ValueError(f"mode={name!r} is not an API mode; allowed: hybrid, api_hint")
+        if local_tokens < 1:
+            raise ValueError(f"the local draft/hint needs >= 1 token, got {local_tokens}")
         self.name = name
         self.client = client
+        self.local_tokens = local_tokens  # the judger decodes at most this many tokens
         self.last_requests: list[list[dict]] = []
 
     def requests(self, questions: Sequence[str], outputs: Sequence[str], answer_format: str) -> list[list[dict]]:
@@ -77,6 +80,7 @@ def build_mode(cfg: DictConfig | dict | None):
     from gcache.llm.api import ApiClient, ApiConfig
 
     api = dict(cfg.get("api") or {})
+    local_tokens = int(cfg["draft_tokens"] if name == "hybrid" else cfg["hint_tokens"])
     client = ApiClient(ApiConfig(**api))
     client.check_sync()  # fail before training, naming the endpoint
-    return ApiMode(name, client)
+    return ApiMode(name, client, local_tokens=local_tokens)

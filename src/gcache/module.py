@@ -22,6 +22,7 @@ Validation and test use the deterministic graph (p > 0.5) and greedy decoding.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -93,6 +94,8 @@ class GCacheModule(L.LightningModule):
         # Plain attributes, not submodules: never trained, never in a checkpoint.
         self.llm = llm
         self.embedder = embedder
+        if generator_mode is not None:  # the local judger writes a draft / hint of bounded length
+            rollout = dataclasses.replace(rollout, max_new_tokens=generator_mode.local_tokens)
         self.rollout_config = rollout
         self.topology = topology
         self.graphs_per_question = graphs_per_question
