@@ -60,6 +60,9 @@ def bench_batched(module, examples, batch: int, max_new_tokens: int) -> dict:
 
 
 def bench_reuse(module, examples, graphs: int) -> dict:
+    """Agent prefills and judger decodes computed vs naive for G sampled graphs per question:
+    with the untrained policy (p near 0.5, graphs rarely repeat) and with its logits scaled
+    by 4 (a stand-in for a confident, trained policy whose samples often coincide)."""
     from gcache.policy.graph_policy import sample_dags
 
     questions = [ex.question for ex in examples]
@@ -67,14 +70,17 @@ def bench_reuse(module, examples, graphs: int) -> dict:
     with torch.no_grad():
         logits = module.edge_logits(questions)
     mask = module.agent_mask & module._active_mask()
-    sample = sample_dags(logits[:, :n, :n], mask, graphs, generator=torch.Generator().manual_seed(0))
-    adjacency = sample.adjacency.reshape(-1, n, n)
-    index = [q for q in range(len(questions)) for _ in range(graphs)]
     config = RolloutConfig(**{**module.rollout_config.__dict__, "max_new_tokens": 8})
-    rows = RolloutEngine(module.llm, module.roster, config, fuser=module.fuser).run(
-        questions, adjacency, index, answer_format=module.task.answer_format
-    )
-    return {"prefills": rows.prefills, "naive": rows.prefills_naive, "share": rows.prefills / rows.prefills_naive}
+    engine = RolloutEngine(module.llm, module.roster, config, fuser=module.fuser)
+    result = {}
+    for label, scale in (("untrained", 1.0), ("confident x4", 4.0)):
+        sample = sample_dags(scale * logits[:, :n, :n], mask, graphs, generator=torch.Generator().manual_seed(0))
+        index = [q for q in range(len(questions)) for _ in range(graphs)]
+        rows = engine.run(questions, sample.adjacency.reshape(-1, n, n), index,
+                          answer_format=module.task.answer_format)
+        result[f"{label} prefill share"] = rows.prefills / rows.prefills_naive
+        result[f"{label} judger share"] = rows.judger_decodes / len(rows.rollouts)
+    return result
 
 
 def bench_update_share(module, examples, steps: int) -> dict:

@@ -126,6 +126,7 @@ def test_identical_agents_are_computed_once_and_sharing_changes_nothing(llm, ros
     )
     assert shared.prefills_naive == naive.prefills == 16
     assert shared.prefills == 5  # agents 0, 1, 3 once; agent 2 twice (alone, and after 1)
+    assert shared.judger_decodes == 2 and naive.judger_decodes == 4  # graphs 0-2 are identical
     assert [r.answer for r in shared.rollouts] == [r.answer for r in naive.rollouts]
 
 

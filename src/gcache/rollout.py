@@ -92,7 +92,7 @@ class Rollout:
     agent_cache_lengths: dict[int, int]  # agent -> positions it handed on
     judger_cache_length: int  # positions the judger read before its prompt
     peak_cache_bytes: int  # largest working cache of any agent of this row (bytes of K and V)
-    seconds: float  # wall time attributed to this row
+    seconds: float  # the run's wall time divided by its rows (work shared between rows is amortised)
     messages: dict[int, str] = field(default_factory=dict)  # text method: agent -> its message
 
 
@@ -112,6 +112,7 @@ class RolloutBatch:
     judger_inputs: list[JudgerInput]
     prefills: int  # agent prefills computed
     prefills_naive: int  # agent prefills without sharing identical agents
+    judger_decodes: int = 0  # judger decodes computed (rows with identical judger inputs share one)
 
 
 @dataclass
@@ -121,7 +122,6 @@ class _Node:
     prompt_tokens: int
     decoded_tokens: int
     peak_bytes: int
-    seconds: float
 
 
 # ---- prompts ----------------------------------------------------------------------------------
@@ -225,6 +225,7 @@ class RolloutEngine:
     ) -> RolloutBatch:
         """Run R rows. adjacency (R, N, N) bool; question_index (R,) into `questions`;
         edge_logits (Q, N+1, N+1) per question (column N = the judger) or None."""
+        started = time.perf_counter()
         cfg = self.config
         n = self.roster.num_agents
         if adjacency.dim() != 3 or adjacency.shape[1:] != (n, n):
@@ -273,11 +274,16 @@ class RolloutEngine:
             questions, question_index, adjacency, keys, nodes, judger_senders, edge_logits,
             answer_format, keep_judger_inputs, generator,
         )
-        return RolloutBatch(rollouts, judger_inputs, prefills=len(nodes), prefills_naive=prefills_naive)
+        per_row = (time.perf_counter() - started) / max(len(rollouts), 1)
+        for rollout in rollouts:
+            rollout.seconds = per_row
+        return RolloutBatch(
+            rollouts, judger_inputs, prefills=len(nodes), prefills_naive=prefills_naive,
+            judger_decodes=self.last_judger_decodes,
+        )
 
     def _run_agents(self, chunk, questions, question_index, adjacency, keys, nodes, edge_logits, active, realign, generator):
         cfg = self.config
-        start = time.perf_counter()
         latent = cfg.method == "latent"
         texts, pasts = [], []
         for _, (r, j) in chunk:
@@ -300,7 +306,6 @@ class RolloutEngine:
             result = kv.latent_steps(self.llm.model, step, cfg.latent_steps, realign).step
             full_lengths = result.kv.lengths.tolist()
             retained = self._retain(result.kv, ids.shape[1])
-            seconds = (time.perf_counter() - start) / len(chunk)
             for b, (key, _) in enumerate(chunk):
                 nodes[key] = _Node(
                     kv=kv.compact(kv.select(retained, [b])),
@@ -308,7 +313,6 @@ class RolloutEngine:
                     prompt_tokens=int(prompt_tokens[b]),
                     decoded_tokens=0,
                     peak_bytes=int(full_lengths[b]) * self.bytes_per_position,
-                    seconds=seconds,
                 )
         else:
             step = kv.prefill(self.llm.model, ids, mask)
@@ -318,7 +322,6 @@ class RolloutEngine:
                 temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
             )
             messages_out = self.llm.decode_ids(tokens, counts)
-            seconds = (time.perf_counter() - start) / len(chunk)
             for b, (key, _) in enumerate(chunk):
                 nodes[key] = _Node(
                     kv=None,
@@ -326,7 +329,6 @@ class RolloutEngine:
                     prompt_tokens=int(prompt_tokens[b]),
                     decoded_tokens=int(counts[b]),
                     peak_bytes=(int(prompt_tokens[b]) + int(counts[b])) * self.bytes_per_position,
-                    seconds=seconds,
                 )
 
     def _run_judger(self, questions, question_index, adjacency, keys, nodes, judger_senders, edge_logits,
@@ -360,9 +362,17 @@ class RolloutEngine:
                         prompt=prompts[-1],
                     )
                 )
-        rollouts: list[Rollout | None] = [None] * len(rows)
-        for chunk in _chunks(rows, cfg.max_batch):
-            start = time.perf_counter()
+        # Rows whose judger reads the same senders (same question, same agents) decode once.
+        def judger_key(r: int):
+            s = source[r]
+            senders = tuple(keys[s][i] for i in judger_senders[s])
+            return (question_index[r], question_index[s], senders) if cfg.reuse else r
+
+        unique: dict = {}
+        for r in rows:
+            unique.setdefault(judger_key(r), r)
+        outputs: dict[int, tuple[str, int, int, int]] = {}  # row -> (answer, decoded, prompt, cache len)
+        for chunk in _chunks(list(unique.values()), cfg.max_batch):
             ids, mask = self.llm.encode([prompts[r] for r in chunk])
             pasts = []
             for r in chunk:
@@ -381,25 +391,29 @@ class RolloutEngine:
                 temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
             )
             answers = self.llm.decode_ids(tokens, counts)
-            seconds = (time.perf_counter() - start) / len(chunk)
-            past_lengths = past.lengths.tolist()
             for b, r in enumerate(chunk):
-                row_nodes = [nodes[k] for k in keys[r].values()]
-                judger_len = int(past_lengths[b]) + int(mask[b].sum()) + int(counts[b])
-                rollouts[r] = Rollout(
-                    question_index=question_index[r],
-                    adjacency=adjacency[r],
-                    answer=answers[b],
-                    decoded_tokens=int(counts[b]) + sum(x.decoded_tokens for x in row_nodes),
-                    prompt_tokens=int(mask[b].sum()) + sum(x.prompt_tokens for x in row_nodes),
-                    agent_cache_lengths={
-                        j: (nodes[k].kv.lengths.item() if nodes[k].kv is not None else 0) for j, k in keys[r].items()
-                    },
-                    judger_cache_length=int(past_lengths[b]),
-                    peak_cache_bytes=max([judger_len * self.bytes_per_position] + [x.peak_bytes for x in row_nodes]),
-                    seconds=seconds + sum(x.seconds for x in row_nodes),
-                    messages={j: nodes[k].text for j, k in keys[r].items()} if not latent else {},
-                )
+                outputs[r] = (answers[b], int(counts[b]), int(mask[b].sum()), int(past.lengths[b]))
+        rollouts = []
+        for r in rows:
+            answer, decoded, prompt_len, cache_len = outputs[unique[judger_key(r)]]
+            row_nodes = [nodes[k] for k in keys[r].values()]
+            rollouts.append(Rollout(
+                question_index=question_index[r],
+                adjacency=adjacency[r],
+                answer=answer,
+                decoded_tokens=decoded + sum(x.decoded_tokens for x in row_nodes),
+                prompt_tokens=prompt_len + sum(x.prompt_tokens for x in row_nodes),
+                agent_cache_lengths={
+                    j: (nodes[k].kv.lengths.item() if nodes[k].kv is not None else 0) for j, k in keys[r].items()
+                },
+                judger_cache_length=cache_len,
+                peak_cache_bytes=max(
+                    [(cache_len + prompt_len + decoded) * self.bytes_per_position] + [x.peak_bytes for x in row_nodes]
+                ),
+                seconds=0.0,  # set by `run`: the batch's wall time spread over its rows
+                messages={j: nodes[k].text for j, k in keys[r].items()} if not latent else {},
+            ))
+        self.last_judger_decodes = len(unique)
         return rollouts, judger_inputs
 
 
