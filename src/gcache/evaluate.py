@@ -34,7 +34,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from gcache.policy.graph_policy import topology_mask
 from gcache.rollout import RolloutConfig, RolloutEngine, chain_adjacency
@@ -144,7 +144,8 @@ def report_figure(report: dict, path: Path) -> None:
     stats = report["methods"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     acc = [stats[m]["accuracy"] for m in names]
-    err = [[a - stats[m]["ci95"][0] for m, a in zip(names, acc)], [stats[m]["ci95"][1] - a for m, a in zip(names, acc)]]
+    pairs = list(zip(names, acc, strict=True))
+    err = [[a - stats[m]["ci95"][0] for m, a in pairs], [stats[m]["ci95"][1] - a for m, a in pairs]]
     axes[0].bar(names, acc, yerr=err, capsize=4, color="#4c72b0")
     axes[0].set_title("accuracy (95% CI)")
     axes[1].bar(names, [stats[m]["seconds_per_question"] for m in names], color="#dd8452")

@@ -41,6 +41,7 @@ from gcache import kv
 from gcache.agents import Role, Roster
 from gcache.llm.local import LocalLM
 from gcache.policy.cache_fuser import CacheFuser
+from gcache.policy.graph_policy import topological_waves
 
 log = logging.getLogger(__name__)
 
@@ -152,20 +153,10 @@ def judger_messages(
 
 
 def _depths(adjacency: torch.Tensor, active: Sequence[int]) -> dict[int, int]:
-    """Longest-path depth of each active agent in a DAG (N, N)."""
-    depth: dict[int, int] = {}
-    remaining = list(active)
-    while remaining:
-        progressed = False
-        for j in list(remaining):
-            preds = [i for i in active if bool(adjacency[i, j])]
-            if all(p in depth for p in preds):
-                depth[j] = 1 + max((depth[p] for p in preds), default=-1)
-                remaining.remove(j)
-                progressed = True
-        if not progressed:
-            raise ValueError(f"the communication graph has a cycle among agents {remaining}")
-    return depth
+    """Wave (longest-path depth) of each active agent in a DAG (N, N) restricted to `active`."""
+    index = torch.as_tensor(list(active), dtype=torch.long)
+    waves = topological_waves(adjacency[index][:, index])  # raises on a cycle
+    return {int(index[j]): d for d, wave in enumerate(waves) for j in wave}
 
 
 def _chunks(items: list, size: int):

@@ -16,13 +16,12 @@ when ``source="hub"`` (or ``"auto"`` and no local file).
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import gzip
 import json
 import logging
 import os
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

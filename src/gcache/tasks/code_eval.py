@@ -19,8 +19,10 @@ memory-hungry reference solutions) get those limits instead of the task's defaul
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
-from .base import Example
+from .base import Example, check_pairs
+from .extract import extract_code
 from .sandbox import run_many
 
 __all__ = ["instrument_test", "score_programs", "HEADER", "FOOTER"]
@@ -165,3 +167,26 @@ def score_programs(
             }
         )
     return details
+
+
+def score_replies(
+    completions: list[str | None],
+    examples: list[Example],
+    assemble: Callable[[str, Example], str],
+    *,
+    timeout: float,
+    memory_mb: int,
+    max_workers: int | None,
+) -> list[dict]:
+    """Extract each reply's code, assemble it with its tests (`assemble`) and run it in the
+    sandbox: per reply the extracted code, passed, fraction of test inputs passed, status."""
+    check_pairs(completions, examples)
+    codes = [
+        extract_code(c, ex.meta["entry_point"]) if isinstance(c, str) else None
+        for c, ex in zip(completions, examples, strict=True)
+    ]
+    programs = [
+        assemble(code, ex) if code is not None and not ex.meta["broken"] else None
+        for code, ex in zip(codes, examples, strict=True)
+    ]
+    return score_programs(programs, examples, codes, timeout=timeout, memory_mb=memory_mb, max_workers=max_workers)

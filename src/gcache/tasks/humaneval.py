@@ -23,8 +23,8 @@ import logging
 import re
 import textwrap
 
-from .base import Example, Task, check_pairs
-from .code_eval import FOOTER, HEADER, instrument_test, score_programs
+from .base import Example, Task
+from .code_eval import FOOTER, HEADER, instrument_test, score_replies
 from .extract import extract_code
 
 log = logging.getLogger(__name__)
@@ -118,23 +118,8 @@ class HumanEvalPlus(Task):
 
     def score_details(self, completions: list[str], examples: list[Example]) -> list[dict]:
         """Per reply: extracted code, passed, fraction of test inputs passed, sandbox status."""
-        check_pairs(completions, examples)
-        codes = [
-            extract_code(c, ex.meta["entry_point"]) if isinstance(c, str) else None
-            for c, ex in zip(completions, examples, strict=True)
-        ]
-        programs = [
-            assemble_program(code, ex) if code is not None and not ex.meta["broken"] else None
-            for code, ex in zip(codes, examples, strict=True)
-        ]
-        return score_programs(
-            programs,
-            examples,
-            codes,
-            timeout=self.timeout,
-            memory_mb=self.memory_mb,
-            max_workers=self.max_workers,
-        )
+        return score_replies(completions, examples, assemble_program, timeout=self.timeout,
+                             memory_mb=self.memory_mb, max_workers=self.max_workers)
 
     def target_text(self, example: Example) -> str:
         return f"```python\n{example.answer.strip(chr(10))}\n```"
