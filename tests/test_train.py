@@ -146,3 +146,17 @@ def test_multirun_makes_two_output_dirs_and_two_wandb_runs(tmp_path):
         assert (job / "summary.json").is_file()
         runs = list((job / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, list((job / "wandb").iterdir())
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = _compose([f"experiment={experiment}"])
+    assert cfg.task.name and cfg.model.name
+
+
+def test_smoke_experiment_trains(tmp_path):
+    summary = run(_compose(["experiment=smoke", "task=gsm8k"], tmp_path))
+    assert summary["steps"] == 2 and (tmp_path / "summary.json").is_file()
