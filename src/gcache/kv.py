@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 ROPE_MODEL_TYPES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmo", "olmo2", "granite"}
@@ -73,10 +74,13 @@ class Step:
 
 
 def cache_from_layers(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
-    """A DynamicCache holding exactly these (keys, values) per layer (no copy of the tensors)."""
+    """A DynamicCache holding exactly these (keys, values) per layer (the tensors are not copied)."""
     cache = DynamicCache()
-    for idx, (k, v) in enumerate(layers):
-        cache.update(k, v, idx)
+    for k, v in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(k, v)
+        layer.keys, layer.values = k, v
+        cache.layers.append(layer)
     return cache
 
 
@@ -208,8 +212,10 @@ def forward(
     *,
     input_ids: torch.Tensor | None = None,
     inputs_embeds: torch.Tensor | None = None,
+    extend_in_place: bool = False,
 ) -> tuple[KV, torch.Tensor]:
-    """Run new inputs (B, T) on top of `past` (unchanged). Returns the extended KV and the
+    """Run new inputs (B, T) on top of `past` (unchanged unless `extend_in_place`, for a
+    cache the caller owns, e.g. inside a decoding loop). Returns the extended KV and the
     final-norm hidden states of the new positions (B, T, D). Padding slots of the new
     segment are zeroed in the cache so garbage (or NaN) from fully-masked pad rows never
     reaches a later attention product."""
@@ -219,7 +225,7 @@ def forward(
     if past.batch_size != batch:
         raise ValueError(f"past cache has {past.batch_size} rows but the new inputs have {batch}")
     new_mask = new_mask.to(past.mask.device).long()
-    state = copy(past)
+    state = past if extend_in_place else copy(past)
     full_mask = torch.cat([past.mask, new_mask], dim=1)  # (B, L + T)
     out = model.get_decoder()(
         input_ids=input_ids,
@@ -309,10 +315,12 @@ def latent_steps(model: torch.nn.Module, start: Step, steps: int, realign: Reali
         raise ValueError(f"latent_steps must be >= 0, got {steps}")
     step, fed = start, []
     ones = torch.ones(start.kv.batch_size, 1, dtype=torch.long, device=start.kv.mask.device)
+    own = copy(start.kv)  # extended in place below; the caller's cache stays as it was
     for _ in range(steps):
         embedding = realign(step.hidden)  # (B, D)
         fed.append(embedding)
-        kv, hidden = forward(model, step.kv, ones, inputs_embeds=embedding[:, None, :])
+        kv, hidden = forward(model, own, ones, inputs_embeds=embedding[:, None, :], extend_in_place=True)
+        own = kv
         step = Step(kv, hidden[:, -1], next_token_logits(model, hidden[:, -1]))
     width = start.hidden.shape[-1]
     stacked = torch.stack(fed, 1) if fed else start.hidden.new_zeros(start.kv.batch_size, 0, width)
@@ -417,7 +425,7 @@ def decode(
     counts = torch.zeros(batch, dtype=torch.long, device=device)
     ones = torch.ones(batch, 1, dtype=torch.long, device=device)
     tokens = []
-    state = kv
+    state = copy(kv)  # extended in place below; the caller's cache stays as it was
     for t in range(max_new_tokens):
         token = _pick(logits, temperature, top_p, generator)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
@@ -426,7 +434,7 @@ def decode(
         finished |= torch.isin(token, eos)
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
-        state, hidden = forward(model, state, ones, input_ids=token[:, None])
+        state, hidden = forward(model, state, ones, input_ids=token[:, None], extend_in_place=True)
         logits = next_token_logits(model, hidden[:, -1])
     if not tokens:
         return torch.zeros(batch, 0, dtype=torch.long, device=device), counts
