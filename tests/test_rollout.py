@@ -175,3 +175,25 @@ def test_bad_configs_are_refused_with_the_allowed_values():
         RolloutConfig(latent_steps=-1)
     with pytest.raises(ValueError, match="latent_only"):
         RolloutConfig(retention="latent_only", latent_steps=0)
+
+
+@torch.no_grad()
+def test_second_round_agents_read_the_first_rounds_outputs(llm, roster):
+    adjacency = chain_adjacency(4)[None]
+    one = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, retention="role_latent", max_new_tokens=3))
+    two = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, retention="role_latent", max_new_tokens=3,
+                                                   num_rounds=2))
+    first = one.run(QUESTIONS[:1], adjacency, [0], answer_format=FORMAT, keep_judger_inputs=True)
+    second = two.run(QUESTIONS[:1], adjacency, [0], answer_format=FORMAT, keep_judger_inputs=True)
+    assert second.prefills == second.prefills_naive == 8  # round 2 agents differ: they read round 1
+    # Round-2 agent 0 read all four round-1 segments, so its own segment is computed on more context.
+    a = _judger_logits(llm, roster, first.judger_inputs[0])
+    b = _judger_logits(llm, roster, second.judger_inputs[0])
+    assert not torch.allclose(a, b, atol=1e-4)
+    text = RolloutEngine(llm, roster, RolloutConfig(method="text", agent_max_new_tokens=3, max_new_tokens=3,
+                                                    num_rounds=2)).run(QUESTIONS[:1], adjacency, [0], answer_format=FORMAT)
+    text_one = RolloutEngine(llm, roster, RolloutConfig(method="text", agent_max_new_tokens=3, max_new_tokens=3)).run(
+        QUESTIONS[:1], adjacency, [0], answer_format=FORMAT)
+    # Round 2 prompts every agent again, now with the round-1 messages in its prompt.
+    assert text.rollouts[0].prompt_tokens > text_one.rollouts[0].prompt_tokens
+    assert text.prefills == 8

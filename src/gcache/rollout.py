@@ -60,6 +60,7 @@ class RolloutConfig:
     agent_max_new_tokens: int = 128  # text method: each agent's message
     temperature: float = 0.0
     top_p: float = 1.0
+    num_rounds: int = 1  # from round 2 on, agents also read the previous round's outputs
     reuse: bool = True  # compute identical agents once
     judger_cache: str = "fused"  # fused | none (control: no handoff) | mismatched (control)
     max_batch: int = 32  # rows per forward
@@ -77,6 +78,8 @@ class RolloutConfig:
             raise ValueError("retention='latent_only' with latent_steps=0 hands on nothing; use latent_steps > 0")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
 
@@ -229,40 +232,51 @@ class RolloutEngine:
         latent = cfg.method == "latent"
         realign = self.llm.realignment(cfg.realign)
 
-        # Node keys: (question, agent, keys of its predecessors) — equal keys, equal computation.
-        depth = [_depths(adjacency[r], active) for r in rows]
-        keys: list[dict[int, tuple]] = []
-        for r in rows:
-            row_keys: dict[int, tuple] = {}
-            for j in sorted(active, key=lambda a: depth[r][a]):
-                preds = tuple(row_keys[i] for i in active if bool(adjacency[r, i, j]))
-                row_keys[j] = (question_index[r], j, preds) if cfg.reuse else (r, question_index[r], j, preds)
-            keys.append(row_keys)
-        nodes: dict[tuple, _Node] = {}
-        prefills_naive = sum(len(active) for _ in rows)
-
-        max_depth = max((max(d.values(), default=-1) for d in depth), default=-1)
-        for d in range(max_depth + 1):
-            pending: dict[tuple, tuple[int, int]] = {}
-            for r in rows:
-                for j in active:
-                    if depth[r][j] == d and keys[r][j] not in nodes:
-                        pending.setdefault(keys[r][j], (r, j))
-            for chunk in _chunks(list(pending.items()), cfg.max_batch):
-                self._run_agents(chunk, questions, question_index, adjacency, keys, nodes, edge_logits, active, realign, generator)
-
-        # The judger of each row: sinks under full retention (their caches hold their
-        # ancestors), every active agent otherwise; every agent in the text method.
-        judger_senders = []
+        # What a reader (the judger, or an agent of the next round) receives from a row:
+        # the sinks under full retention (their caches hold their ancestors), every active
+        # agent otherwise and in the text method — each agent's work exactly once.
+        readers = []
         for r in rows:
             if latent and cfg.retention == "full":
-                senders = [i for i in active if not any(bool(adjacency[r, i, j]) for j in active)]
+                readers.append([i for i in active if not any(bool(adjacency[r, i, j]) for j in active)])
             else:
-                senders = list(active)
-            judger_senders.append(senders)
+                readers.append(list(active))
 
+        # Node keys: (question, round, agent, keys of its senders) — equal keys, equal computation.
+        # Senders of an agent: its predecessors in the graph, and from round 2 on, the readers'
+        # outputs of the previous round (temporal edges).
+        depth = [_depths(adjacency[r], active) for r in rows]
+        levels = max((max(d.values(), default=-1) for d in depth), default=-1) + 1
+        senders_of: dict[tuple, list[tuple[int, tuple]]] = {}
+        level_of: dict[tuple, int] = {}
+        where: dict[tuple, tuple[int, int]] = {}
+        keys: list[dict[int, tuple]] = [{} for _ in rows]  # the last round's keys per row
+        row_nodes: list[list[tuple]] = [[] for _ in rows]
+        for rnd in range(cfg.num_rounds):
+            previous = keys
+            keys = [{} for _ in rows]
+            for r in rows:
+                temporal = [(i, previous[r][i]) for i in readers[r]] if rnd else []
+                for j in sorted(active, key=lambda a: depth[r][a]):
+                    senders = temporal + [(i, keys[r][i]) for i in active if bool(adjacency[r, i, j])]
+                    key = (question_index[r], rnd, j, tuple(k for _, k in senders))
+                    key = key if cfg.reuse else (r, *key)
+                    keys[r][j] = key
+                    senders_of[key] = senders
+                    level_of[key] = rnd * levels + depth[r][j]
+                    where.setdefault(key, (r, j))
+                    row_nodes[r].append(key)
+        nodes: dict[tuple, _Node] = {}
+        prefills_naive = len(rows) * len(active) * cfg.num_rounds
+
+        for level in range(cfg.num_rounds * levels):
+            pending = [(key, (*where[key], senders_of[key])) for key in where if level_of[key] == level]
+            for chunk in _chunks(pending, cfg.max_batch):
+                self._run_agents(chunk, questions, question_index, nodes, edge_logits, realign, generator)
+
+        judger_senders = readers
         rollouts, judger_inputs = self._run_judger(
-            questions, question_index, adjacency, keys, nodes, judger_senders, edge_logits,
+            questions, question_index, adjacency, keys, row_nodes, nodes, judger_senders, edge_logits,
             answer_format, keep_judger_inputs, generator,
         )
         per_row = (time.perf_counter() - started) / max(len(rollouts), 1)
@@ -273,20 +287,21 @@ class RolloutEngine:
             judger_decodes=self.last_judger_decodes,
         )
 
-    def _run_agents(self, chunk, questions, question_index, adjacency, keys, nodes, edge_logits, active, realign, generator):
+    def _run_agents(self, chunk, questions, question_index, nodes, edge_logits, realign, generator):
+        """One batched forward for the agents of `chunk`: items (key, (row, agent, senders))."""
         cfg = self.config
         latent = cfg.method == "latent"
         texts, pasts = [], []
-        for _, (r, j) in chunk:
+        for _, (r, j, senders) in chunk:
             q = question_index[r]
-            preds = [i for i in active if bool(adjacency[r, i, j])]
             role = self.roster.roles[j]
             if latent:
-                logits = None if edge_logits is None else edge_logits[q, preds, j]
-                pasts.append(self._fuse([nodes[keys[r][i]].kv for i in preds], logits))
+                agents = [i for i, _ in senders]
+                logits = None if edge_logits is None else edge_logits[q, agents, j]
+                pasts.append(self._fuse([nodes[k].kv for _, k in senders], logits))
                 messages = agent_messages(role, questions[q], latent=True)
             else:
-                received = [(self.roster.roles[i].name, nodes[keys[r][i]].text) for i in preds]
+                received = [(self.roster.roles[i].name, nodes[k].text) for i, k in senders]
                 messages = agent_messages(role, questions[q], received=received, latent=False)
             texts.append(self.llm.chat_text(messages))
         ids, mask = self.llm.encode(texts)
@@ -322,7 +337,7 @@ class RolloutEngine:
                     peak_bytes=(int(prompt_tokens[b]) + int(counts[b])) * self.bytes_per_position,
                 )
 
-    def _run_judger(self, questions, question_index, adjacency, keys, nodes, judger_senders, edge_logits,
+    def _run_judger(self, questions, question_index, adjacency, keys, row_nodes, nodes, judger_senders, edge_logits,
                     answer_format, keep_inputs, generator):
         cfg = self.config
         latent = cfg.method == "latent"
@@ -387,19 +402,19 @@ class RolloutEngine:
         rollouts = []
         for r in rows:
             answer, decoded, prompt_len, cache_len = outputs[unique[judger_key(r)]]
-            row_nodes = [nodes[k] for k in keys[r].values()]
+            computed = [nodes[k] for k in row_nodes[r]]
             rollouts.append(Rollout(
                 question_index=question_index[r],
                 adjacency=adjacency[r],
                 answer=answer,
-                decoded_tokens=decoded + sum(x.decoded_tokens for x in row_nodes),
-                prompt_tokens=prompt_len + sum(x.prompt_tokens for x in row_nodes),
+                decoded_tokens=decoded + sum(x.decoded_tokens for x in computed),
+                prompt_tokens=prompt_len + sum(x.prompt_tokens for x in computed),
                 agent_cache_lengths={
                     j: (nodes[k].kv.lengths.item() if nodes[k].kv is not None else 0) for j, k in keys[r].items()
                 },
                 judger_cache_length=cache_len,
                 peak_cache_bytes=max(
-                    [(cache_len + prompt_len + decoded) * self.bytes_per_position] + [x.peak_bytes for x in row_nodes]
+                    [(cache_len + prompt_len + decoded) * self.bytes_per_position] + [x.peak_bytes for x in computed]
                 ),
                 seconds=0.0,  # set by `run`: the batch's wall time spread over its rows
                 messages={j: nodes[k].text for j, k in keys[r].items()} if not latent else {},
