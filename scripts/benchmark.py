@@ -41,28 +41,34 @@ def _cfg(name: str, overrides: list[str], out: Path):
     return cfg
 
 
-def bench_batched(module, examples, batch: int, max_new_tokens: int) -> dict:
-    """Same rows, max_batch=B vs max_batch=1; decode-heavy (long judger answers)."""
+def bench_batched(module, examples, batch: int, max_new_tokens: int, *, decode_only: bool) -> dict:
+    """Same rows, max_batch=B vs max_batch=1. `decode_only`: the judger alone decodes
+    `max_new_tokens` (decode-heavy); otherwise full latent rollouts on a chain."""
     questions = [ex.question for ex in examples[:batch]]
     n = module.roster.num_agents
     adjacency = chain_adjacency(n).expand(len(questions), -1, -1)
-    times = {}
+    active = [] if decode_only else None
+    times, tokens = {}, {}
     for size in (1, batch):
         config = RolloutConfig(latent_steps=module.rollout_config.latent_steps, max_new_tokens=max_new_tokens,
                                max_batch=size, retention="role_latent")
         engine = RolloutEngine(module.llm, module.roster, config)
         start = time.perf_counter()
-        rows = engine.run(questions, adjacency, list(range(len(questions))), answer_format=module.task.answer_format)
+        rows = engine.run(questions, adjacency, list(range(len(questions))), answer_format=module.task.answer_format,
+                          active=active)
         times[size] = time.perf_counter() - start
-        tokens = sum(r.decoded_tokens for r in rows.rollouts)
-        log.info("max_batch=%d: %.1f s, %d decoded tokens", size, times[size], tokens)
-    return {"B=1 s": times[1], f"B={batch} s": times[batch], "throughput ratio": times[1] / times[batch]}
+        tokens[size] = sum(r.decoded_tokens for r in rows.rollouts)
+        log.info("max_batch=%d: %.1f s, %d decoded tokens", size, times[size], tokens[size])
+    # Rows decode until all of a batch has ended, so compare decoded tokens per second.
+    ratio = (tokens[batch] / times[batch]) / (tokens[1] / times[1])
+    return {"B=1 s": times[1], f"B={batch} s": times[batch], "tokens": tokens[1], "throughput ratio": ratio}
 
 
 def bench_reuse(module, examples, graphs: int) -> dict:
     """Agent prefills and judger decodes computed vs naive for G sampled graphs per question:
     with the untrained policy (p near 0.5, graphs rarely repeat) and with its logits scaled
-    by 4 (a stand-in for a confident, trained policy whose samples often coincide)."""
+    by 4 and by 10 (stand-ins for a more and a fully confident trained policy, whose
+    samples coincide more often)."""
     from gcache.policy.graph_policy import sample_dags
 
     questions = [ex.question for ex in examples]
@@ -73,7 +79,7 @@ def bench_reuse(module, examples, graphs: int) -> dict:
     config = RolloutConfig(**{**module.rollout_config.__dict__, "max_new_tokens": 8})
     engine = RolloutEngine(module.llm, module.roster, config, fuser=module.fuser)
     result = {}
-    for label, scale in (("untrained", 1.0), ("confident x4", 4.0)):
+    for label, scale in (("untrained", 1.0), ("confident x4", 4.0), ("converged x10", 10.0)):
         sample = sample_dags(scale * logits[:, :n, :n], mask, graphs, generator=torch.Generator().manual_seed(0))
         index = [q for q in range(len(questions)) for _ in range(graphs)]
         rows = engine.run(questions, sample.adjacency.reshape(-1, n, n), index,
@@ -121,7 +127,8 @@ def main() -> None:
                          "graphs_per_question=4", "logger=none"], out)
     module = build_module(cfg)
     train = module.task.splits()["train"]
-    results["batched"] = bench_batched(module, train, 8, max_new_tokens=64)
+    results["batched (judger decode, 96 tokens)"] = bench_batched(module, train, 8, 96, decode_only=True)
+    results["batched (latent rollout, chain)"] = bench_batched(module, train, 8, 32, decode_only=False)
     results["reuse"] = bench_reuse(module, train[:8], graphs=4)
     results["update_share"] = bench_update_share(module, train[10:], steps=3)
 
