@@ -117,3 +117,22 @@ def test_local_mode_has_no_api_step(examples):
     answers, _, rows = module.evaluate_batch(examples)
     assert answers == [r.answer for r in rows.rollouts]
     assert torch.is_tensor(module.edge_logits([examples[0].question]))
+
+
+def test_api_only_baselines_run_through_the_evaluator(llama_server, tmp_path):
+    from gcache.evaluate import evaluate
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            "model=tiny-random", "task=arith", "limit=2", "batch_size=2", "mode=hybrid",
+            f"mode.api.base_url={llama_server.base_url}", f"mode.api.model={llama_server.model}",
+            "mode.api.require_key=false", "mode.api.max_tokens=8", "methods=[api_single,api_text_mas]",
+        ])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+    report = evaluate(cfg)["methods"]
+    single, text = report["api_single"], report["api_text_mas"]
+    assert single["questions"] == text["questions"] == 2
+    # Four agents and a judger make five API calls per question against one for the single agent.
+    assert text["prompt_tokens_per_question"] > 3 * single["prompt_tokens_per_question"]
+    assert 0 < single["decoded_tokens_per_question"] <= 8

@@ -13,6 +13,9 @@ Methods (all share the judger's prompt and the roster's agents):
 - `no_handoff` (control): gcache's graph, but the judger reads no cache.
 - `mismatched` (control): gcache's graph, but the judger reads the fused cache built
   for a different question.
+- `api_single`, `api_text_mas` (with `mode=hybrid` or `api_hint`, which name the endpoint):
+  the API model alone, or every agent being the API model passing text along
+  `baseline_topology`, with the text MAS's prompts.
 
 If the latent channel carries information, gcache beats both controls.
 
@@ -41,7 +44,8 @@ from gcache.rollout import RolloutConfig, RolloutEngine, chain_adjacency
 
 log = logging.getLogger(__name__)
 
-METHODS = ("single", "text_mas", "latent_mas", "gcache", "no_handoff", "mismatched")
+METHODS = ("single", "text_mas", "latent_mas", "gcache", "no_handoff", "mismatched", "api_single", "api_text_mas")
+API_METHODS = ("api_single", "api_text_mas")
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -217,6 +221,8 @@ class Evaluator:
         start = time.perf_counter()
         active = self.module.active
         logits = None
+        if method in API_METHODS:
+            return self._run_api(method, batch, start)
         if method == "single":
             rows = self._engine().run(questions, chain_adjacency(n).expand(len(batch), -1, -1), index,
                                       answer_format=fmt, active=[])
@@ -256,6 +262,32 @@ class Evaluator:
                 "edges": int(rollout.adjacency.sum()),
             })
         return records
+
+
+    def _run_api(self, method: str, batch, start: float) -> list[dict]:
+        from gcache.modes import api_text_mas
+
+        if self.module.generator_mode is None:
+            raise ValueError(f"method {method!r} needs an API endpoint: use mode=hybrid or mode=api_hint")
+        n = self.module.roster.num_agents
+        adjacency = fixed_adjacency(self.baseline_topology, n).expand(len(batch), -1, -1)
+        results = api_text_mas(
+            self.module.generator_mode.client, self.module.roster, [ex.question for ex in batch], adjacency,
+            list(range(len(batch))), self.module.task.answer_format,
+            active=[] if method == "api_single" else self.module.active,
+        )
+        details = self.module.task.score_details([r["answer"] for r in results], list(batch))
+        elapsed = time.perf_counter() - start
+        return [
+            {
+                "id": ex.id, "method": method, "reward": d["reward"], "answer": r["answer"],
+                "extracted": d.get("extracted"), "reference": ex.answer[:200],
+                "decoded_tokens": r["completion_tokens"], "prompt_tokens": r["prompt_tokens"],
+                "seconds": elapsed / len(batch), "peak_cache_bytes": 0,
+                "edges": 0 if method == "api_single" else int(adjacency[0].sum()),
+            }
+            for ex, r, d in zip(batch, results, details, strict=True)
+        ]
 
 
 def evaluate(cfg: DictConfig, *, module=None) -> dict:

@@ -84,3 +84,50 @@ def build_mode(cfg: DictConfig | dict | None):
     client = ApiClient(ApiConfig(**api))
     client.check_sync()  # fail before training, naming the endpoint
     return ApiMode(name, client, local_tokens=local_tokens)
+
+
+def api_text_mas(
+    client,
+    roster,
+    questions: Sequence[str],
+    adjacency,
+    question_index: Sequence[int],
+    answer_format: str,
+    *,
+    active: Sequence[int] | None = None,
+) -> list[dict]:
+    """The API-only baselines: every agent is the API model and passes text along the graph
+    (no active agents = the API single agent). Prompts are the local text MAS's prompts.
+    adjacency (R, N, N) bool. Returns per row: answer, prompt_tokens, completion_tokens."""
+    from gcache.rollout import agent_depths, agent_messages, judger_messages
+
+    n = roster.num_agents
+    active = list(range(n)) if active is None else list(active)
+    rows = range(adjacency.shape[0])
+    depth = [agent_depths(adjacency[r].cpu(), active) for r in rows]
+    texts: list[dict[int, str]] = [{} for _ in rows]
+    usage = [[0, 0] for _ in rows]
+    levels = max((max(d.values(), default=-1) for d in depth), default=-1) + 1
+    for level in range(levels):
+        todo = [(r, j) for r in rows for j in active if depth[r][j] == level]
+        requests = []
+        for r, j in todo:
+            received = [(roster.roles[i].name, texts[r][i]) for i in active if bool(adjacency[r, i, j])]
+            requests.append(agent_messages(roster.roles[j], questions[question_index[r]], received=received, latent=False))
+        for (r, j), reply in zip(todo, client.chat_many_sync(requests), strict=True):
+            texts[r][j] = reply.text
+            usage[r][0] += reply.prompt_tokens
+            usage[r][1] += reply.completion_tokens
+    requests = [
+        judger_messages(roster.judger, questions[question_index[r]], answer_format,
+                        received=[(roster.roles[i].name, texts[r][i]) for i in active])
+        for r in rows
+    ]
+    results = []
+    for r, reply in zip(rows, client.chat_many_sync(requests), strict=True):
+        results.append({
+            "answer": reply.text,
+            "prompt_tokens": usage[r][0] + reply.prompt_tokens,
+            "completion_tokens": usage[r][1] + reply.completion_tokens,
+        })
+    return results

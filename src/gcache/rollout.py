@@ -155,7 +155,7 @@ def judger_messages(
 # ---- engine -----------------------------------------------------------------------------------
 
 
-def _depths(adjacency: torch.Tensor, active: Sequence[int]) -> dict[int, int]:
+def agent_depths(adjacency: torch.Tensor, active: Sequence[int]) -> dict[int, int]:
     """Wave (longest-path depth) of each active agent in a DAG (N, N) restricted to `active`."""
     index = torch.as_tensor(list(active), dtype=torch.long)
     waves = topological_waves(adjacency[index][:, index])  # raises on a cycle
@@ -245,7 +245,7 @@ class RolloutEngine:
         # Node keys: (question, round, agent, keys of its senders) — equal keys, equal computation.
         # Senders of an agent: its predecessors in the graph, and from round 2 on, the readers'
         # outputs of the previous round (temporal edges).
-        depth = [_depths(adjacency[r], active) for r in rows]
+        depth = [agent_depths(adjacency[r], active) for r in rows]
         levels = max((max(d.values(), default=-1) for d in depth), default=-1) + 1
         senders_of: dict[tuple, list[tuple[int, tuple]]] = {}
         level_of: dict[tuple, int] = {}
