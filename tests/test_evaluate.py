@@ -9,8 +9,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from gcache.evaluate import CONF_DIR, METHODS, evaluate, read_results, summarize, wilson_interval
+from gcache.evaluate import API_METHODS, CONF_DIR, evaluate, read_results, summarize, wilson_interval
+from gcache.evaluate import METHODS as ALL_METHODS
 
+METHODS = [m for m in ALL_METHODS if m not in API_METHODS]  # the API baselines: tests/test_modes.py
 TINY = ["model=tiny-random", "task=gsm8k", "limit=3", "batch_size=3", "latent_steps=2", "max_new_tokens=4",
         "agent_max_new_tokens=4"]
 
