@@ -199,7 +199,7 @@ def test_check_on_connection_refused_names_the_url_and_fails_fast(make_client):
 def test_check_without_a_key_fails_before_any_request(fault_server, make_client, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     client = make_client(ApiConfig(base_url=fault_server.base_url, model="fake-model", require_key=True))
-    with pytest.raises(ApiError, match="no API key.*set OPENAI_API_KEY or api.api_key"):
+    with pytest.raises(ApiError, match="no API key.*set OPENAI_API_KEY in the environment or a .env file"):
         client.check_sync()
     with pytest.raises(ApiError, match="no API key"):
         client.chat_sync(user("x"))
@@ -208,7 +208,7 @@ def test_check_without_a_key_fails_before_any_request(fault_server, make_client,
 
 def test_check_without_an_endpoint_says_what_to_set(make_client, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    with pytest.raises(ApiError, match="no endpoint: set api.base_url or OPENAI_BASE_URL"):
+    with pytest.raises(ApiError, match="no endpoint: set mode.api.base_url or OPENAI_BASE_URL"):
         make_client(ApiConfig(model="m", require_key=False)).check_sync()
 
 

@@ -9,7 +9,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from gcache.evaluate import API_METHODS, CONF_DIR, evaluate, read_results, summarize, wilson_interval
+from gcache.evaluate import (
+    API_METHODS,
+    CONF_DIR,
+    evaluate,
+    read_results,
+    summarize,
+    wilson_interval,
+)
 from gcache.evaluate import METHODS as ALL_METHODS
 
 METHODS = [m for m in ALL_METHODS if m not in API_METHODS]  # the API baselines: tests/test_modes.py

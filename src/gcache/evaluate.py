@@ -348,9 +348,23 @@ def evaluate(cfg: DictConfig, *, module=None) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    import sys
+
+    from gcache.llm.api import ApiError
+    from gcache.secrets import env_secrets, install_secret_filter, load_dotenv
+    from gcache.train import EXIT_BAD_INPUT, ConfigError, _setup_errors_as_config_errors
+
+    load_dotenv()
+    install_secret_filter(env_secrets())
+    logging.captureWarnings(True)
     with open_dict(cfg):
         cfg.output_dir = cfg.get("output_dir") or os.getcwd()
-    report = evaluate(cfg)
+    try:
+        with _setup_errors_as_config_errors():
+            report = evaluate(cfg)
+    except (ConfigError, ApiError) as exc:  # the message says what to fix; a traceback would bury it
+        log.error("error: %s", exc)
+        sys.exit(EXIT_BAD_INPUT)
     if cfg.logger and cfg.logger.get("_target_", "").endswith("WandbLogger"):
         import wandb
 
@@ -367,4 +381,12 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from gcache.secrets import secret_overrides
+    from gcache.train import KEY_SOURCES
+
+    if keys := secret_overrides(sys.argv[1:]):
+        print(f"error: {', '.join(keys)}: {KEY_SOURCES}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -18,18 +18,36 @@ attributes, built in `setup`) and never written into checkpoints.
 7. one Adam step on policy + fuser (automatic optimisation).
 
 Validation and test use the deterministic graph (p > 0.5) and greedy decoding.
+
+Randomness and reproducibility:
+
+- DAG sampling draws from a generator seeded by (seed, question id, global step), one per
+  question. A question's graphs therefore do not depend on which batch, rank or process it
+  lands in: under DDP every rank samples its own questions' graphs exactly as a single
+  process would (no seed + rank streams are needed), and a resumed run samples what the
+  uninterrupted run did without any generator state in the checkpoint.
+- Everything else that may draw random numbers (policy dropout, decoding at temperature > 0)
+  uses the global torch / numpy / Python generators; checkpoints save and restore them.
+- A non-finite reward or loss skips the update on every rank, with a warning naming the
+  question ids. The decision is all-reduced, so DDP ranks always agree; the step still
+  back-propagates a zero loss (Lightning refuses a `None` loss under DDP, and every rank must
+  join the gradient all-reduce), and `optimizer_step` drops those gradients so Adam leaves
+  the parameters and its state untouched.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 
 from gcache import kv
@@ -38,6 +56,7 @@ from gcache.embeddings import TextEmbedder
 from gcache.llm.local import LocalLM
 from gcache.policy.cache_fuser import CacheFuser
 from gcache.policy.graph_policy import (
+    DagSample,
     GraphPolicy,
     active_agents,
     deterministic_dag,
@@ -109,8 +128,8 @@ class GCacheModule(L.LightningModule):
         self.active = active_agents(topology, n)
         self._role_emb: torch.Tensor | None = None
         self._engine: RolloutEngine | None = None
-        self._sample_gen = torch.Generator().manual_seed(seed)
         self.last_step_timings: dict[str, float] = {}
+        self._skip_update = False  # set by training_step, read by optimizer_step
 
     @property
     def engine(self) -> RolloutEngine:
@@ -129,6 +148,20 @@ class GCacheModule(L.LightningModule):
         n = self.roster.num_agents
         judger = torch.stack([torch.arange(n), torch.full((n,), n)])
         return torch.cat([self.roster.anchor_edge_index(), judger], 1).to(self.device)
+
+    def dag_generator(self, example_id: str) -> torch.Generator:
+        """The DAG-sampling stream of one question at the current global step (see the module doc)."""
+        key = f"{self.seed}/{example_id}/{self.global_step}".encode()
+        return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
+
+    def sample_graphs(self, batch: list[Example], agent_logits: torch.Tensor, mask: torch.Tensor) -> DagSample:
+        """G DAGs per question, each question from its own stream. (B, G, N, N) adjacency"""
+        parts = [
+            sample_dags(agent_logits[i : i + 1], mask, self.graphs_per_question, generator=self.dag_generator(ex.id),
+                        temperature=self.policy.temperature)
+            for i, ex in enumerate(batch)
+        ]
+        return DagSample(*(torch.cat(field) for field in zip(*parts, strict=True)))
 
     def edge_logits(self, questions: list[str]) -> torch.Tensor:
         """(B, N+1, N+1) policy logits; column N scores agent -> judger edges."""
@@ -152,7 +185,7 @@ class GCacheModule(L.LightningModule):
         logits = self.edge_logits(questions)  # (B, N+1, N+1)
         agent_logits = logits[:, :n, :n]
         mask = self.agent_mask & self._active_mask()
-        sample = sample_dags(agent_logits, mask, g, generator=self._sample_gen, temperature=self.policy.temperature)
+        sample = self.sample_graphs(batch, agent_logits, mask)
         adjacency = sample.adjacency.reshape(b * g, n, n)
         index = [q for q in range(b) for _ in range(g)]
         policy_s = time.perf_counter() - start
@@ -165,23 +198,31 @@ class GCacheModule(L.LightningModule):
         rollout_s = time.perf_counter() - rollout_start
         update_start = time.perf_counter()
         scored = self.task.reward(answers, [batch[q] for q in index])
+        # None = unscorable (left out of baselines); a NaN or inf the task returned is a bug to report.
+        bad = sorted({batch[q].id for q, r in zip(index, scored, strict=True) if r is not None and not math.isfinite(r)})
         rewards = torch.tensor([math.nan if r is None else float(r) for r in scored], device=self.device).view(b, g)
-        if not bool(torch.isfinite(rewards[~rewards.isnan()]).all()):
-            log.warning("non-finite reward for questions %s: step skipped", [ex.id for ex in batch])
-            return None
-        temp = self.policy.temperature
-        policy_loss, stats = reinforce_loss(
-            sample.log_prob, rewards, expected_edges(agent_logits, mask, temp), edge_entropy(agent_logits, mask, temp),
-            edge_cost=cfg.edge_cost, entropy_coef=cfg.entropy_coef,
-        )
-        fuser_loss = self.fuser_loss(batch, rows, logits)
-        loss = policy_loss + cfg.fuser_weight * fuser_loss
+        finite = not bad
+        if bad:
+            log.warning("non-finite reward for question(s) %s at step %d: step skipped", bad, self.global_step)
+        else:
+            temp = self.policy.temperature
+            policy_loss, stats = reinforce_loss(
+                sample.log_prob, rewards, expected_edges(agent_logits, mask, temp),
+                edge_entropy(agent_logits, mask, temp), edge_cost=cfg.edge_cost, entropy_coef=cfg.entropy_coef,
+            )
+            fuser_loss = self.fuser_loss(batch, rows, logits)
+            loss = policy_loss + cfg.fuser_weight * fuser_loss
+            finite = bool(torch.isfinite(loss))
+            if not finite:
+                log.warning("non-finite loss (policy %s, fuser %s) for question(s) %s at step %d: step skipped",
+                            float(policy_loss), float(fuser_loss), [ex.id for ex in batch], self.global_step)
         # Forward parts of the update (the backward and optimiser step follow in Lightning).
         self.last_step_timings = {"rollout_s": rollout_s, "update_forward_s": policy_s + time.perf_counter() - update_start}
-        if not bool(torch.isfinite(loss)):
-            log.warning("non-finite loss (policy %s, fuser %s) for questions %s: step skipped",
-                        float(policy_loss), float(fuser_loss), [ex.id for ex in batch])
-            return None
+        self._skip_update = not self._on_every_rank(finite)
+        if self._skip_update:
+            if finite:
+                log.warning("step %d skipped: another rank had a non-finite reward or loss", self.global_step)
+            return sum(p.sum() for p in self.parameters()) * 0.0  # zero gradients; optimizer_step drops them
         scorable = rewards[~rewards.isnan()]
         metrics = {
             "train/reward": scorable.mean() if scorable.numel() else torch.tensor(0.0),
@@ -200,6 +241,11 @@ class GCacheModule(L.LightningModule):
         self.log_dict(metrics, batch_size=b, prog_bar=False)
         self.log("reward", metrics["train/reward"], prog_bar=True, batch_size=b, logger=False)
         return loss
+
+    def _on_every_rank(self, decision: bool) -> bool:
+        """`decision` and-ed over DDP ranks (one collective; the decision itself without a trainer)."""
+        trainer = self._trainer
+        return decision if trainer is None else trainer.strategy.reduce_boolean_decision(decision, all=True)
 
     def fuser_loss(self, batch: list[Example], rows, logits: torch.Tensor) -> torch.Tensor:
         """Teacher-forced NLL of the reference answer given the judger prompt on its fused cache."""
@@ -262,7 +308,8 @@ class GCacheModule(L.LightningModule):
         scored = [r for r in rewards if r is not None]
         acc = sum(scored) / len(scored) if scored else 0.0
         metrics = {f"{stage}/accuracy": torch.tensor(acc), **self._rollout_metrics(stage, rows, start, len(batch))}
-        self.log_dict(metrics, batch_size=len(batch), on_epoch=True, on_step=False)
+        # Under DDP each rank evaluates its shard; the epoch value is the mean over ranks.
+        self.log_dict(metrics, batch_size=len(batch), on_epoch=True, on_step=False, sync_dist=True)
 
     def validation_step(self, batch: list[Example], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -278,17 +325,30 @@ class GCacheModule(L.LightningModule):
             ]
         )
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step, except that a skipped step's gradients are set to None after the
+        closure (training_step, backward and the DDP all-reduce) so that Adam skips every parameter."""
+
+        def closure():
+            loss = optimizer_closure()
+            if self._skip_update:
+                optimizer.zero_grad(set_to_none=True)
+            return loss
+
+        optimizer.step(closure=closure)
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
         return batch  # lists of Examples (text); tensors are made on the right device later
 
     # ---- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["sample_generator_state"] = self._sample_gen.get_state()
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("sample_generator_state")
-        if state is not None:
-            self._sample_gen.set_state(state)
+        # DAG sampling needs no state (see the module doc); older checkpoints carried
+        # "sample_generator_state", which is ignored.
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
 
     def edge_probability_matrix(self, question: str) -> torch.Tensor:
         """(N, N) edge probabilities among agents for a question (for pictures)."""
@@ -296,3 +356,25 @@ class GCacheModule(L.LightningModule):
         with torch.no_grad():
             logits = self.edge_logits([question])[:, :n, :n]
             return edge_probabilities(logits, self.agent_mask & self._active_mask())[0].cpu()
+
+
+def rng_states() -> dict[str, Any]:
+    """The global torch, CUDA, numpy and Python generator states, as types `torch.load` accepts
+    with `weights_only=True` (numpy's key array becomes a tensor)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))

@@ -3,17 +3,36 @@
     python -m gcache.train                                  # embedded model + arith task, CPU
     python -m gcache.train task=gpqa mode=hybrid            # an API model writes the final answer
     python -m gcache.train -m topology=chain,full latent_steps=0,10   # a sweep, one run per job
+    python -m gcache.train resume=true hydra.run.dir=outputs/arith/runs/<time>   # continue a run
 
 Each run writes into its output directory: the composed config (`.hydra/`), checkpoints
 (`checkpoints/last.ckpt` and every `ckpt_every_n_steps` steps), topology pictures,
 logs (W&B offline by default, or CSV), and `summary.json`.
+
+What happens when things go wrong:
+
+- Checkpoints are written to `<name>.partial` beside the target, fsynced and renamed over
+  it (`AtomicCheckpointIO`), so a crash at any moment leaves the previous `last.ckpt` whole.
+- `resume=true` continues from `last.ckpt` with the same step count, optimiser state, global
+  RNG states and position in the epoch's data order (see `module.py` and `datamodule.py`).
+- Ctrl-C or SIGTERM: the current step finishes, a checkpoint is saved, and the process
+  exits with 130 / 143 and one log line saying how to resume. A second Ctrl-C stops at once.
+- Bad input (config values, missing data files, malformed data, an API mode without an
+  endpoint, a missing model) is reported as `error: <message>` with exit code 2, before
+  the model loads; errors during training keep their traceback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,65 +40,130 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from gcache.agents import DEFAULT_ROSTER, build_roster
 from gcache.callbacks import TopologyPictures
 from gcache.datamodule import TaskDataModule
 from gcache.embeddings import TextEmbedder
+from gcache.llm.api import ApiError
 from gcache.llm.local import LocalLM
 from gcache.module import GCacheModule, LossConfig
 from gcache.policy.cache_fuser import CacheFuser
 from gcache.rollout import RETENTIONS, RolloutConfig
+from gcache.secrets import (
+    env_secrets,
+    install_secret_filter,
+    is_secret_key,
+    load_dotenv,
+    redacted_config,
+    secret_overrides,
+)
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+EXIT_BAD_INPUT = 2
+KEY_SOURCES = "API keys are read from OPENAI_API_KEY (the environment or a git-ignored .env), never from the config"
 
 
 class ConfigError(ValueError):
     """A bad value in the composed config, reported before anything heavy loads."""
 
 
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT / SIGTERM after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+# ---- validation ------------------------------------------------------------------------------
+# key: smallest allowed value; keys missing from a config (evaluate.yaml has fewer) are skipped.
+INTEGERS = {"latent_steps": 0, "graphs_per_question": 1, "num_rounds": 1, "max_new_tokens": 1,
+            "batch_size": 1, "eval_batch_size": 1, "ckpt_every_n_steps": 1}
+OPTIONAL_INTEGERS = {"agents.num_agents": 1, "limit_train": 1, "limit_val": 1, "limit_test": 1}
+
+
 def validate(cfg: DictConfig) -> None:
-    """Early, clear errors for values Hydra's group choices cannot catch."""
-    checks = [
-        (cfg.latent_steps >= 0, f"latent_steps must be >= 0, got {cfg.latent_steps}"),
-        (cfg.graphs_per_question >= 1, f"graphs_per_question must be >= 1, got {cfg.graphs_per_question}"),
-        (cfg.num_rounds >= 1, f"num_rounds must be >= 1, got {cfg.num_rounds}"),
-        (cfg.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {cfg.max_new_tokens}"),
-        (cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}"),
-        (cfg.retention in RETENTIONS, f"retention={cfg.retention!r} is not one of {list(RETENTIONS)}"),
-        (cfg.agents.num_agents is None or cfg.agents.num_agents >= 1,
-         f"agents.num_agents must be >= 1, got {cfg.agents.num_agents}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    """Early, clear errors for values Hydra's group choices cannot catch (no data, model or network needed)."""
+    for key, minimum in [*INTEGERS.items(), *OPTIONAL_INTEGERS.items()]:
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value == "<absent>" or (value is None and key in OPTIONAL_INTEGERS):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            allowed = f"an integer >= {minimum}" + (" or null" if key in OPTIONAL_INTEGERS else "")
+            raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+    if cfg.retention not in RETENTIONS:
+        raise ConfigError(f"retention={cfg.retention!r} is not one of {list(RETENTIONS)}")
+    temperature = cfg.temperature
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ConfigError(f"temperature must be a number >= 0, got {cfg.temperature!r}")
     if cfg.num_rounds != 1:
         raise ConfigError(f"num_rounds={cfg.num_rounds}: only 1 round is implemented so far")
     name = str(cfg.model.name)
-    if name not in ("embedded", "tiny-random") and (name.startswith((".", "/", "~"))) and not Path(name).expanduser().exists():
+    is_path = name.startswith((".", "/", "~"))  # else `embedded`, `tiny-random` or a hub id
+    if is_path and not Path(name).expanduser().exists():
         raise ConfigError(f"model.name={name!r}: that model directory does not exist")
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator}, but torch sees no CUDA GPU; "
+                          "use trainer=cpu (or trainer=ddp on CPU)")
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path not in (None, "last") and not Path(str(ckpt_path)).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist "
+                          "(resume=true continues the run in hydra.run.dir)")
+    leaves = _leaves(OmegaConf.to_container(cfg, resolve=False))
+    secrets = [key for key, value in leaves if value and is_secret_key(key)]
+    if secrets:
+        raise ConfigError(f"{', '.join(secrets)}: {KEY_SOURCES}")
 
 
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+@contextmanager
+def _setup_errors_as_config_errors() -> Iterator[None]:
+    """Errors while reading the config, data, endpoint and model are the user's to fix: one line
+    (`ConfigError`), no traceback. `ApiError`s already say what to check and keep their type."""
+    try:
+        yield
+    except (ConfigError, ApiError):
+        raise
+    except (ValueError, TypeError, OSError, RuntimeError, InstantiationException) as exc:
+        cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
+        raise ConfigError(str(cause)) from exc
+
+
+# ---- building --------------------------------------------------------------------------------
 def build_task(cfg: DictConfig):
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k != "name"}
     return instantiate(kwargs)
 
 
 def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> GCacheModule:
+    from gcache.modes import build_mode
+
     task = task or build_task(cfg)
     roster = build_roster(cfg.agents.roster or DEFAULT_ROSTER[task.domain], cfg.agents.num_agents)
+    generator_mode = build_mode(cfg.mode)  # checks the endpoint: before the LM loads
     llm = llm or LocalLM.load(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.seed)
     embedder = TextEmbedder(cfg.policy.embedder) if cfg.policy.embedder else TextEmbedder()
     rollout = RolloutConfig(
         latent_steps=cfg.latent_steps, retention=cfg.retention, realign=cfg.realign,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
     )
-    from gcache.modes import build_mode
-
     return GCacheModule(
         task=task,
         roster=roster,
@@ -97,9 +181,109 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
             edge_cost=cfg.policy.edge_cost, entropy_coef=cfg.policy.entropy_coef,
             fuser_weight=cfg.policy.fuser_weight, fuser_rows_per_question=cfg.policy.fuser_rows_per_question,
         ),
-        generator_mode=build_mode(cfg.mode),
+        generator_mode=generator_mode,
         seed=cfg.seed,
     )
+
+
+def _use_this_ranks_gpu() -> None:
+    """Each DDP process loads the LM onto its own GPU (Lightning selects the device only inside
+    `fit`, after the model is built). LOCAL_RANK is set by torchrun and Lightning's launcher,
+    SLURM_LOCALID by srun."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
+        if local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to `<path>.partial` in the same directory, fsyncs it and renames it
+    over `path`, so a reader or a resume sees the old checkpoint or the new one, never part of one.
+
+    Lightning's own `TorchCheckpointIO` (2.6) writes through an fsspec transaction that, for local
+    paths, stages the bytes in `tempfile.mkstemp()` (the system temp directory) and commits with
+    `shutil.move`: a rename when that directory is on the same filesystem as the run, but a copy
+    straight into `path` when it is not (a node-local /tmp and a shared run directory), which a
+    kill can interrupt; it does not fsync, and a kill leaves the staged file behind in /tmp.
+    Remote URLs (s3://, gs://) keep Lightning's path: object stores replace objects whole.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+        directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+class StopOnSignal(L.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM stops training at the next batch boundary, on every rank at
+    the same batch, after a checkpoint. A second Ctrl-C raises KeyboardInterrupt at once.
+
+    Lightning 2.6 handles SIGTERM itself (`trainer/connectors/signal_connector.py`): its handler
+    sets `received_sigterm`, the loops raise `SIGTERMException` after the batch, and
+    `ModelCheckpoint(save_on_exception=True)` saves in `on_exception`. But under DDP that handler
+    also calls `dist.broadcast` from inside the signal handler, i.e. wherever the signal lands,
+    and with ranks in different collectives the job hangs (reproduced here with two gloo ranks:
+    rank 0 in the handler's broadcast, rank 1 in the step's all-reduce). Ctrl-C, for its part,
+    raises KeyboardInterrupt wherever it lands, even inside the optimiser step. So once
+    Lightning has registered its handlers (`on_*_start` runs after that), this callback replaces
+    the SIGINT and SIGTERM handlers with ones that only record the signal; after each batch the
+    ranks agree, with one all-reduce, whether any of them was signalled, and all raise
+    `SIGTERMException` at that same point. Lightning's teardown restores the previous handlers.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def _install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._record)
+            signal.signal(signal.SIGTERM, self._record)
+
+    def _record(self, signum: int, frame) -> None:
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.received = signum
+        # A plain write to stderr: logging from a signal handler can re-enter a handler mid-write.
+        again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+        os.write(2, f"{signal.Signals(signum).name}: stopping after the current batch{again}\n".encode())
+
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            log.warning("%s: saving a checkpoint at step %d and stopping",
+                        signal.Signals(self.received or signal.SIGTERM).name, trainer.global_step)
+            raise SIGTERMException
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._install()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._install()
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._install()
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_test_batch_end(self, trainer, *args) -> None:
+        self._stop_if_signalled(trainer)
 
 
 def _choices() -> dict[str, Any]:
@@ -109,34 +293,48 @@ def _choices() -> dict[str, Any]:
         return {}
 
 
+def _resume_command(out: Path) -> str:
+    try:
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
+    except ValueError:
+        overrides = []
+    return " ".join(["python -m gcache.train", *overrides, "resume=true", f"hydra.run.dir={out}"])
+
+
+# ---- the run ---------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, then evaluate on the test split; returns (and writes) the summary."""
     validate(cfg)
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    L.seed_everything(cfg.seed, workers=True)
-    task = build_task(cfg)
-    datamodule = TaskDataModule(
-        task, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
-        limit_train=cfg.limit_train, limit_val=cfg.limit_val, limit_test=cfg.limit_test, seed=cfg.seed,
-    )
-    for split in ("train", "val", "test"):
-        datamodule.split(split)  # empty splits fail here, before the model loads
-    module = build_module(cfg, task=task)
-
     ckpt_dir = out / "checkpoints"
-    callbacks = [
-        L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=-1,
-            every_n_train_steps=cfg.ckpt_every_n_steps, save_on_train_epoch_end=True, auto_insert_metric_name=False,
-        ),
-        TopologyPictures(out / "topology", question=datamodule.split("val")[0].question),
-    ]
-    logger = instantiate(cfg.logger) if cfg.logger else False
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
-    if logger and hasattr(logger, "log_hyperparams"):
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True)
+    with _setup_errors_as_config_errors():
+        task = build_task(cfg)
+        datamodule = TaskDataModule(
+            task, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+            limit_train=cfg.limit_train, limit_val=cfg.limit_val, limit_test=cfg.limit_test, seed=cfg.seed,
+        )
+        for split in ("train", "val", "test"):
+            datamodule.split(split)  # missing files, malformed lines and empty splits fail here
+        out.mkdir(parents=True, exist_ok=True)
+        stop = StopOnSignal()
+        callbacks = [
+            stop,
+            L.pytorch.callbacks.ModelCheckpoint(
+                dirpath=ckpt_dir, filename="step{step}", save_last=True, save_top_k=-1,
+                every_n_train_steps=cfg.ckpt_every_n_steps, save_on_train_epoch_end=True,
+                auto_insert_metric_name=False, save_on_exception=True,
+            ),
+            TopologyPictures(out / "topology", question=datamodule.split("val")[0].question),
+        ]
+        logger = instantiate(cfg.logger) if cfg.logger else False
+        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+                                         plugins=[AtomicCheckpointIO()])
+        _use_this_ranks_gpu()
+        module = build_module(cfg, task=task)  # the API endpoint is checked before the LM loads
+    if logger:
+        logger.log_hyperparams(redacted_config(cfg))
 
     ckpt_path = cfg.ckpt_path
     if cfg.resume and ckpt_path is None:
@@ -144,17 +342,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = str(last) if last.exists() else None
         log.info("resume=true: %s", f"continuing from {last}" if ckpt_path else "no checkpoint yet, starting fresh")
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        test = {}
-        if cfg.run_test:
-            results = trainer.test(module, datamodule=datamodule, verbose=False)
-            test = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+            val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            test = {}
+            if cfg.run_test:
+                results = trainer.test(module, datamodule=datamodule, verbose=False)
+                test = {k: float(v) for k, v in (results[0] if results else {}).items()}
+        except SIGTERMException:
+            signum = stop.received or signal.SIGTERM  # another rank's signal, or Lightning's own handling
+            last = ckpt_dir / "last.ckpt"
+            saved = f"checkpoint {last}" if last.exists() else "no checkpoint yet"
+            raise TrainingInterrupted(
+                f"stopped by {signal.Signals(signum).name} at step {trainer.global_step}; {saved}; "
+                f"continue with: {_resume_command(out)}", signum,
+            ) from None
         summary = {
             "val_accuracy": val.get("val/accuracy"),
             "test_accuracy": test.get("test/accuracy"),
             "steps": trainer.global_step,
-            "questions_seen": trainer.global_step * cfg.batch_size,
+            "questions_seen": trainer.global_step * cfg.batch_size * trainer.world_size,
             "test": test,
             "val": val,
             "wall_seconds": round(time.perf_counter() - start, 2),
@@ -165,7 +372,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tmp = out / "summary.json.tmp"
             tmp.write_text(json.dumps(summary, indent=2))
             tmp.replace(out / "summary.json")
-            log.info("summary: %s", json.dumps({k: summary[k] for k in ("val_accuracy", "test_accuracy", "steps", "wall_seconds")}))
+            shown = ("val_accuracy", "test_accuracy", "steps", "wall_seconds")
+            log.info("summary: %s", json.dumps({k: summary[k] for k in shown}))
         return summary
     finally:
         if logger and type(logger).__name__ == "WandbLogger":
@@ -176,10 +384,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    summary = run(cfg)
+    load_dotenv()  # from the directory the command runs in (Hydra does not chdir)
+    install_secret_filter(env_secrets())
+    logging.captureWarnings(True)  # warnings go through the (filtered) log handlers too
+    try:
+        summary = run(cfg)
+    except (ConfigError, ApiError) as exc:  # the message says what to fix; a traceback would bury it
+        log.error("error: %s", exc)
+        sys.exit(EXIT_BAD_INPUT)
+    except TrainingInterrupted as exc:
+        log.error("%s", exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        sys.exit(128 + signal.SIGINT)
     return summary.get("test_accuracy")
 
 
 if __name__ == "__main__":
+    if keys := secret_overrides(sys.argv[1:]):
+        # Refused before Hydra runs: it would write the value to .hydra/overrides.yaml and config.yaml.
+        print(f"error: {', '.join(keys)}: {KEY_SOURCES}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
     torch.set_float32_matmul_precision("high")
     main()

@@ -55,7 +55,7 @@ T = TypeVar("T")
 REDACTED = "***"
 
 # USD per million tokens (input, output), used when the config sets no explicit price. Prices
-# change: check current pricing, and set api.price_per_million_input/output when it matters.
+# change: check current pricing, and set mode.api.price_per_million_input/output when it matters.
 PRICES_PER_MILLION: dict[str, tuple[float, float]] = {
     # OpenAI, as published on 2024-07-18 (launch price); check current pricing.
     "gpt-4o-mini": (0.15, 0.60),
@@ -439,13 +439,13 @@ class ApiClient:
     def _require_settings(self, model: str | None) -> None:
         """Raise, before any network traffic, when the config cannot work."""
         if not self.base_url:
-            raise ApiError("no endpoint: set api.base_url or OPENAI_BASE_URL (e.g. http://127.0.0.1:8000/v1)")
+            raise ApiError("no endpoint: set mode.api.base_url or OPENAI_BASE_URL (e.g. http://127.0.0.1:8000/v1)")
         if not model:
-            raise ApiError(f"no model for {self.base_url}: set api.model (e.g. qwen-flash)", url=self.base_url)
+            raise ApiError(f"no model for {self.base_url}: set mode.api.model (e.g. qwen-flash)", url=self.base_url)
         if self.config.require_key and not self._key:
             raise ApiError(
-                f"no API key for {self.base_url}: set OPENAI_API_KEY or api.api_key "
-                "(or api.require_key=false for a local server that needs none)",
+                f"no API key for {self.base_url}: set OPENAI_API_KEY in the environment or a .env file "
+                "(or mode.api.require_key=false for a local server that needs none)",
                 url=self.base_url, model=self.model,
             )
 
@@ -501,17 +501,17 @@ class ApiClient:
                             "check that the server is healthy or raise api.timeout_s", None, True)
         if isinstance(exc, openai.APIConnectionError):
             return _Failure(f"connection error {where}", f"cannot connect ({_root_cause(exc)}); "
-                            "check that the server is running and that api.base_url is right", None, True)
+                            "check that the server is running and that mode.api.base_url is right", None, True)
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
             what = f"{status} {where}"
             detail = _server_message(exc)
             if status == 401:
-                hint = "the API key was refused; set OPENAI_API_KEY or api.api_key to a valid key"
+                hint = "the API key was refused; set OPENAI_API_KEY to a valid key"
             elif status == 403:
                 hint = f"access denied: the key may lack permission for this model ({detail})"
             elif status == 404:
-                hint = (f"not found ({detail}); check that api.base_url is the API root (usually ending "
+                hint = (f"not found ({detail}); check that mode.api.base_url is the API root (usually ending "
                         "in /v1) and that the server serves this model")
             elif status == 429:
                 hint = f"rate limited ({detail}); lower api.max_concurrency or raise api.max_retries"
