@@ -62,6 +62,11 @@ def test_train_runs_end_to_end_and_writes_summary_checkpoint_and_pictures(tmp_pa
     assert written["steps"] == 2 and written["questions_seen"] == 4
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "topology").glob("*.png"))
+    header = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
+    for metric in ("train/reward", "train/policy_loss", "train/fuser_loss", "train/edge_prob",
+                   "train/edges_per_graph", "train/decoded_tokens", "train/prompt_tokens", "train/cache_bytes",
+                   "train/seconds_per_question", "train/gate/Math Solver", "train/gate/Inspector", "val/accuracy"):
+        assert metric in header, metric
 
 
 def test_fast_dev_run(tmp_path):

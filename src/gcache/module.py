@@ -235,8 +235,10 @@ class GCacheModule(L.LightningModule):
             **{f"train/{k}": v for k, v in api_stats.items()},
         }
         metrics.update({f"train/{k}": v for k, v in stats.items() if torch.is_tensor(v) and v.numel() == 1})
-        gates = self.fuser.gates(torch.zeros(1, 1, device=self.device))[0, :, 0]
-        metrics["train/gate_mean"] = gates.mean().detach()
+        with torch.no_grad():  # the judger's gate for each sender, averaged over layers and questions
+            judger_gates = self.fuser.gates(logits[:, :n, n].T).mean((1, 2))  # (N,)
+        for role, gate in zip(self.roster.roles, judger_gates, strict=True):
+            metrics[f"train/gate/{role.name}"] = gate
         metrics["train/gate_slope"] = self.fuser.logit_slope.detach()
         self.log_dict(metrics, batch_size=b, prog_bar=False)
         self.log("reward", metrics["train/reward"], prog_bar=True, batch_size=b, logger=False)
