@@ -43,6 +43,7 @@ import logging
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,6 +72,10 @@ from gcache.rollout import RolloutConfig, RolloutEngine
 from gcache.tasks.base import Example, Task
 
 log = logging.getLogger(__name__)
+
+# Lightning warns whenever a module overrides `transfer_batch_to_device` next to a datamodule;
+# ours does so on purpose (batches are lists of Examples, not tensors).
+warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device`")
 
 
 @dataclass(frozen=True)
