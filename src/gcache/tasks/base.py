@@ -47,7 +47,7 @@ SPLITS = ("train", "val", "test")
 class Example:
     """One question of a task."""
 
-    id: str  # stable unique id, e.g. "gsm8k/17", "HumanEval/0", "Mbpp/2", "gpqa/recXXXX"
+    id: str  # stable unique id, e.g. "gsm8k/17", "HumanEval/0", "Mbpp/2", "gpqa/<record id>"
     question: str  # full problem text shown to the agents (options lettered A-D included)
     answer: str  # canonical reference: a number string, an option letter, or reference code
     meta: dict = field(default_factory=dict)  # task specific: tests, entry_point, options, index...
