@@ -83,3 +83,21 @@ def test_bad_dtype_and_device_are_refused():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             local.resolve_device("cuda")
+
+
+def _convert_in(cache: str) -> str:
+    import os
+
+    os.environ["GCACHE_CACHE_DIR"] = cache
+    return str(local.ensure_embedded_model_dir())
+
+
+@pytest.mark.slow
+def test_two_processes_converting_at_once_leave_one_complete_model(tmp_path):
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        dirs = pool.map(_convert_in, [str(tmp_path)] * 2)
+    assert dirs[0] == dirs[1]
+    assert [p.name for p in (tmp_path / "models").iterdir()] == [local.EMBEDDED_MODEL]  # no temp dir left
+    assert LocalLM.from_pretrained(dirs[0], device="cpu").num_layers == 30

@@ -100,10 +100,12 @@ def ensure_embedded_model_dir() -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-        else:
+        try:
             tmp.rename(target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / "model.safetensors").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
