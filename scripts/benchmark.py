@@ -75,7 +75,7 @@ def bench_reuse(module, examples, graphs: int) -> dict:
     n = module.roster.num_agents
     with torch.no_grad():
         logits = module.edge_logits(questions)
-    mask = module.agent_mask & module._active_mask()
+    mask = module.agent_mask
     config = RolloutConfig(**{**module.rollout_config.__dict__, "max_new_tokens": 8})
     engine = RolloutEngine(module.llm, module.roster, config, fuser=module.fuser)
     result = {}

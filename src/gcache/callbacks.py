@@ -1,9 +1,13 @@
-"""Lightning callbacks: pictures of the learned topology after each validation."""
+"""Lightning callbacks: pictures of the learned topology after each validation, and a clean stop
+on Ctrl-C / SIGTERM."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +66,8 @@ class TopologyPictures(L.Callback):
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        from gcache.policy.graph_policy import deterministic_dag
-
-        probs = pl_module.edge_probability_matrix(self.question)
-        n = probs.shape[0]
-        mask = (pl_module.agent_mask & pl_module._active_mask()).cpu()
-        with torch.no_grad():
-            logits = torch.logit(probs.clamp(1e-6, 1 - 1e-6))[None]
-            adjacency = deterministic_dag(logits, mask)[0]
-        names = [role.name for role in pl_module.roster.roles][:n]
+        probs, adjacency = pl_module.learned_topology(self.question)
+        names = [role.name for role in pl_module.roster.roles]
         fig = topology_figure(probs, adjacency, names, title=f"step {trainer.global_step}")
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step{trainer.global_step:06d}.png"
@@ -79,3 +77,63 @@ class TopologyPictures(L.Callback):
             if type(logger).__name__ == "WandbLogger":
                 logger.log_image(key="topology", images=[str(path)], step=trainer.global_step)
         log.info("topology picture: %s", path)
+
+
+class StopOnSignal(L.Callback):
+    """Ctrl-C (SIGINT) or SIGTERM stops training at the next batch boundary, on every rank at
+    the same batch, after a checkpoint. A second Ctrl-C raises KeyboardInterrupt at once.
+
+    Lightning 2.6 handles SIGTERM itself (`trainer/connectors/signal_connector.py`): its handler
+    sets `received_sigterm`, the loops raise `SIGTERMException` after the batch, and
+    `ModelCheckpoint(save_on_exception=True)` saves in `on_exception`. But under DDP that handler
+    also calls `dist.broadcast` from inside the signal handler, i.e. wherever the signal lands,
+    and with ranks in different collectives the job hangs (reproduced here with two gloo ranks:
+    rank 0 in the handler's broadcast, rank 1 in the step's all-reduce). Ctrl-C, for its part,
+    raises KeyboardInterrupt wherever it lands, even inside the optimiser step. So once
+    Lightning has registered its handlers (`on_*_start` runs after that), this callback replaces
+    the SIGINT and SIGTERM handlers with ones that only record the signal; after each batch the
+    ranks agree, with one all-reduce, whether any of them was signalled, and all raise
+    `SIGTERMException` at that same point. Lightning's teardown restores the previous handlers.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def _install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._record)
+            signal.signal(signal.SIGTERM, self._record)
+
+    def _record(self, signum: int, frame) -> None:
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
+        self.received = signum
+        # A plain write to stderr: logging from a signal handler can re-enter a handler mid-write.
+        again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+        os.write(2, f"{signal.Signals(signum).name}: stopping after the current batch{again}\n".encode())
+
+    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            log.warning("%s: saving a checkpoint at step %d and stopping",
+                        signal.Signals(self.received or signal.SIGTERM).name, trainer.global_step)
+            raise SIGTERMException
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._install()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._install()
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._install()
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_validation_batch_end(self, trainer, *args) -> None:
+        self._stop_if_signalled(trainer)
+
+    def on_test_batch_end(self, trainer, *args) -> None:
+        self._stop_if_signalled(trainer)

@@ -184,6 +184,19 @@ def fixed_adjacency(topology: str, n: int, seed: int = 0) -> torch.Tensor:
     return mask & torch.ones(n, n, dtype=torch.bool).triu(1)
 
 
+def _record(example, method: str, answer: str, detail: dict, **costs) -> dict:
+    """One line of results.jsonl: the answer, its score and what it cost."""
+    return {
+        "id": example.id,
+        "method": method,
+        "reward": detail["reward"],
+        "answer": answer,
+        "extracted": detail.get("extracted"),
+        "reference": example.answer[:200],
+        **costs,  # decoded_tokens, prompt_tokens, seconds, peak_cache_bytes, edges
+    }
+
+
 class Evaluator:
     """Runs the methods on batches of examples with one module's LM, roster, task and prompts."""
 
@@ -206,7 +219,7 @@ class Evaluator:
 
             with torch.no_grad():
                 logits = self.module.edge_logits(questions)
-            mask = self.module.agent_mask & self.module._active_mask()
+            mask = self.module.agent_mask
             return deterministic_dag(logits[:, :n, :n], mask).cpu(), logits
         adjacency = fixed_adjacency(self.module.topology, n).expand(len(questions), -1, -1)
         return adjacency, None
@@ -244,25 +257,13 @@ class Evaluator:
             )
         answers, _ = self.module._answers(batch, rows)
         details = self.module.task.score_details(answers, list(batch))  # runs code tasks' programs once
-        rewards = [d["reward"] for d in details]
-        elapsed = time.perf_counter() - start
-        records = []
-        for ex, rollout, answer, reward, detail in zip(batch, rows.rollouts, answers, rewards, details, strict=True):
-            records.append({
-                "id": ex.id,
-                "method": method,
-                "reward": reward,
-                "answer": answer,
-                "extracted": detail.get("extracted"),
-                "reference": ex.answer if len(ex.answer) < 200 else ex.answer[:200],
-                "decoded_tokens": rollout.decoded_tokens,
-                "prompt_tokens": rollout.prompt_tokens,
-                "seconds": elapsed / len(batch),
-                "peak_cache_bytes": rollout.peak_cache_bytes,
-                "edges": int(rollout.adjacency.sum()),
-            })
-        return records
-
+        seconds = (time.perf_counter() - start) / len(batch)
+        return [
+            _record(ex, method, answer, detail, decoded_tokens=rollout.decoded_tokens,
+                    prompt_tokens=rollout.prompt_tokens, seconds=seconds,
+                    peak_cache_bytes=rollout.peak_cache_bytes, edges=int(rollout.adjacency.sum()))
+            for ex, rollout, answer, detail in zip(batch, rows.rollouts, answers, details, strict=True)
+        ]
 
     def _run_api(self, method: str, batch, start: float) -> list[dict]:
         from gcache.modes import api_text_mas
@@ -277,15 +278,11 @@ class Evaluator:
             active=[] if method == "api_single" else self.module.active,
         )
         details = self.module.task.score_details([r["answer"] for r in results], list(batch))
-        elapsed = time.perf_counter() - start
+        seconds = (time.perf_counter() - start) / len(batch)
+        edges = 0 if method == "api_single" else int(adjacency[0].sum())
         return [
-            {
-                "id": ex.id, "method": method, "reward": d["reward"], "answer": r["answer"],
-                "extracted": d.get("extracted"), "reference": ex.answer[:200],
-                "decoded_tokens": r["completion_tokens"], "prompt_tokens": r["prompt_tokens"],
-                "seconds": elapsed / len(batch), "peak_cache_bytes": 0,
-                "edges": 0 if method == "api_single" else int(adjacency[0].sum()),
-            }
+            _record(ex, method, r["answer"], d, decoded_tokens=r["completion_tokens"],
+                    prompt_tokens=r["prompt_tokens"], seconds=seconds, peak_cache_bytes=0, edges=edges)
             for ex, r, d in zip(batch, results, details, strict=True)
         ]
 
@@ -352,7 +349,7 @@ def main(cfg: DictConfig) -> None:
 
     from gcache.llm.api import ApiError
     from gcache.secrets import env_secrets, install_secret_filter, load_dotenv
-    from gcache.train import EXIT_BAD_INPUT, ConfigError, _setup_errors_as_config_errors
+    from gcache.train import EXIT_BAD_INPUT, ConfigError, setup_errors_as_config_errors
 
     load_dotenv()
     install_secret_filter(env_secrets())
@@ -360,7 +357,7 @@ def main(cfg: DictConfig) -> None:
     with open_dict(cfg):
         cfg.output_dir = cfg.get("output_dir") or os.getcwd()
     try:
-        with _setup_errors_as_config_errors():
+        with setup_errors_as_config_errors():
             report = evaluate(cfg)
     except (ConfigError, ApiError) as exc:  # the message says what to fix; a traceback would bury it
         log.error("error: %s", exc)
@@ -383,8 +380,7 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
-    from gcache.secrets import secret_overrides
-    from gcache.train import KEY_SOURCES
+    from gcache.secrets import KEY_SOURCES, secret_overrides
 
     if keys := secret_overrides(sys.argv[1:]):
         print(f"error: {', '.join(keys)}: {KEY_SOURCES}", file=sys.stderr)

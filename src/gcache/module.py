@@ -129,6 +129,8 @@ class GCacheModule(L.LightningModule):
         self.generator_mode = generator_mode  # gcache.modes.* object or None (= local)
         self.seed = seed
         n = roster.num_agents
+        # Edges the topology allows among the agents; it never links an agent that does not
+        # run (`direct` runs agent 0 alone and allows no edges).
         self.register_buffer("agent_mask", topology_mask(topology, n, seed=topology_seed), persistent=False)
         self.active = active_agents(topology, n)
         self._role_emb: torch.Tensor | None = None
@@ -189,7 +191,7 @@ class GCacheModule(L.LightningModule):
         b, g, n = len(batch), self.graphs_per_question, self.roster.num_agents
         logits = self.edge_logits(questions)  # (B, N+1, N+1)
         agent_logits = logits[:, :n, :n]
-        mask = self.agent_mask & self._active_mask()
+        mask = self.agent_mask
         sample = self.sample_graphs(batch, agent_logits, mask)
         adjacency = sample.adjacency.reshape(b * g, n, n)
         index = [q for q in range(b) for _ in range(g)]
@@ -278,12 +280,6 @@ class GCacheModule(L.LightningModule):
         nll = kv.answer_nll(self.llm.model, kv.stack(fused), prompt_ids, prompt_mask, target_ids, target_mask)
         return nll.mean().to(self.device)
 
-    def _active_mask(self) -> torch.Tensor:
-        n = self.roster.num_agents
-        on = torch.zeros(n, dtype=torch.bool, device=self.agent_mask.device)
-        on[self.active] = True
-        return on[:, None] & on[None, :]
-
     def _rollout_metrics(self, stage: str, rows, start: float, num_questions: int) -> dict[str, torch.Tensor]:
         rs = rows.rollouts
         k = max(len(rs), 1)
@@ -300,7 +296,7 @@ class GCacheModule(L.LightningModule):
         questions = [ex.question for ex in batch]
         n = self.roster.num_agents
         logits = self.edge_logits(questions)
-        mask = self.agent_mask & self._active_mask()
+        mask = self.agent_mask
         adjacency = deterministic_dag(logits[:, :n, :n], mask)  # (B, N, N)
         rows = self.engine.run(
             questions, adjacency, list(range(len(batch))), answer_format=self.task.answer_format,
@@ -357,12 +353,13 @@ class GCacheModule(L.LightningModule):
         if "rng_states" in checkpoint:
             set_rng_states(checkpoint["rng_states"])
 
-    def edge_probability_matrix(self, question: str) -> torch.Tensor:
-        """(N, N) edge probabilities among agents for a question (for pictures)."""
+    @torch.no_grad()
+    def learned_topology(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a question: edge probabilities (N, N) among agents and the deterministic graph (N, N)."""
         n = self.roster.num_agents
-        with torch.no_grad():
-            logits = self.edge_logits([question])[:, :n, :n]
-            return edge_probabilities(logits, self.agent_mask & self._active_mask())[0].cpu()
+        logits = self.edge_logits([question])[:, :n, :n]
+        probs = edge_probabilities(logits, self.agent_mask, self.policy.temperature)[0].cpu()
+        return probs, deterministic_dag(logits, self.agent_mask)[0].cpu()
 
 
 def rng_states() -> dict[str, Any]:

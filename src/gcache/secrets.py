@@ -29,6 +29,7 @@ SECRET_KEY_PATTERN = re.compile(
     re.IGNORECASE,
 )
 REDACTED = "***"
+KEY_SOURCES = "API keys are read from OPENAI_API_KEY (the environment or a git-ignored .env), never from the config"
 MIN_SECRET_LENGTH = 8  # shorter values ("1", "true") are not redacted from logs
 
 

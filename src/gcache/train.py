@@ -29,7 +29,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,7 +46,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from gcache.agents import DEFAULT_ROSTER, build_roster
-from gcache.callbacks import TopologyPictures
+from gcache.callbacks import StopOnSignal, TopologyPictures
 from gcache.datamodule import TaskDataModule
 from gcache.embeddings import TextEmbedder
 from gcache.llm.api import ApiError
@@ -56,6 +55,7 @@ from gcache.module import GCacheModule, LossConfig
 from gcache.policy.cache_fuser import CacheFuser
 from gcache.rollout import RETENTIONS, RolloutConfig
 from gcache.secrets import (
+    KEY_SOURCES,
     env_secrets,
     install_secret_filter,
     is_secret_key,
@@ -69,7 +69,6 @@ log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 EXIT_BAD_INPUT = 2
-KEY_SOURCES = "API keys are read from OPENAI_API_KEY (the environment or a git-ignored .env), never from the config"
 
 
 class ConfigError(ValueError):
@@ -134,7 +133,7 @@ def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 @contextmanager
-def _setup_errors_as_config_errors() -> Iterator[None]:
+def setup_errors_as_config_errors() -> Iterator[None]:
     """Errors while reading the config, data, endpoint and model are the user's to fix: one line
     (`ConfigError`), no traceback. `ApiError`s already say what to check and keep their type."""
     try:
@@ -226,66 +225,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
 
-class StopOnSignal(L.Callback):
-    """Ctrl-C (SIGINT) or SIGTERM stops training at the next batch boundary, on every rank at
-    the same batch, after a checkpoint. A second Ctrl-C raises KeyboardInterrupt at once.
-
-    Lightning 2.6 handles SIGTERM itself (`trainer/connectors/signal_connector.py`): its handler
-    sets `received_sigterm`, the loops raise `SIGTERMException` after the batch, and
-    `ModelCheckpoint(save_on_exception=True)` saves in `on_exception`. But under DDP that handler
-    also calls `dist.broadcast` from inside the signal handler, i.e. wherever the signal lands,
-    and with ranks in different collectives the job hangs (reproduced here with two gloo ranks:
-    rank 0 in the handler's broadcast, rank 1 in the step's all-reduce). Ctrl-C, for its part,
-    raises KeyboardInterrupt wherever it lands, even inside the optimiser step. So once
-    Lightning has registered its handlers (`on_*_start` runs after that), this callback replaces
-    the SIGINT and SIGTERM handlers with ones that only record the signal; after each batch the
-    ranks agree, with one all-reduce, whether any of them was signalled, and all raise
-    `SIGTERMException` at that same point. Lightning's teardown restores the previous handlers.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-
-    def _install(self) -> None:
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._record)
-            signal.signal(signal.SIGTERM, self._record)
-
-    def _record(self, signum: int, frame) -> None:
-        if self.received is not None:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            return
-        self.received = signum
-        # A plain write to stderr: logging from a signal handler can re-enter a handler mid-write.
-        again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
-        os.write(2, f"{signal.Signals(signum).name}: stopping after the current batch{again}\n".encode())
-
-    def _stop_if_signalled(self, trainer: L.Trainer) -> None:
-        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
-            log.warning("%s: saving a checkpoint at step %d and stopping",
-                        signal.Signals(self.received or signal.SIGTERM).name, trainer.global_step)
-            raise SIGTERMException
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._install()
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self._install()
-
-    def on_test_start(self, trainer, pl_module) -> None:
-        self._install()
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        self._stop_if_signalled(trainer)
-
-    def on_validation_batch_end(self, trainer, *args) -> None:
-        self._stop_if_signalled(trainer)
-
-    def on_test_batch_end(self, trainer, *args) -> None:
-        self._stop_if_signalled(trainer)
-
-
 def _choices() -> dict[str, Any]:
     try:
         return {k: v for k, v in HydraConfig.get().runtime.choices.items() if not k.startswith("hydra")}
@@ -309,7 +248,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
     L.seed_everything(cfg.seed, workers=True)
-    with _setup_errors_as_config_errors():
+    with setup_errors_as_config_errors():
         task = build_task(cfg)
         datamodule = TaskDataModule(
             task, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
