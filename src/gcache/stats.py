@@ -1,0 +1,400 @@
+"""Statistics for comparing methods over seeds and questions: intervals, paired tests, a study
+summary, its Markdown tables and its pictures.
+
+Pure functions over the records `gcache.evaluate` writes to results.jsonl (one dict per
+(question, method): "id", "method", "reward" 0/1 or None, "decoded_tokens", "prompt_tokens",
+"seconds", ...) and over training histories (one dict per logging point: "step",
+"val/accuracy", "p_oracle", "p_distractor", "reward", any of them possibly missing).
+No torch, no model: `gcache.study` feeds these functions and writes what they return.
+
+    summary = aggregate({0: records_seed0, 1: records_seed1, 2: records_seed2})
+    Path("study.md").write_text(study_markdown(summary, "arith, 3 seeds"))
+    study_figures(summary, {0: history0, 1: history1, 2: history2}, Path("."))
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ALPHA = 0.05
+# Bootstrap resamples are drawn in blocks so memory stays at about this many indices.
+_BLOCK_INDICES = 2_000_000
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (well-behaved at 0 and 1 and small n).
+
+    Same semantics as `gcache.evaluate.wilson_interval`, copied so this module needs no torch."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> dict[str, Any]:
+    """Exact McNemar test of two methods' correctness on the same questions (a[i], b[i] paired).
+
+    b10 counts questions a got right and b wrong, b01 the reverse. Under the null the b01 + b10
+    discordant pairs split like a fair coin, so the two-sided p-value is
+    min(1, 2 * P[Binomial(b01 + b10, 1/2) <= min(b01, b10)]), exact; 1.0 with no discordant pairs.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired lists differ in length: {len(a)} vs {len(b)}")
+    b10 = sum(1 for x, y in zip(a, b, strict=True) if x and not y)
+    b01 = sum(1 for x, y in zip(a, b, strict=True) if y and not x)
+    discordant = b01 + b10
+    tail = sum(math.comb(discordant, k) for k in range(min(b01, b10) + 1))
+    p = min(1.0, 2 * tail / 2**discordant)  # no discordant pairs: 2 * 1 / 1, capped to 1
+    return {"n": len(a), "b01": b01, "b10": b10, "p_value": float(p)}
+
+
+def _resampled_means(rng: np.random.Generator, scores: np.ndarray, count: int) -> np.ndarray:
+    """Means of `count` resamples (with replacement) of `scores`; (count,)."""
+    n = len(scores)
+    block = max(1, _BLOCK_INDICES // max(n, 1))
+    out = np.empty(count)
+    for start in range(0, count, block):
+        stop = min(count, start + block)
+        idx = rng.integers(0, n, size=(stop - start, n))  # (block, n)
+        out[start:stop] = scores[idx].mean(axis=1)
+    return out
+
+
+def _percentile_ci(samples: np.ndarray) -> list[float]:
+    low, high = np.percentile(samples, [100 * ALPHA / 2, 100 * (1 - ALPHA / 2)])
+    return [float(low), float(high)]
+
+
+def paired_bootstrap(
+    a: Sequence[float], b: Sequence[float], *, iterations: int = 10000, seed: int = 0
+) -> dict[str, Any]:
+    """Paired bootstrap of mean(a) - mean(b) over the same questions (a[i], b[i] paired).
+
+    Questions are resampled with replacement, keeping pairs together; the 95% interval is the
+    percentile interval of the resampled differences. The two-sided p-value is twice the smaller
+    share of resampled differences on either side of zero (each share counted with +1 so it is
+    never 0), capped at 1: it is below 0.05 about when the interval excludes zero.
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired lists differ in length: {len(a)} vs {len(b)}")
+    if not a:
+        return {"n": 0, "diff": None, "ci95": None, "p_value": None, "iterations": iterations}
+    diffs = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)  # (n,)
+    boot = _resampled_means(np.random.default_rng(seed), diffs, iterations)  # (iterations,)
+    below = (np.count_nonzero(boot <= 0) + 1) / (iterations + 1)
+    above = (np.count_nonzero(boot >= 0) + 1) / (iterations + 1)
+    return {
+        "n": len(diffs),
+        "diff": float(diffs.mean()),
+        "ci95": _percentile_ci(boot),
+        "p_value": float(min(1.0, 2 * min(below, above))),
+        "iterations": iterations,
+    }
+
+
+def seed_question_interval(
+    per_seed_scores: Sequence[Sequence[float]], *, iterations: int = 10000, seed: int = 0
+) -> dict[str, Any]:
+    """Mean accuracy over seeds with a 95% interval that counts both sources of variation.
+
+    Two-level (hierarchical) bootstrap: each iteration draws as many seeds as there are, with
+    replacement; for every drawn seed it resamples that seed's questions with replacement and
+    takes their mean; the iteration's value is the mean of those per-seed means. The interval
+    is the 2.5 and 97.5 percentiles of these values; the point estimate is the mean of the
+    per-seed means. With one seed this is a plain bootstrap over questions. Seeds without
+    scores are left out; with none left mean and interval are None.
+    """
+    seeds = [np.asarray(s, dtype=float) for s in per_seed_scores if len(s)]
+    if not seeds:
+        return {"mean": None, "ci95": None, "seeds": 0, "method": "seed+question bootstrap"}
+    rng = np.random.default_rng(seed)
+    n_seeds = len(seeds)
+    drawn = rng.integers(0, n_seeds, size=(iterations, n_seeds))  # (iterations, n_seeds)
+    total = np.zeros(iterations)
+    for slot in range(n_seeds):
+        for s, scores in enumerate(seeds):
+            rows = np.flatnonzero(drawn[:, slot] == s)
+            if len(rows):
+                total[rows] += _resampled_means(rng, scores, len(rows))
+    return {
+        "mean": float(np.mean([s.mean() for s in seeds])),
+        "ci95": _percentile_ci(total / n_seeds),
+        "seeds": n_seeds,
+        "method": "seed+question bootstrap",
+    }
+
+
+def _correct(reward: float) -> bool:
+    # Rewards are 0/1; anything above one half counts as a right answer.
+    return reward > 0.5
+
+
+def _mean_of(rows: Sequence[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(sum(values) / len(values)) if values else None
+
+
+def _by_method(records: Sequence[dict]) -> dict[str, dict[str, dict]]:
+    """method -> question id -> record; a later duplicate of a (question, method) replaces it."""
+    out: dict[str, dict[str, dict]] = {}
+    for r in records:
+        out.setdefault(r["method"], {})[str(r["id"])] = r
+    return out
+
+
+def aggregate(
+    records_by_seed: Mapping[int, Sequence[dict]],
+    reference: str = "gcache",
+    *,
+    iterations: int = 10000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Study summary of evaluation records from several seeds (all values JSON-serialisable).
+
+    "methods" (in first-seen order): accuracy = mean over seeds of each seed's accuracy on its
+    scored questions, "ci95" from `seed_question_interval`, "per_seed" accuracies with Wilson
+    intervals, and decoded/prompt tokens and seconds per question over all records.
+    "comparisons" (every method but `reference`): per seed, McNemar and a paired bootstrap of
+    reference minus method on the questions both scored (reward not None); the same pooled over
+    all (seed, question) pairs; "significant_every_seed" is true when every seed has pairs,
+    p < 0.05 and more questions only the reference got right than only the method did.
+    """
+    seeds = list(records_by_seed)
+    tables = {s: _by_method(records_by_seed[s]) for s in seeds}
+    names = list(dict.fromkeys(r["method"] for s in seeds for r in records_by_seed[s]))
+
+    methods: dict[str, dict] = {}
+    for name in names:
+        per_seed, score_lists, rows_all = [], [], []
+        for s in seeds:
+            rows = list(tables[s].get(name, {}).values())
+            if not rows:
+                continue
+            rows_all += rows
+            scores = [float(r["reward"]) for r in rows if r.get("reward") is not None]
+            score_lists.append(scores)
+            acc = sum(scores) / len(scores) if scores else None
+            per_seed.append({
+                "seed": s,
+                "questions": len(rows),
+                "scored": len(scores),
+                "accuracy": float(acc) if acc is not None else None,
+                "ci95": list(wilson_interval(sum(scores), len(scores))) if scores else None,
+            })
+        interval = seed_question_interval(score_lists, iterations=iterations, seed=seed)
+        methods[name] = {
+            "accuracy": interval["mean"],
+            "ci95": interval["ci95"],
+            "interval": interval["method"],
+            "seeds": [p["seed"] for p in per_seed],
+            "per_seed": per_seed,
+            "questions": len(rows_all),
+            "scored": sum(len(x) for x in score_lists),
+            "decoded_tokens_per_question": _mean_of(rows_all, "decoded_tokens"),
+            "prompt_tokens_per_question": _mean_of(rows_all, "prompt_tokens"),
+            "seconds_per_question": _mean_of(rows_all, "seconds"),
+        }
+
+    comparisons: dict[str, dict] = {}
+    if reference in methods:
+        for name in names:
+            if name == reference:
+                continue
+            per_seed, pooled_ref, pooled_other = [], [], []
+            for s in seeds:
+                ref_rows = tables[s].get(reference, {})
+                other_rows = tables[s].get(name, {})
+                ids = [
+                    q for q in ref_rows
+                    if q in other_rows
+                    and ref_rows[q].get("reward") is not None
+                    and other_rows[q].get("reward") is not None
+                ]
+                ref = [float(ref_rows[q]["reward"]) for q in ids]
+                other = [float(other_rows[q]["reward"]) for q in ids]
+                pooled_ref += ref
+                pooled_other += other
+                per_seed.append({
+                    "seed": s,
+                    "mcnemar": mcnemar_exact([_correct(x) for x in ref], [_correct(x) for x in other]),
+                    "bootstrap": paired_bootstrap(ref, other, iterations=iterations, seed=seed),
+                })
+            significant = bool(per_seed) and all(
+                p["mcnemar"]["n"] > 0
+                and p["mcnemar"]["p_value"] < ALPHA
+                and p["mcnemar"]["b10"] > p["mcnemar"]["b01"]
+                for p in per_seed
+            )
+            comparisons[name] = {
+                "reference": reference,
+                "per_seed": per_seed,
+                "pooled": {
+                    "mcnemar": mcnemar_exact(
+                        [_correct(x) for x in pooled_ref], [_correct(x) for x in pooled_other]
+                    ),
+                    "bootstrap": paired_bootstrap(
+                        pooled_ref, pooled_other, iterations=iterations, seed=seed
+                    ),
+                },
+                "significant_every_seed": significant,
+            }
+    return {"reference": reference, "seeds": seeds, "methods": methods, "comparisons": comparisons}
+
+
+def _fmt(value: float | None, spec: str = ".3f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return format(value, spec)
+
+
+def _fmt_ci(ci: Sequence[float] | None, spec: str = ".3f") -> str:
+    if not ci:
+        return "—"
+    return f"{_fmt(ci[0], spec)} – {_fmt(ci[1], spec)}"
+
+
+def _fmt_p(p: float | None) -> str:
+    if p is None:
+        return "—"
+    return f"{p:.2g}" if p < 0.001 else f"{p:.3f}"
+
+
+def study_markdown(summary: dict, title: str) -> str:
+    """Markdown of an `aggregate` summary: a table per method, then the paired comparisons
+    against the reference. Absent values print as "—"."""
+    ref = summary["reference"]
+    seeds = summary["seeds"]
+    lines = [f"# {title}".rstrip(), ""]
+    cols = ["method", "accuracy", "95% CI (seeds+questions)", "per seed", "decoded tok/q",
+            "prompt tok/q", "s/q"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, m in summary["methods"].items():
+        per_seed = ", ".join(f"{p['seed']}: {_fmt(p['accuracy'])}" for p in m["per_seed"]) or "—"
+        lines.append(
+            f"| {name} | {_fmt(m['accuracy'])} | {_fmt_ci(m['ci95'])} | {per_seed} | "
+            f"{_fmt(m['decoded_tokens_per_question'], '.1f')} | "
+            f"{_fmt(m['prompt_tokens_per_question'], '.1f')} | {_fmt(m['seconds_per_question'], '.2f')} |"
+        )
+    if summary["comparisons"]:
+        lines += [
+            "",
+            f"## Paired comparisons: {ref} minus each method",
+            "",
+            "Questions both methods scored; diff and 95% CI from a paired bootstrap over the pooled "
+            "(seed, question) pairs; McNemar exact p-values per seed and pooled; b10/b01 = "
+            f"questions only {ref} / only the method got right.",
+            "",
+        ]
+        cols = ["method", "pairs", "diff", "95% CI", "b10/b01"]
+        cols += [f"p seed {s}" for s in seeds] + ["p pooled", f"{ref} significantly better on every seed"]
+        lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for name, c in summary["comparisons"].items():
+            by_seed = {p["seed"]: p for p in c["per_seed"]}
+            pooled = c["pooled"]
+            p_seeds = [
+                _fmt_p(by_seed[s]["mcnemar"]["p_value"]) if s in by_seed and by_seed[s]["mcnemar"]["n"] else "—"
+                for s in seeds
+            ]
+            mc = pooled["mcnemar"]
+            row = [
+                name, str(mc["n"]), _fmt(pooled["bootstrap"]["diff"], "+.3f"),
+                _fmt_ci(pooled["bootstrap"]["ci95"], "+.3f"), f"{mc['b10']}/{mc['b01']}",
+                *p_seeds, _fmt_p(mc["p_value"]) if mc["n"] else "—",
+                "yes" if c["significant_every_seed"] else "no",
+            ]
+            lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _series(history: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
+    """(steps, values) of the points of `history` that carry a finite `key`."""
+    points = [
+        (float(h["step"]), float(h[key]))
+        for h in history
+        if h.get(key) is not None and math.isfinite(float(h[key])) and h.get("step") is not None
+    ]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def study_figures(
+    summary: dict, histories_by_seed: Mapping[int, Sequence[dict]], out_dir: Path
+) -> list[Path]:
+    """Write curves.png (validation accuracy over steps per seed), edges.png (probability of
+    oracle edges, solid, and distractor edges, dashed, per seed) and comparison.png (accuracy per
+    method with 95% intervals); a picture whose data are absent is skipped. Returns the files
+    written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def save(fig, name: str) -> None:
+        path = out_dir / name
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    curves = {s: _series(h, "val/accuracy") for s, h in histories_by_seed.items()}
+    if any(steps for steps, _ in curves.values()):
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for i, (s, (steps, values)) in enumerate(curves.items()):
+            if steps:
+                ax.plot(steps, values, marker="o", ms=3, color=colours[i % len(colours)], label=f"seed {s}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend()
+        save(fig, "curves.png")
+
+    edges = {
+        s: (_series(h, "p_oracle"), _series(h, "p_distractor")) for s, h in histories_by_seed.items()
+    }
+    if any(o[0] or d[0] for o, d in edges.values()):
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for i, (s, (oracle, distractor)) in enumerate(edges.items()):
+            colour = colours[i % len(colours)]
+            if oracle[0]:
+                ax.plot(*oracle, color=colour, linestyle="-", label=f"seed {s} oracle")
+            if distractor[0]:
+                ax.plot(*distractor, color=colour, linestyle="--", label=f"seed {s} distractor")
+        ax.set_xlabel("step")
+        ax.set_ylabel("edge probability")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize="small")
+        save(fig, "edges.png")
+
+    rows = [(n, m) for n, m in summary.get("methods", {}).items() if m.get("accuracy") is not None]
+    if rows:
+        fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows) + 1.5), 3.8))
+        names = [n for n, _ in rows]
+        acc = [m["accuracy"] for _, m in rows]
+        err = [
+            [m["accuracy"] - m["ci95"][0] if m.get("ci95") else 0.0 for _, m in rows],
+            [m["ci95"][1] - m["accuracy"] if m.get("ci95") else 0.0 for _, m in rows],
+        ]
+        reference = summary.get("reference")
+        bar_colours = ["#c44e52" if n == reference else "#4c72b0" for n in names]
+        ax.bar(names, acc, yerr=err, capsize=4, color=bar_colours)
+        # Each seed's accuracy as a dot on its method's bar: how much seeds disagree.
+        for x, (_, m) in enumerate(rows):
+            ys = [p["accuracy"] for p in m.get("per_seed", []) if p.get("accuracy") is not None]
+            ax.scatter([x] * len(ys), ys, color="black", s=10, zorder=3)
+        ax.set_ylabel("accuracy (95% CI, seeds + questions)")
+        ax.set_ylim(0, 1.05)
+        ax.tick_params(axis="x", rotation=30)
+        save(fig, "comparison.png")
+    return written

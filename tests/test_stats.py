@@ -1,0 +1,324 @@
+"""Statistics of a study: hand-computed references for the tests, intervals, aggregation over
+seeds, Markdown and pictures."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from gcache.stats import (
+    aggregate,
+    mcnemar_exact,
+    paired_bootstrap,
+    seed_question_interval,
+    study_figures,
+    study_markdown,
+    wilson_interval,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def pairs(b11: int, b10: int, b01: int, b00: int) -> tuple[list[bool], list[bool]]:
+    """Paired correctness lists with the given 2x2 table (first index: a right, second: b right)."""
+    a = [True] * b11 + [True] * b10 + [False] * b01 + [False] * b00
+    b = [True] * b11 + [False] * b10 + [True] * b01 + [False] * b00
+    return a, b
+
+
+# ---- wilson, imports ----
+
+
+def test_wilson_matches_evaluate():
+    from gcache.evaluate import wilson_interval as reference
+
+    for successes, n in [(0, 0), (0, 5), (5, 5), (3, 10), (17, 40), (199, 200)]:
+        assert wilson_interval(successes, n) == pytest.approx(reference(successes, n))
+    # Hand value: 5/10 -> centre 0.5, half = 1.96*sqrt(0.025 + 0.0096)/1.38416
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+
+
+def test_stats_does_not_import_torch_or_hydra():
+    code = "import sys, gcache.stats; print('torch' in sys.modules, 'hydra' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+# ---- McNemar ----
+
+
+def test_mcnemar_hand_table():
+    a, b = pairs(b11=5, b10=9, b01=1, b00=3)
+    result = mcnemar_exact(a, b)
+    assert (result["n"], result["b10"], result["b01"]) == (18, 9, 1)
+    # 2 * (C(10,0) + C(10,1)) / 2^10
+    assert result["p_value"] == pytest.approx(0.021484375, abs=0)
+    # The test is symmetric in the two methods; only the table's orientation changes.
+    swapped = mcnemar_exact(b, a)
+    assert (swapped["b10"], swapped["b01"], swapped["p_value"]) == (1, 9, result["p_value"])
+
+
+def test_mcnemar_more_hand_values():
+    # b01=3, b10=5: 2 * (1 + 8 + 28 + 56) / 2^8
+    assert mcnemar_exact(*pairs(0, 5, 3, 0))["p_value"] == pytest.approx(186 / 256, abs=0)
+    # Balanced discordance caps at 1.
+    assert mcnemar_exact(*pairs(2, 4, 4, 2))["p_value"] == 1.0
+    # All 20 discordant pairs one way: 2 / 2^20
+    assert mcnemar_exact(*pairs(0, 20, 0, 0))["p_value"] == pytest.approx(2 / 2**20, abs=0)
+
+
+def test_mcnemar_no_discordant_pairs():
+    result = mcnemar_exact(*pairs(b11=7, b10=0, b01=0, b00=4))
+    assert result == {"n": 11, "b01": 0, "b10": 0, "p_value": 1.0}
+    assert mcnemar_exact([], [])["p_value"] == 1.0
+
+
+def test_mcnemar_rejects_unpaired():
+    with pytest.raises(ValueError):
+        mcnemar_exact([True, False], [True])
+
+
+# ---- paired bootstrap ----
+
+
+def test_bootstrap_big_difference_and_none():
+    a, b = pairs(b11=30, b10=50, b01=0, b00=20)  # mean(a) = 0.8, mean(b) = 0.3
+    big = paired_bootstrap([float(x) for x in a], [float(x) for x in b], iterations=4000)
+    assert big["diff"] == pytest.approx(0.5)
+    assert big["ci95"][0] < 0.5 < big["ci95"][1]
+    # Differences are 1 on half the questions and 0 on the rest: standard error 0.05, so the
+    # percentile interval is about 0.5 +- 1.96 * 0.05.
+    assert big["ci95"] == pytest.approx([0.402, 0.598], abs=0.015)
+    assert big["p_value"] < 0.001
+
+    a = [1.0, 0.0] * 50
+    b = [0.0, 1.0] * 50  # same mean, every pair discordant
+    none = paired_bootstrap(a, b, iterations=4000)
+    assert none["diff"] == 0.0
+    assert none["ci95"][0] < 0 < none["ci95"][1]
+    assert none["p_value"] > 0.5
+
+    same = paired_bootstrap(a, a, iterations=1000)
+    assert same["ci95"] == [0.0, 0.0] and same["p_value"] == 1.0
+
+
+def test_bootstrap_covers_true_difference():
+    # Accuracies 0.7 vs 0.5 on 200 questions, 60 repetitions: the 95% interval covers the
+    # true difference 0.2 in most of them (a wrong interval, e.g. unpaired or of the wrong
+    # scale, would not).
+    rng = np.random.default_rng(123)
+    covered = 0
+    reps = 60
+    for rep in range(reps):
+        a = (rng.random(200) < 0.7).astype(float)
+        b = (rng.random(200) < 0.5).astype(float)
+        ci = paired_bootstrap(list(a), list(b), iterations=1000, seed=rep)["ci95"]
+        covered += ci[0] <= 0.2 <= ci[1]
+    assert covered / reps >= 0.85
+
+
+def test_bootstrap_empty():
+    assert paired_bootstrap([], [])["diff"] is None
+
+
+# ---- seed and question interval ----
+
+
+def test_seed_question_interval_contains_mean_and_narrows():
+    small = seed_question_interval([[1, 0, 1, 1, 0] * 4] * 3, iterations=3000)
+    large = seed_question_interval([[1, 0, 1, 1, 0] * 100] * 3, iterations=3000)
+    for result in (small, large):
+        assert result["mean"] == pytest.approx(0.6)
+        assert result["ci95"][0] < 0.6 < result["ci95"][1]
+    assert large["ci95"][1] - large["ci95"][0] < 0.5 * (small["ci95"][1] - small["ci95"][0])
+
+
+def test_seed_question_interval_one_seed_is_question_bootstrap():
+    # 400 questions at p = 0.5: the question bootstrap's interval is about 0.5 +- 1.96*0.025.
+    result = seed_question_interval([[1.0, 0.0] * 200], iterations=10000)
+    assert result["seeds"] == 1
+    assert result["ci95"] == pytest.approx([0.451, 0.549], abs=0.01)
+
+
+def test_seed_question_interval_counts_seed_variation():
+    # Seeds that disagree widen the interval far beyond what the questions alone give.
+    seeds = [[1.0] * 200 + [0.0] * 800, [1.0] * 500 + [0.0] * 500, [1.0] * 800 + [0.0] * 200]
+    result = seed_question_interval(seeds, iterations=3000)
+    assert result["mean"] == pytest.approx(0.5)
+    assert result["ci95"][1] - result["ci95"][0] > 0.2
+    pooled = seed_question_interval([sum(seeds, [])], iterations=3000)
+    assert pooled["ci95"][1] - pooled["ci95"][0] < 0.05
+
+
+def test_seed_question_interval_empty():
+    assert seed_question_interval([[], []])["mean"] is None
+
+
+# ---- aggregate ----
+
+
+def record(qid: int, method: str, reward, tokens: int = 10, seconds: float = 1.0) -> dict:
+    return {
+        "id": f"q{qid}", "method": method, "reward": reward, "decoded_tokens": tokens,
+        "prompt_tokens": 2 * tokens, "seconds": seconds, "peak_cache_bytes": 0, "edges": [],
+    }
+
+
+def constructed_study() -> dict[int, list[dict]]:
+    """3 seeds x 40 questions. gcache right on the first k_seed questions (30, 28, 32);
+    `single` right on the first 10 only (a subset of gcache's); `close` equals gcache but for
+    one question per seed; `better` is right everywhere."""
+    study = {}
+    for seed, k in zip([0, 1, 2], [30, 28, 32], strict=True):
+        rows = []
+        for q in range(40):
+            rows.append(record(q, "single", float(q < 10), tokens=5, seconds=0.5))
+            rows.append(record(q, "gcache", float(q < k), tokens=20, seconds=2.0))
+            rows.append(record(q, "close", float(q < k) if q != 0 else 0.0, tokens=20))
+            rows.append(record(q, "better", 1.0))
+        study[seed] = rows
+    return study
+
+
+def test_aggregate_means_order_and_json():
+    summary = aggregate(constructed_study(), iterations=2000)
+    assert list(summary["methods"]) == ["single", "gcache", "close", "better"]
+    assert summary["seeds"] == [0, 1, 2]
+    g = summary["methods"]["gcache"]
+    assert [p["accuracy"] for p in g["per_seed"]] == [0.75, 0.7, 0.8]
+    assert g["accuracy"] == pytest.approx(0.75)
+    assert g["ci95"][0] < 0.75 < g["ci95"][1]
+    assert g["decoded_tokens_per_question"] == 20 and g["prompt_tokens_per_question"] == 40
+    assert g["seconds_per_question"] == 2.0
+    assert summary["methods"]["single"]["accuracy"] == pytest.approx(0.25)
+    assert summary["methods"]["single"]["seconds_per_question"] == 0.5
+    assert json.loads(json.dumps(summary, allow_nan=False)) == summary
+
+
+def test_aggregate_comparisons_and_significance():
+    summary = aggregate(constructed_study(), iterations=2000)
+    comparisons = summary["comparisons"]
+    assert list(comparisons) == ["single", "close", "better"]
+
+    single = comparisons["single"]
+    assert single["significant_every_seed"] is True
+    assert [p["mcnemar"]["b10"] for p in single["per_seed"]] == [20, 18, 22]
+    assert single["per_seed"][0]["mcnemar"]["p_value"] == pytest.approx(2 / 2**20, abs=0)
+    assert single["pooled"]["mcnemar"]["n"] == 120
+    assert single["pooled"]["mcnemar"]["b10"] == 60 and single["pooled"]["mcnemar"]["b01"] == 0
+    assert single["pooled"]["bootstrap"]["diff"] == pytest.approx(0.5)
+
+    # One discordant question per seed: never significant.
+    close = comparisons["close"]
+    assert close["significant_every_seed"] is False
+    assert all(p["mcnemar"]["p_value"] == 1.0 for p in close["per_seed"])
+
+    # Significant, but the other method is the better one.
+    better = comparisons["better"]
+    assert all(p["mcnemar"]["p_value"] < 0.05 for p in better["per_seed"])
+    assert better["significant_every_seed"] is False
+    assert better["pooled"]["bootstrap"]["diff"] == pytest.approx(-0.25)
+
+
+def test_aggregate_significance_needs_every_seed():
+    study = constructed_study()
+    # On seed 2 `single` matches gcache exactly: no longer significant on every seed.
+    study[2] = [
+        {**r, "reward": float(int(r["id"][1:]) < 32)} if r["method"] == "single" else r
+        for r in study[2]
+    ]
+    summary = aggregate(study, iterations=500)
+    assert summary["comparisons"]["single"]["per_seed"][2]["mcnemar"]["p_value"] == 1.0
+    assert summary["comparisons"]["single"]["significant_every_seed"] is False
+
+
+def test_aggregate_none_rewards_excluded_pairwise():
+    study = constructed_study()
+    # gcache cannot score q0 on seed 0 (it got it right otherwise); single cannot score q39.
+    study[0] = [
+        {**r, "reward": None}
+        if (r["method"], r["id"]) in {("gcache", "q0"), ("single", "q39")}
+        else r
+        for r in study[0]
+    ]
+    summary = aggregate(study, iterations=500)
+    g0 = summary["methods"]["gcache"]["per_seed"][0]
+    assert (g0["questions"], g0["scored"]) == (40, 39)
+    assert g0["accuracy"] == pytest.approx(29 / 39)
+    single0 = summary["comparisons"]["single"]["per_seed"][0]["mcnemar"]
+    assert single0["n"] == 38
+    assert (single0["b10"], single0["b01"]) == (20, 0)  # q0 was concordant (both right)
+    assert summary["comparisons"]["better"]["per_seed"][0]["mcnemar"]["n"] == 39
+    assert summary["comparisons"]["single"]["pooled"]["mcnemar"]["n"] == 118
+
+
+def test_aggregate_without_reference():
+    summary = aggregate({0: [record(0, "single", 1.0)]}, iterations=100)
+    assert summary["comparisons"] == {}
+    assert summary["methods"]["single"]["accuracy"] == 1.0
+
+
+# ---- markdown ----
+
+
+def test_markdown_has_no_nan_and_dashes_absent_values():
+    study = constructed_study()
+    # A method with nothing scored and no cost fields, and a seed where `close` did not run.
+    study[0] += [{"id": f"q{q}", "method": "broken", "reward": None} for q in range(40)]
+    study[1] = [r for r in study[1] if r["method"] != "close"]
+    summary = aggregate(study, iterations=200)
+    text = study_markdown(summary, "arith, 3 seeds")
+    assert text.startswith("# arith, 3 seeds\n")
+    assert "nan" not in text.lower()
+    broken = next(line for line in text.splitlines() if line.startswith("| broken |"))
+    assert broken.count("—") >= 5
+    close = next(
+        line for line in text.splitlines() if line.startswith("| close |") and "+" in line
+    )
+    assert "—" in close  # seed 1's p-value
+    single = next(
+        line for line in text.splitlines() if line.startswith("| single |") and "+0.500" in line
+    )
+    assert "60/0" in single and single.rstrip().endswith("| yes |")
+    assert "0: 0.750, 1: 0.700, 2: 0.800" in text
+
+
+# ---- figures ----
+
+
+def history(seed: int, with_edges: bool = True) -> list[dict]:
+    rows = []
+    for step in range(0, 50, 10):
+        row = {"step": step, "reward": 0.1 * seed}
+        if step % 20 == 0:
+            row["val/accuracy"] = 0.2 + 0.01 * step
+        if with_edges:
+            row["p_oracle"] = 0.5 + 0.01 * step
+            row["p_distractor"] = 0.5 - 0.01 * step
+        rows.append(row)
+    return rows
+
+
+def test_figures_written(tmp_path):
+    summary = aggregate(constructed_study(), iterations=200)
+    paths = study_figures(summary, {s: history(s) for s in range(3)}, tmp_path / "fig")
+    assert sorted(p.name for p in paths) == ["comparison.png", "curves.png", "edges.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_figures_skipped_when_absent(tmp_path):
+    empty = {"reference": "gcache", "seeds": [], "methods": {}, "comparisons": {}}
+    bare = {0: [{"step": 0, "reward": 0.5}], 1: [{"step": 0, "val/accuracy": None}]}
+    assert study_figures(empty, bare, tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
+
+    nan_only = {0: [{"step": 0, "val/accuracy": math.nan}]}
+    only_curves = {0: history(0, with_edges=False)}
+    assert study_figures(empty, nan_only, tmp_path) == []
+    assert [p.name for p in study_figures(empty, only_curves, tmp_path)] == ["curves.png"]
