@@ -40,6 +40,43 @@ NUMBER_CASES = [
     ("**Answer:** 42 marbles", "42"),
 ]
 
+# Shapes of real SmolLM2-135M replies where a minus between two numbers was read as a sign.
+BINARY_MINUS_CASES = [
+    ("Janet has 6 apples and gives 2 to her friend, so she has 6 - 2 =", "2"),
+    ("He had 20 dollars and spent 15 on lunch. 20 - 15", "15"),
+    ("She had 10 cookies.\nShe ate 3 of them: 10 -3", "3"),
+    ("The team scored (3 + 4) - 2", "2"),  # after a closing parenthesis
+    ("The price drops from 12 \u2212 5", "5"),  # unicode minus
+    # negative numbers stay negative
+    ("The temperature at night is -5 degrees", "-5"),
+    ("The change in temperature is -3", "-3"),
+    ("So 3 - 7 = -4", "-4"),
+    ("The change is (-2) degrees.", "-2"),
+    ("The answer is -3.", "-3"),
+    ("The high was 12\n-5 is the low", "-5"),  # a minus opening a line is a sign
+]
+
+# "#### n" as a step header (text follows on its line) vs. as the final answer.
+GSM8K_MARKER_CASES = [
+    ("#### 1 Jack rides 10 km. So 10 + 2 = 12", "12"),
+    (
+        "#### 1. Find the cost of the apples\nThe apples cost 3 * 4 = 12 dollars.\n"
+        "#### 2. Find the total\n12 + 5 = 17",
+        "17",
+    ),
+    ("#### Step 1\nShe bakes 24 cookies and eats 4, so 24 - 4 = 20", "20"),
+    ("#### 2 Tom has 5 apples and buys 3 more. 5 + 3 = 8\n#### 8", "8"),
+    ("#### 1 Compute the sum\n3 + 4 = 7\n\\boxed{7}", "7"),
+    ("#### 1 First add them: 3 + 4 = 7. The answer is 7.\nThen 9 more", "7"),
+    # the final-answer marker keeps working, and beats numbers after it
+    ("The total is 10 + 8 = 18.\n#### 18", "18"),
+    ("The total is 10 + 8 = 18.\n#### 18.", "18"),
+    ("#### 18\n\nQuestion: A farmer has 30 cows and sells 5.", "18"),
+    ("It gets colder by 3 degrees each hour.\n#### -3\nNext: 12 hours", "-3"),
+    ("She pays 1,000 + 200.\n#### $1,200 \nThat is 2 payments", "1200"),
+    ("#### 6 - 2 = 4\nThen 7 more", "4"),
+]
+
 NUMBER_NONE = [
     "",
     "I don't know.",
@@ -52,6 +89,16 @@ NUMBER_NONE = [
 
 @pytest.mark.parametrize(("reply", "expected"), NUMBER_CASES)
 def test_extract_number(reply, expected):
+    assert extract_number(reply) == expected
+
+
+@pytest.mark.parametrize(("reply", "expected"), BINARY_MINUS_CASES)
+def test_extract_number_binary_minus_is_not_a_sign(reply, expected):
+    assert extract_number(reply) == expected
+
+
+@pytest.mark.parametrize(("reply", "expected"), GSM8K_MARKER_CASES)
+def test_extract_number_gsm8k_marker_only_at_line_end(reply, expected):
     assert extract_number(reply) == expected
 
 
@@ -106,6 +153,30 @@ CHOICE_CASES = [
     ("Answer: (A) Hypertension", "A"),
 ]
 
+# A lower-case letter right after an explicit answer marker, ending its sentence.
+LOWER_CASE_CHOICE_CASES = [
+    ("answer: c", "C"),
+    ("the answer is (b)", "B"),
+    ("Answer: (d).", "D"),
+    ("final answer is a", "A"),
+    ("So the final answer is a.", "A"),
+    ("**Answer:** c", "C"),
+    ("The answer is c.\nThe patient has a fever, which fits.", "C"),
+    ("The patient is febrile. Answer: b\n", "B"),
+    ("The correct answer is option d.", "D"),
+]
+
+LOWER_CASE_CHOICE_NONE = [
+    "a patient presents with fever",
+    "I think a b c",
+    "c is the most likely",
+    "(b) and (c) are both possible",  # lower case without a marker
+    "the answer is a mix of b and c",
+    "The answer is a patient-specific one",
+    "answer is d because it is common",  # not at a sentence end: fail closed
+    "The answer is e",  # not an allowed letter
+]
+
 CHOICE_NONE = [
     "A patient presents with fever.",
     "A 45-year-old man comes to the clinic.",
@@ -129,6 +200,16 @@ def test_extract_choice(reply, expected):
 
 @pytest.mark.parametrize("reply", CHOICE_NONE)
 def test_extract_choice_none(reply):
+    assert extract_choice(reply) is None
+
+
+@pytest.mark.parametrize(("reply", "expected"), LOWER_CASE_CHOICE_CASES)
+def test_extract_choice_lower_case_after_marker(reply, expected):
+    assert extract_choice(reply) == expected
+
+
+@pytest.mark.parametrize("reply", LOWER_CASE_CHOICE_NONE)
+def test_extract_choice_lower_case_without_marker_is_none(reply):
     assert extract_choice(reply) is None
 
 

@@ -67,6 +67,12 @@ def test_numeric_answers_compare_with_tolerance(data_dir):
         "18.0",
     ]
     assert task.reward(replies, [ex] * len(replies)) == [1.0] * len(replies)
+    # shapes of real small-model replies: a "#### n" step header, a subtraction at the end
+    small_model = [
+        "#### 1 Add the two amounts. 10 + 8 = 18",
+        "Tom has 20 cards, 18 of them red. 20 - 18",
+    ]
+    assert task.reward(small_model, [ex] * 2) == [1.0, 1.0]
     big = next(e for e in task.load_examples() if e.answer == "1450000")
     assert task.reward(
         ["\\boxed{1,450,000}", "\\boxed{1450000.0}", "\\boxed{145000}"], [big] * 3
@@ -82,6 +88,8 @@ def test_score_details_fields(data_dir):
     assert right == {"extracted": ex.answer, "correct": True, "reward": 1.0}
     assert wrong == {"extracted": None, "correct": False, "reward": 0.0}
     assert task.extract_answer("Answer: B") == "B"
+    assert task.score_details([f"answer: {ex.answer.lower()}"], [ex])[0]["correct"] is True
+    assert task.extract_answer("I think a b c") is None
 
 
 def test_lengths_must_pair_up(data_dir):

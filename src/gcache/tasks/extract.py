@@ -16,11 +16,16 @@ Rules, in order of preference (within one rule the *last* occurrence wins, becau
 models restate the question and correct themselves before the final answer):
 
 - numbers: explicit markers (``\\boxed{..}``, "the answer is ..", "answer: ..",
-  ``#### ..``), whichever comes last; else the last number in the reply.
+  ``#### ..``), whichever comes last; else the last number in the reply. ``#### n``
+  is a marker only when nothing but punctuation follows the number on its line
+  ("#### 1 Jack rides ..." is a section header). A minus after a number or closing
+  bracket on the same line is subtraction ("6 - 2" -> 2), elsewhere a sign ("is -3").
 - option letters: strong markers (``\\boxed{C}``, "answer is (C)", "Answer: C"), whichever
-  comes last; else weak markers ("(C)", "C)", "**C**", "option C", a line starting
+  comes last (a lower-case letter there counts when it ends the sentence: "answer: c");
+  else weak markers ("(C)", "C)", "**C**", "option C", a line starting
   "C." or "C:", a reply that is only "C"). A capital letter followed by a word
-  ("A patient presents ...") is never an answer, nor is a letter inside a word.
+  ("A patient presents ...") is never an answer, nor is a letter inside a word, nor a
+  lower-case letter without a marker.
 - code: the fenced block defining the entry point (else the last fenced block), or
   the whole reply when it has no fence.
 """
@@ -72,15 +77,19 @@ def _unwrap_latex(s: str) -> str:
 
 # ---------------------------------------------------------------------------- numbers
 
-# A number token: optional sign (only when not glued to a preceding word or digit),
-# optional currency, digits with optional thousands separators, optional decimals.
+# A number token: optional sign (only when not glued to a preceding word or digit; _signed
+# drops a binary minus, "6 - 2"), optional currency, digits with optional thousands
+# separators, optional decimals.
 _NUMBER = re.compile(
     r"(?<![\w.])(?P<sign>[-−+])?\$?\s?"
     r"(?P<num>\d{1,3}(?:,\d{3})+(?:\.\d+)?(?!\d)|\d+(?:\.\d+)?|\.\d+)"
 )
 _FRAC = re.compile(r"(?P<sign>-)?\s*\\[dt]?frac\s*\{\s*(-?[\d.,]+)\s*\}\s*\{\s*(-?[\d.,]+)\s*\}")
 _SLASH = re.compile(r"(?<![\w./])(?P<sign>-)?(\d+)\s*/\s*(\d+)(?![\w./])")
-_MARKERS = re.compile(r"(?i:(?:final\s+)?answer\s*(?:is|:|=|would be|will be|should be)\s*:?|####)")
+_MARKERS = re.compile(r"(?i:(?:final\s+)?answer\s*(?:is|:|=|would be|will be|should be)\s*:?)")
+# GSM8K's "#### 72": only a line whose rest holds a number and no words; "#### 1 Jack
+# rides 10 km" is a step header the model writes, not its answer.
+_FINAL_LINE = re.compile(r"####[ \t]*(?=[^A-Za-z\n]*\d)[^A-Za-z\n]*$", re.M)
 
 
 def _format(value: Fraction) -> str:
@@ -90,9 +99,19 @@ def _format(value: Fraction) -> str:
     return text if text not in ("-0", "") else "0"
 
 
-def _token_value(match: re.Match) -> Fraction:
-    value = Fraction(match.group("num").replace(",", ""))
-    return -value if match.group("sign") in ("-", "−") else value
+def _after_operand(text: str, pos: int) -> bool:
+    """True iff ``text[pos]`` follows a digit or closing bracket, spaces aside, on its line."""
+    i = pos - 1
+    while i >= 0 and text[i] in " \t":
+        i -= 1
+    return i >= 0 and (text[i].isdigit() or text[i] in ")]}")
+
+
+def _signed(text: str, match: re.Match) -> str:
+    """The matched number, its minus dropped when it is a binary one ("6 - 2" -> "2")."""
+    if match.group("sign") and _after_operand(text, match.start("sign")):
+        return text[match.end("sign") : match.end()]
+    return match.group(0)
 
 
 def parse_number(text: str) -> str | None:
@@ -110,13 +129,16 @@ def parse_number(text: str) -> str | None:
         num, den = (Fraction(x.replace(",", "")) for x in frac.group(2, 3))
         if den != 0:
             value = num / den
-            return _format(-value if frac.group("sign") else value)
+            return _format(-value if _signed(s, frac).startswith("-") else value)
     slash = _SLASH.search(s)
     if slash and int(slash.group(3)) != 0:
         value = Fraction(int(slash.group(2)), int(slash.group(3)))
-        return _format(-value if slash.group("sign") else value)
+        return _format(-value if _signed(s, slash).startswith("-") else value)
     tokens = list(_NUMBER.finditer(s))
-    return _format(_token_value(tokens[-1])) if tokens else None
+    if not tokens:
+        return None
+    value = Fraction(tokens[-1].group("num").replace(",", ""))
+    return _format(-value if _signed(s, tokens[-1]).startswith(("-", "−")) else value)
 
 
 def _leading_number(text: str) -> str | None:
@@ -128,10 +150,11 @@ def _leading_number(text: str) -> str | None:
     if "=" in span:
         span = span.rsplit("=", 1)[1]
     span = _unwrap_latex(span)
-    found = [(m.start(), 0, m.group(0)) for m in (_FRAC.search(span), _SLASH.search(span)) if m]
+    fractions = (_FRAC.search(span), _SLASH.search(span))
+    found = [(m.start(), 0, _signed(span, m)) for m in fractions if m]
     match = _NUMBER.search(span)
     if match:
-        found.append((match.start(), 1, match.group(0)))
+        found.append((match.start(), 1, _signed(span, match)))
     return parse_number(min(found)[2]) if found else None
 
 
@@ -148,11 +171,16 @@ def extract_number(text: str) -> str | None:
         value = _leading_number(text[match.end() :])
         if value is not None:
             candidates.append((match.start(), value))
+    for match in _FINAL_LINE.finditer(text):
+        value = _leading_number(match.group(0).removeprefix("####"))
+        if value is not None:
+            candidates.append((match.start(), value))
     if candidates:
         return max(candidates)[1]
     text = _unwrap_latex(text)
-    spans = [(m.end(), 0, m.group(0)) for m in _NUMBER.finditer(text)]
-    spans += [(m.end(), 1, m.group(0)) for m in _FRAC.finditer(text)]  # "\frac{3}{4}" beats its "4"
+    spans = [(m.end(), 0, _signed(text, m)) for m in _NUMBER.finditer(text)]
+    # "\frac{3}{4}" beats its "4"
+    spans += [(m.end(), 1, _signed(text, m)) for m in _FRAC.finditer(text)]
     return parse_number(max(spans)[2]) if spans else None
 
 
@@ -179,11 +207,13 @@ def numbers_equal(
 def _choice_patterns(letters: str) -> tuple[re.Pattern, list[re.Pattern], re.Pattern]:
     up, low = letters.upper(), letters.lower()
     end = r"(?![A-Za-z0-9'’-])"  # the letter must not continue a word ("Apple", "B12", "C-section")
-    # "answer is C", "Answer: (c)", "correct answer is option **C**", "answer: $\boxed{C}$"
+    # "answer is C", "Answer: (c)", "correct answer is option **C**", "answer: $\boxed{C}$";
+    # a bare lower-case letter only where the sentence ends ("answer: c", not "answer is a bit")
+    low_end = r"(?=[*_$)\]}]*(?:[.!]?[ \t]*(?:\n|\Z)|[.!;]\s))"
     strong = re.compile(
         r"(?i:\banswer\s*(?:is|:|=|would be|will be|should be)\s*:?\s*(?:the\s+)?(?:option|choice|letter)?\s*)"
         r"[*_$\s]*(?:\\boxed\{)?(?:\\text(?:bf)?\{)?"
-        rf"(?:\(([{up}{low}])\)|([{up}]){end})"
+        rf"(?:\(([{up}{low}])\)|([{up}]){end}|([{low}]){low_end})"
     )
     weak = [
         re.compile(rf"\(([{up}])\)"),  # (C)
@@ -199,10 +229,11 @@ def _choice_patterns(letters: str) -> tuple[re.Pattern, list[re.Pattern], re.Pat
 def extract_choice(text: str, letters: str = "ABCD") -> str | None:
     """The option letter a reply commits to (upper case), or None.
 
-    ``letters`` are the allowed option letters. Lower-case letters count only when
-    delimited like ``(b)`` after "answer", or ``\\boxed{b}``, so the article "a" is never
-    an answer. A line starting "C. ..." counts only if it is the only such line (a reply
-    that merely repeats the lettered options commits to nothing).
+    ``letters`` are the allowed option letters. Lower-case letters count only after
+    "answer" when delimited like ``(b)`` or ending the sentence ("answer: c."), or in
+    ``\\boxed{b}``, so the article "a" ("the answer is a bit unclear") is never an
+    answer. A line starting "C. ..." counts only if it is the only such line (a reply that
+    merely repeats the lettered options commits to nothing).
     """
     if not text:
         return None
@@ -215,7 +246,7 @@ def extract_choice(text: str, letters: str = "ABCD") -> str | None:
             candidates.append((pos, match.group(1).upper()))
     strong, weak, line_start = _choice_patterns(letters)
     for match in strong.finditer(text):
-        candidates.append((match.start(), (match.group(1) or match.group(2)).upper()))
+        candidates.append((match.start(), next(filter(None, match.groups())).upper()))
     if candidates:
         return max(candidates)[1]
     for pattern in weak:
