@@ -10,23 +10,23 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from gcache.evaluate import (
-    API_METHODS,
     CONF_DIR,
     evaluate,
     read_results,
     summarize,
     wilson_interval,
 )
-from gcache.evaluate import METHODS as ALL_METHODS
 
-METHODS = [m for m in ALL_METHODS if m not in API_METHODS]  # the API baselines: tests/test_modes.py
+# Untrained methods and controls (trained ones: test_trained_checkpoint_…; API ones: tests/test_modes.py).
+METHODS = ["single", "single_budget", "text_mas", "latent_mas", "fixed-full", "fixed-star", "mismatched", "zeroed",
+           "shuffled", "realign-identity", "realign-random"]
 TINY = ["model=tiny-random", "task=gsm8k", "limit=3", "batch_size=3", "latent_steps=2", "max_new_tokens=4",
         "agent_max_new_tokens=4"]
 
 
 def _cfg(tmp_path, *extra):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="evaluate", overrides=[*TINY, *extra])
+        cfg = compose(config_name="evaluate", overrides=[*TINY, f"methods=[{','.join(METHODS)}]", *extra])
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path)
     return cfg
@@ -71,7 +71,8 @@ def test_report_numbers_equal_those_recomputed_from_results(full_run):
         assert stats["peak_cache_bytes"] == max(r["peak_cache_bytes"] for r in rows)
         text = written["methods"]["text_mas"]
         assert stats["speedup_vs_text_mas"] == pytest.approx(text["seconds_per_question"] / stats["seconds_per_question"])
-    assert "| gcache |" in (out / "report.md").read_text()
+    assert "| fixed-full |" in (out / "report.md").read_text()
+    assert "nan" not in (out / "report.md").read_text()
 
 
 def test_resume_after_an_interrupted_run_gives_the_same_report(full_run, tmp_path):
@@ -101,6 +102,56 @@ def test_wilson_interval_and_unknown_method(tmp_path):
     assert low == 0.0 and 0.25 < high < 0.35
     low, high = wilson_interval(5, 10)
     assert low < 0.5 < high and math.isclose(low + high, 1.0, abs_tol=1e-9)
-    with pytest.raises(ValueError, match="unknown methods \\['oracle'\\]"):
-        evaluate(_cfg(tmp_path, "methods=[oracle]"))
+    with pytest.raises(ValueError, match="unknown methods \\['no_handoff'\\]"):
+        evaluate(_cfg(tmp_path, "methods=[no_handoff]"))
+    with pytest.raises(ValueError, match="trained policy: give ckpt_path"):
+        evaluate(_cfg(tmp_path, "methods=[gcache]"))
     assert summarize([]) == {"methods": {}}
+
+
+def test_every_record_says_what_ran(full_run):
+    out, _ = full_run
+    configs = {r["method"]: r["config"] for r in read_results(out / "results.jsonl")}
+    assert configs["fixed-full"]["graph"] == "full" and configs["fixed-full"]["fuser"] == "none"
+    assert configs["fixed-full"]["checkpoint"] is None
+    assert configs["single"]["graph"] == "none" and configs["single"]["judger_latent_steps"] == 0
+    assert configs["single_budget"]["judger_latent_steps"] == 4 * 2  # N agents x latent_steps
+    assert configs["latent_mas"]["graph"] == "chain" and configs["latent_mas"]["retention"] == "full"
+    assert configs["text_mas"]["method"] == "text"
+    for control in ("mismatched", "zeroed", "shuffled"):
+        assert configs[control]["subject"] == "fixed-full" and configs[control]["judger_cache"] == control
+    assert configs["realign-random"]["realign"] == "random" and configs["realign-identity"]["realign"] == "identity"
+    records = read_results(out / "results.jsonl")
+    single = [r for r in records if r["method"] == "single"]
+    assert all(r["judger_senders"] == [] for r in single)
+    assert all(r["judger_senders"] == [0, 1, 2, 3] for r in records if r["method"] == "fixed-full")
+
+
+def _train_cfg(tmp_path, *extra):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "model=tiny-random", "logger=csv", "task=gsm8k", "limit_train=4", "limit_val=2", "limit_test=3",
+            "batch_size=2", "graphs_per_question=2", "latent_steps=2", "max_new_tokens=4", *extra])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+    return cfg
+
+
+def test_trained_checkpoint_evaluates_to_the_training_runs_own_test_predictions(tmp_path):
+    from gcache.train import run
+
+    summary = run(_train_cfg(tmp_path / "train"))
+    trained = [json.loads(line) for line in (tmp_path / "train" / "test_predictions.jsonl").read_text().splitlines()]
+    ckpt = summary["checkpoint"]
+    report = evaluate(_cfg(tmp_path / "eval", f"ckpt_path={ckpt}",
+                           "methods=[gcache,gcache-policy-only,gcache-fuser-only,fixed-full,mismatched]"))
+    records = read_results(tmp_path / "eval" / "results.jsonl")
+    mine = {r["id"]: r for r in records if r["method"] == "gcache"}
+    assert [mine[t["id"]]["answer"] for t in trained] == [t["answer"] for t in trained]
+    assert [mine[t["id"]]["judger_senders"] for t in trained] == [t["judger_senders"] for t in trained]
+    assert report["methods"]["gcache"]["accuracy"] == pytest.approx(summary["test_accuracy"])
+    config = mine[trained[0]["id"]]["config"]
+    assert config["graph"] == "learned" and config["fuser"] == "trained" and config["checkpoint"].endswith("last.ckpt")
+    assert report["methods"]["mismatched"]["config"]["subject"] == "gcache"
+    assert report["methods"]["gcache-policy-only"]["config"]["fuser"] == "none"
+    assert report["methods"]["gcache-fuser-only"]["config"]["graph"] == "full"

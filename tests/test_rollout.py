@@ -1,4 +1,5 @@
-"""Rollout engine on a tiny random model: the chain is the LatentMAS chain, batching and sharing are exact."""
+"""Rollout engine on a tiny random model: each agent's segment reaches a reader once, the chain is
+the LatentMAS chain, the judger reads exactly a hand-built cache, batching and sharing are exact."""
 
 from __future__ import annotations
 
@@ -9,18 +10,36 @@ from gcache import kv
 from gcache.agents import build_roster
 from gcache.llm.local import LocalLM
 from gcache.policy.cache_fuser import CacheFuser
+from gcache.prompts import agent_messages, judger_messages
 from gcache.rollout import (
     RolloutConfig,
     RolloutEngine,
-    agent_messages,
     chain_adjacency,
-    judger_messages,
+    judger_senders_all,
+    plan_rollouts,
     run_latent_chain,
 )
 
 QUESTIONS = ["What is 2 + 3?", "Tom has 7 apples and buys 5 more. How many apples does he have now?"]
 FORMAT = "Give the final answer as \\boxed{number}."
 ATOL = 1e-4
+N = 4
+
+
+def _graph(edges, judger=(), n=N) -> torch.Tensor:
+    """(1, N+1, N+1) from agent edges and the agents sending to the judger."""
+    a = torch.zeros(1, n + 1, n + 1, dtype=torch.bool)
+    for i, j in edges:
+        a[0, i, j] = True
+    for i in judger:
+        a[0, i, n] = True
+    return a
+
+
+STAR = _graph([(0, 1), (0, 2), (0, 3)], judger=(1, 2, 3))  # the hub reaches the judger through 3 spokes
+DIAMOND = _graph([(0, 1), (0, 2), (1, 3), (2, 3)], judger=(3,))
+MESH = _graph([(i, j) for i in range(N) for j in range(N) if i < j], judger=range(N))
+GRAPHS = {"star": STAR, "diamond": DIAMOND, "mesh": MESH}
 
 
 @pytest.fixture(scope="module")
@@ -33,26 +52,131 @@ def roster():
     return build_roster("math")
 
 
-def _judger_logits(llm, roster, judger_input, fuser=None, logits=None) -> torch.Tensor:
-    """Next-token logits of the judger's prompt on the fused cache of a JudgerInput."""
-    if fuser is None:
-        fused = kv.concat(judger_input.sender_kvs, llm.rotary)
-    else:
-        fused = fuser.fuse(judger_input.sender_kvs, logits, llm.rotary)
-    ids, mask = llm.encode([judger_input.prompt])
-    return kv.prefill(llm.model, ids, mask, past=fused).logits[0]
+def _logits_on(llm, cache: kv.KV, prompt: str) -> torch.Tensor:
+    ids, mask = llm.encode([prompt])
+    return kv.prefill(llm.model, ids, mask, past=cache).logits[0]
+
+
+# ---- planning (pure) --------------------------------------------------------------------------
+
+
+def test_plan_reads_every_ancestor_once_under_full_and_direct_senders_otherwise():
+    for name, graph in GRAPHS.items():
+        for reads in ("ancestors", "senders"):
+            plan = plan_rollouts(graph, [0], reads=reads)
+            judger = [plan.nodes[x].agent for x in plan.judger_reads[0]]
+            assert len(judger) == len(set(judger)), (name, reads)  # nobody twice
+            for node in plan.nodes:
+                agents = [plan.nodes[x].agent for x in node.reads]
+                assert len(agents) == len(set(agents))
+    star = plan_rollouts(STAR, [0], reads="ancestors")
+    assert [star.nodes[x].agent for x in star.judger_reads[0]] == [0, 1, 2, 3]
+    assert [star.nodes[x].agent for x in plan_rollouts(STAR, [0], reads="senders").judger_reads[0]] == [1, 2, 3]
+    diamond = plan_rollouts(DIAMOND, [0], reads="ancestors")
+    assert [diamond.nodes[x].agent for x in diamond.judger_reads[0]] == [0, 1, 2, 3]
+    node3 = next(node for node in diamond.nodes if node.agent == 3)
+    assert [diamond.nodes[x].agent for x in node3.reads] == [0, 1, 2]
+    assert [diamond.nodes[x].agent for x in plan_rollouts(DIAMOND, [0], reads="senders").judger_reads[0]] == [3]
+
+
+def test_plan_runs_only_agents_with_a_path_to_the_judger():
+    graph = _graph([(0, 1), (2, 3)], judger=(1,))  # 2 -> 3 never reaches the judger
+    plan = plan_rollouts(graph, [0])
+    assert sorted(plan.nodes[x].agent for x in plan.row_nodes[0]) == [0, 1]
+    alone = plan_rollouts(_graph([(0, 1), (1, 2)]), [0])  # no judger edge: the judger answers alone
+    assert alone.nodes == [] and alone.judger_reads == [()]
+    with pytest.raises(ValueError, match="sends to nobody"):
+        bad = _graph([], judger=(0,))
+        bad[0, N, 1] = True
+        plan_rollouts(bad, [0])
+
+
+def test_plan_shares_identical_agents_between_rows_of_a_question():
+    graphs = torch.cat([STAR, STAR, DIAMOND])
+    plan = plan_rollouts(graphs, [0, 0, 0], reads="ancestors")
+    assert plan.naive_nodes == 12
+    # star: 0, 1, 2, 3 (each on 0); diamond adds 3 on (0, 1, 2) — 0, 1, 2 are the star's.
+    assert len(plan.nodes) == 5
+    assert len(plan_rollouts(graphs, [0, 0, 0], reuse=False).nodes) == 12
+
+
+# ---- execution against hand-built references -------------------------------------------------
+
+
+def _segment(llm, role, question, past, steps, width_of):
+    """One agent by hand: its prompt on `past`, `steps` latent steps, then its own slots."""
+    ids, mask = llm.encode([llm.chat_text(agent_messages(role, question))])
+    step = kv.prefill(llm.model, ids, mask, past=past)
+    full = kv.latent_steps(llm.model, step, steps, llm.realignment("ridge")).step.kv
+    return kv.keep_last(full, width_of(ids.shape[1], steps), llm.rotary)
+
+
+def _reference_judger_cache(llm, roster, question, graph, retention, steps) -> tuple[kv.KV, list[int]]:
+    """What the judger should read, built agent by agent in a topological order."""
+    a = graph[0]
+    width_of = (lambda p, s: s) if retention == "latent_only" else (lambda p, s: p + s)
+    order = [0, 1, 2, 3]  # a topological order of every graph here (edges go from lower to higher)
+    ancestors = {j: {i for i in order if i < j and bool(_reach(a, i, j))} for j in order}
+    segments = {}
+    for j in order:
+        if retention == "full":
+            reads = sorted(ancestors[j])
+            past = kv.concat([segments[i] for i in reads], llm.rotary) if reads else None
+        else:
+            reads = [i for i in order if bool(a[i, j])]
+            past = kv.concat([segments[i] for i in reads], llm.rotary) if reads else None
+        segments[j] = _segment(llm, roster.roles[j], question, past, steps, width_of)
+    senders = [i for i in order if bool(a[i, N])]
+    if retention == "full":
+        senders = sorted(set(senders).union(*(ancestors[i] for i in senders)))
+    return kv.concat([segments[i] for i in senders], llm.rotary), senders
+
+
+def _reach(a, i, j) -> bool:
+    frontier, seen = [i], set()
+    while frontier:
+        x = frontier.pop()
+        for y in range(N):
+            if bool(a[x, y]) and y not in seen:
+                seen.add(y)
+                frontier.append(y)
+    return j in seen
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("retention", ["full", "role_latent", "latent_only"])
+@pytest.mark.parametrize("name", ["star", "diamond", "mesh"])
+def test_judger_reads_each_segment_once_and_equals_a_hand_built_cache(llm, roster, name, retention):
+    graph, steps = GRAPHS[name], 2
+    engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=steps, retention=retention, max_new_tokens=2))
+    batch = engine.run(QUESTIONS[:1], graph, [0], answer_format=FORMAT, keep_judger_inputs=True)
+    inp, rollout = batch.judger_inputs[0], batch.rollouts[0]
+    ref, senders = _reference_judger_cache(llm, roster, QUESTIONS[0], graph, retention, steps)
+    assert inp.senders == senders == rollout.judger_senders
+    # The cache length is the sum of the unique segments read: no ancestor repeated.
+    segment_lengths = {j: rollout.agent_cache_lengths[j] for j in senders}
+    assert rollout.judger_cache_length == sum(segment_lengths.values()) == int(ref.lengths[0])
+    prompt = inp.prompt
+    torch.testing.assert_close(_logits_on(llm, inp.cache, prompt), _logits_on(llm, ref, prompt), atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_star_under_full_retention_reads_the_hub_once_not_once_per_spoke(llm, roster):
+    engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, retention="full", max_new_tokens=2))
+    rollout = engine.run(QUESTIONS[:1], STAR, [0], answer_format=FORMAT).rollouts[0]
+    unique = sum(rollout.agent_cache_lengths.values())
+    assert rollout.judger_cache_length == unique  # was 1.5x with whole caches handed on
+
+
 def _reference_chain(llm, roster, question, steps) -> tuple[torch.Tensor, str]:
     """LatentMAS by hand: each agent prefills its prompt on the accumulated cache, thinks, hands it all on."""
-    realign = llm.realignment(True)
+    realign = llm.realignment("ridge")
     past = None
     for role in roster.roles:
-        ids, mask = llm.encode([llm.chat_text(agent_messages(role, question, latent=True))])
+        ids, mask = llm.encode([llm.chat_text(agent_messages(role, question))])
         step = kv.prefill(llm.model, ids, mask, past=past)
         past = kv.latent_steps(llm.model, step, steps, realign).step.kv
-    ids, mask = llm.encode([llm.chat_text(judger_messages(roster.judger, question, FORMAT))])
+    ids, mask = llm.encode([llm.chat_text(judger_messages(roster.judger, question, FORMAT, reads_others=True))])
     step = kv.prefill(llm.model, ids, mask, past=past)
     tokens, counts = kv.decode(
         llm.model, step.kv, step.logits, max_new_tokens=6, eos_token_ids=llm.eos_token_ids,
@@ -62,15 +186,17 @@ def _reference_chain(llm, roster, question, steps) -> tuple[torch.Tensor, str]:
 
 
 @torch.no_grad()
-def test_chain_topology_with_full_retention_is_the_latentmas_chain(llm, roster):
+@pytest.mark.parametrize("judger", ["last", "all"])
+def test_chain_with_full_retention_is_the_latentmas_chain(llm, roster, judger):
     engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=3, retention="full", max_new_tokens=6))
-    adjacency = chain_adjacency(roster.num_agents).expand(2, -1, -1)
+    chain = chain_adjacency(N).expand(2, -1, -1)
+    adjacency = judger_senders_all(chain, [N - 1] if judger == "last" else None)
     batch = engine.run(QUESTIONS, adjacency, [0, 1], answer_format=FORMAT, keep_judger_inputs=True)
     for q, question in enumerate(QUESTIONS):
         ref_logits, ref_answer = _reference_chain(llm, roster, question, 3)
-        judger_input = batch.judger_inputs[q]
-        assert judger_input.senders == [roster.num_agents - 1]  # the sink holds the whole chain
-        torch.testing.assert_close(_judger_logits(llm, roster, judger_input), ref_logits, atol=ATOL, rtol=0)
+        inp = batch.judger_inputs[q]
+        assert inp.senders == [0, 1, 2, 3]
+        torch.testing.assert_close(_logits_on(llm, inp.cache, inp.prompt), ref_logits, atol=ATOL, rtol=0)
         assert batch.rollouts[q].answer == ref_answer
 
 
@@ -81,20 +207,50 @@ def test_run_latent_chain_is_the_engine_on_a_chain(llm, roster):
         assert chain.rollouts[q].answer == _reference_chain(llm, roster, question, 3)[1]
 
 
+def _nontrivial_fuser(llm) -> CacheFuser:
+    fuser = CacheFuser(llm.num_layers)
+    with torch.no_grad():
+        fuser.layer_bias.copy_(torch.linspace(-1.0, 1.5, llm.num_layers))
+        fuser.logit_slope.fill_(0.8)
+    return fuser
+
+
+@torch.no_grad()
+def test_judger_gates_each_segment_once_with_its_own_edge_logit(llm, roster):
+    config = RolloutConfig(latent_steps=2, retention="full", max_new_tokens=2)
+    fuser = _nontrivial_fuser(llm)
+    logits = torch.randn(1, N + 1, N + 1, generator=torch.Generator().manual_seed(1)) * 2
+    gated = RolloutEngine(llm, roster, config, fuser=fuser).run(
+        QUESTIONS[:1], DIAMOND, [0], answer_format=FORMAT, keep_judger_inputs=True, edge_logits=logits)
+    plain = RolloutEngine(llm, roster, config).run(QUESTIONS[:1], DIAMOND, [0], answer_format=FORMAT,
+                                                   keep_judger_inputs=True)
+    inp = gated.judger_inputs[0]
+    # Agents read plain concatenations: every segment is identical with and without the fuser.
+    for a, b in zip(inp.sender_kvs, plain.judger_inputs[0].sender_kvs, strict=True):
+        for (ka, va), (kb, vb) in zip(a.layers(), b.layers(), strict=True):
+            torch.testing.assert_close(ka, kb)
+            torch.testing.assert_close(va, vb)
+    # The judger's cache: segment i's values scaled once by 2σ(a_l + b·s_{i→judger}).
+    gates = 2 * torch.sigmoid(fuser.layer_bias[None, :] + fuser.logit_slope * logits[0, inp.senders, N][:, None])
+    ref = kv.concat(inp.sender_kvs, llm.rotary, [g[:, None] for g in gates])
+    for (ka, va), (kb, vb) in zip(inp.cache.layers(), ref.layers(), strict=True):
+        torch.testing.assert_close(ka, kb)
+        torch.testing.assert_close(va, vb)
+    assert not torch.allclose(inp.cache.layers()[0][1], plain.judger_inputs[0].cache.layers()[0][1])
+
+
 @torch.no_grad()
 def test_identity_fuser_reproduces_plain_concatenation(llm, roster):
     config = RolloutConfig(latent_steps=2, retention="role_latent", max_new_tokens=4)
-    adjacency = torch.zeros(1, 4, 4, dtype=torch.bool)
-    adjacency[0, 0, 2] = adjacency[0, 1, 2] = True
-    logits = torch.randn(2, 5, 5)
-    plain = RolloutEngine(llm, roster, config).run(QUESTIONS[:1], adjacency, [0], answer_format=FORMAT, keep_judger_inputs=True)
+    logits = torch.randn(1, N + 1, N + 1)
+    plain = RolloutEngine(llm, roster, config).run(QUESTIONS[:1], STAR, [0], answer_format=FORMAT,
+                                                   keep_judger_inputs=True)
     fused = RolloutEngine(llm, roster, config, fuser=CacheFuser(llm.num_layers)).run(
-        QUESTIONS[:1], adjacency, [0], answer_format=FORMAT, keep_judger_inputs=True, edge_logits=logits
-    )
+        QUESTIONS[:1], STAR, [0], answer_format=FORMAT, keep_judger_inputs=True, edge_logits=logits)
     assert plain.rollouts[0].answer == fused.rollouts[0].answer
-    a = _judger_logits(llm, roster, plain.judger_inputs[0])
-    b = _judger_logits(llm, roster, fused.judger_inputs[0])
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    a, b = plain.judger_inputs[0], fused.judger_inputs[0]
+    torch.testing.assert_close(_logits_on(llm, a.cache, a.prompt), _logits_on(llm, b.cache, b.prompt),
+                               atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -103,97 +259,109 @@ def test_batched_rows_equal_rows_run_alone(llm, roster, retention):
     config = RolloutConfig(latent_steps=2, retention=retention, max_new_tokens=3)
     engine = RolloutEngine(llm, roster, config)
     g = torch.Generator().manual_seed(0)
-    adjacency = torch.triu(torch.rand(4, 4, 4, generator=g) < 0.5, diagonal=1)
+    adjacency = torch.triu(torch.rand(4, N + 1, N + 1, generator=g) < 0.5, diagonal=1)
     index = [0, 1, 0, 1]
     together = engine.run(QUESTIONS, adjacency, index, answer_format=FORMAT, keep_judger_inputs=True)
     for r in range(4):
         alone = engine.run(QUESTIONS, adjacency[r : r + 1], [index[r]], answer_format=FORMAT, keep_judger_inputs=True)
-        a = _judger_logits(llm, roster, together.judger_inputs[r])
-        b = _judger_logits(llm, roster, alone.judger_inputs[0])
-        torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+        a, b = together.judger_inputs[r], alone.judger_inputs[0]
+        torch.testing.assert_close(_logits_on(llm, a.cache, a.prompt), _logits_on(llm, b.cache, b.prompt),
+                                   atol=ATOL, rtol=0)
         assert together.rollouts[r].agent_cache_lengths == alone.rollouts[0].agent_cache_lengths
 
 
 @torch.no_grad()
-def test_identical_agents_are_computed_once_and_sharing_changes_nothing(llm, roster):
-    adjacency = torch.zeros(4, 4, 4, dtype=torch.bool)
+def test_sharing_with_nontrivial_gates_changes_nothing(llm, roster):
+    adjacency = judger_senders_all(torch.zeros(4, N, N, dtype=torch.bool))
     adjacency[:, 0, 1] = True  # four graphs of one question share agents 0, 2, 3 and (0 -> 1)
     adjacency[3, 1, 2] = True  # ... except that graph 3 also has 1 -> 2 (a different agent 2, and 3 unchanged)
     config = RolloutConfig(latent_steps=2, retention="role_latent", max_new_tokens=3)
-    shared = RolloutEngine(llm, roster, config).run(QUESTIONS[:1], adjacency, [0] * 4, answer_format=FORMAT)
-    naive = RolloutEngine(llm, roster, RolloutConfig(**{**config.__dict__, "reuse": False})).run(
-        QUESTIONS[:1], adjacency, [0] * 4, answer_format=FORMAT
-    )
+    logits = torch.randn(1, N + 1, N + 1, generator=torch.Generator().manual_seed(2)) * 2
+    fuser = _nontrivial_fuser(llm)
+    shared = RolloutEngine(llm, roster, config, fuser=fuser).run(
+        QUESTIONS[:1], adjacency, [0] * 4, answer_format=FORMAT, edge_logits=logits, keep_judger_inputs=True)
+    naive = RolloutEngine(llm, roster, RolloutConfig(**{**config.__dict__, "reuse": False}), fuser=fuser).run(
+        QUESTIONS[:1], adjacency, [0] * 4, answer_format=FORMAT, edge_logits=logits, keep_judger_inputs=True)
     assert shared.prefills_naive == naive.prefills == 16
     assert shared.prefills == 5  # agents 0, 1, 3 once; agent 2 twice (alone, and after 1)
     assert shared.judger_decodes == 2 and naive.judger_decodes == 4  # graphs 0-2 are identical
     assert [r.answer for r in shared.rollouts] == [r.answer for r in naive.rollouts]
+    for a, b in zip(shared.judger_inputs, naive.judger_inputs, strict=True):
+        torch.testing.assert_close(_logits_on(llm, a.cache, a.prompt), _logits_on(llm, b.cache, b.prompt),
+                                   atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
 def test_text_method_passes_messages_and_counts_their_tokens(llm, roster):
     config = RolloutConfig(method="text", agent_max_new_tokens=4, max_new_tokens=3)
-    adjacency = chain_adjacency(4)[None]
+    adjacency = judger_senders_all(chain_adjacency(N)[None])
     batch = RolloutEngine(llm, roster, config).run(QUESTIONS[:1], adjacency, [0], answer_format=FORMAT)
     rollout = batch.rollouts[0]
     assert set(rollout.messages) == {0, 1, 2, 3}
     assert rollout.decoded_tokens > 4 * 1  # agents' messages count as decoded tokens
-    assert rollout.judger_cache_length == 0
+    assert rollout.judger_cache_length == 0 and rollout.judger_senders == [0, 1, 2, 3]
 
 
 @torch.no_grad()
-def test_single_agent_and_no_handoff_judger_reads_no_cache(llm, roster):
-    adjacency = chain_adjacency(4)[None]
-    single = RolloutEngine(llm, roster, RolloutConfig(max_new_tokens=3)).run(
-        QUESTIONS[:1], adjacency, [0], answer_format=FORMAT, active=[]
-    )
-    assert single.prefills == 0 and single.rollouts[0].judger_cache_length == 0
-    none = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, judger_cache="none", max_new_tokens=3)).run(
-        QUESTIONS[:1], adjacency, [0], answer_format=FORMAT
-    )
-    assert none.rollouts[0].judger_cache_length == 0
-    assert none.rollouts[0].answer == single.rollouts[0].answer
+def test_a_graph_without_judger_edges_is_the_judger_alone(llm, roster):
+    alone = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, max_new_tokens=3)).run(
+        QUESTIONS[:1], _graph([(0, 1), (1, 2)]), [0], answer_format=FORMAT, keep_judger_inputs=True)
+    assert alone.prefills == 0 and alone.rollouts[0].judger_cache_length == 0 and alone.rollouts[0].agents_run == 0
+    # Its prompt does not mention other agents' work; with a sender it does.
+    ids = [llm.chat_text(judger_messages(roster.judger, QUESTIONS[0], FORMAT, reads_others=False))]
+    ref = kv.prefill(llm.model, *llm.encode(ids))
+    tokens, counts = kv.decode(llm.model, ref.kv, ref.logits, max_new_tokens=3, eos_token_ids=llm.eos_token_ids,
+                               pad_token_id=llm.tokenizer.pad_token_id)
+    assert alone.rollouts[0].answer == llm.decode_ids(tokens, counts)[0]
+    assert "Other agents" not in alone.judger_inputs[0].prompt
+    one = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, max_new_tokens=3)).run(
+        QUESTIONS[:1], _graph([], judger=(2,)), [0], answer_format=FORMAT, keep_judger_inputs=True)
+    assert "Other agents" in one.judger_inputs[0].prompt and one.rollouts[0].agents_run == 1
 
 
 @torch.no_grad()
-def test_mismatched_control_reads_another_questions_cache(llm, roster):
-    adjacency = chain_adjacency(4).expand(2, -1, -1)
+def test_mismatched_control_reads_another_questions_segments(llm, roster):
+    adjacency = judger_senders_all(chain_adjacency(N).expand(2, -1, -1))
     config = RolloutConfig(latent_steps=2, judger_cache="mismatched", max_new_tokens=3)
-    batch = RolloutEngine(llm, roster, config).run(QUESTIONS, adjacency, [0, 1], answer_format=FORMAT, keep_judger_inputs=True)
+    batch = RolloutEngine(llm, roster, config).run(QUESTIONS, adjacency, [0, 1], answer_format=FORMAT,
+                                                   keep_judger_inputs=True)
     matched = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, max_new_tokens=3)).run(
-        QUESTIONS, adjacency, [0, 1], answer_format=FORMAT, keep_judger_inputs=True
-    )
-    # Row 0's judger reads the cache built for question 1, and the reverse.
-    assert batch.rollouts[0].judger_cache_length == matched.rollouts[1].judger_cache_length
-    assert batch.rollouts[1].judger_cache_length == matched.rollouts[0].judger_cache_length
+        QUESTIONS, adjacency, [0, 1], answer_format=FORMAT, keep_judger_inputs=True)
+    for r, other in ((0, 1), (1, 0)):
+        inp = batch.judger_inputs[r]
+        assert inp.question_index == r and inp.source_question == other
+        assert QUESTIONS[r] in inp.prompt  # it answers its own question ...
+        for (ka, va), (kb, vb) in zip(inp.cache.layers(), matched.judger_inputs[other].cache.layers(), strict=True):
+            torch.testing.assert_close(ka, kb)  # ... on the other question's content
+            torch.testing.assert_close(va, vb)
 
 
-def test_bad_configs_are_refused_with_the_allowed_values():
+@torch.no_grad()
+def test_zeroed_and_shuffled_controls_change_what_the_judger_reads_as_named(llm, roster):
+    adjacency = judger_senders_all(chain_adjacency(N)[None])
+    runs = {}
+    for control in ("fused", "zeroed", "shuffled"):
+        config = RolloutConfig(latent_steps=2, judger_cache=control, max_new_tokens=2)
+        runs[control] = RolloutEngine(llm, roster, config).run(
+            QUESTIONS[:1], adjacency, [0], answer_format=FORMAT, keep_judger_inputs=True).judger_inputs[0]
+    real, zeroed, shuffled = runs["fused"].cache, runs["zeroed"].cache, runs["shuffled"].cache
+    for (k, v), (kz, vz), (ks, vs) in zip(real.layers(), zeroed.layers(), shuffled.layers(), strict=True):
+        torch.testing.assert_close(kz, k)
+        assert not bool(vz.ne(0).any())
+        assert ks.shape == k.shape and not torch.allclose(vs, v)
+        # Same values, another order (content kept).
+        torch.testing.assert_close(vs.sort(dim=2).values, v.sort(dim=2).values)
+
+
+def test_bad_configs_and_graphs_are_refused_with_the_allowed_values(llm, roster):
     with pytest.raises(ValueError, match="retention='everything'.*full"):
         RolloutConfig(retention="everything")
     with pytest.raises(ValueError, match="latent_steps must be >= 0"):
         RolloutConfig(latent_steps=-1)
     with pytest.raises(ValueError, match="latent_only"):
         RolloutConfig(retention="latent_only", latent_steps=0)
-
-
-@torch.no_grad()
-def test_second_round_agents_read_the_first_rounds_outputs(llm, roster):
-    adjacency = chain_adjacency(4)[None]
-    one = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, retention="role_latent", max_new_tokens=3))
-    two = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, retention="role_latent", max_new_tokens=3,
-                                                   num_rounds=2))
-    first = one.run(QUESTIONS[:1], adjacency, [0], answer_format=FORMAT, keep_judger_inputs=True)
-    second = two.run(QUESTIONS[:1], adjacency, [0], answer_format=FORMAT, keep_judger_inputs=True)
-    assert second.prefills == second.prefills_naive == 8  # round 2 agents differ: they read round 1
-    # Round-2 agent 0 read all four round-1 segments, so its own segment is computed on more context.
-    a = _judger_logits(llm, roster, first.judger_inputs[0])
-    b = _judger_logits(llm, roster, second.judger_inputs[0])
-    assert not torch.allclose(a, b, atol=1e-4)
-    text = RolloutEngine(llm, roster, RolloutConfig(method="text", agent_max_new_tokens=3, max_new_tokens=3,
-                                                    num_rounds=2)).run(QUESTIONS[:1], adjacency, [0], answer_format=FORMAT)
-    text_one = RolloutEngine(llm, roster, RolloutConfig(method="text", agent_max_new_tokens=3, max_new_tokens=3)).run(
-        QUESTIONS[:1], adjacency, [0], answer_format=FORMAT)
-    # Round 2 prompts every agent again, now with the round-1 messages in its prompt.
-    assert text.rollouts[0].prompt_tokens > text_one.rollouts[0].prompt_tokens
-    assert text.prefills == 8
+    with pytest.raises(ValueError, match="realign='yes'.*ridge"):
+        RolloutConfig(realign="yes")
+    with pytest.raises(ValueError, match="judger_senders_all"):
+        RolloutEngine(llm, roster, RolloutConfig()).run(QUESTIONS[:1], chain_adjacency(N)[None], [0],
+                                                        answer_format=FORMAT)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def topology_figure(probs: torch.Tensor, adjacency: torch.Tensor, names: list[str], title: str = ""):
-    """Left: edge-probability matrix (N, N); right: the deterministic graph (edges p > 0.5)."""
+    """Left: edge-probability matrix (N+1, N+1), the judger last; right: the deterministic graph."""
     n = probs.shape[0]
     fig, (ax_m, ax_g) = plt.subplots(1, 2, figsize=(10, 4.5))
     image = ax_m.imshow(probs.numpy(), vmin=0, vmax=1, cmap="viridis")
@@ -67,7 +67,7 @@ class TopologyPictures(L.Callback):
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
         probs, adjacency = pl_module.learned_topology(self.question)
-        names = [role.name for role in pl_module.roster.roles]
+        names = [role.name for role in pl_module.roster.roles] + [pl_module.roster.judger.name]
         fig = topology_figure(probs, adjacency, names, title=f"step {trainer.global_step}")
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step{trainer.global_step:06d}.png"

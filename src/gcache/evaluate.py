@@ -1,23 +1,38 @@
 """Evaluate methods side by side on the same questions, with the same model, roster and prompts.
 
-    python -m gcache.evaluate task=gsm8k limit=20
-    python -m gcache.evaluate task=arith methods=[latent_mas,gcache] ckpt_path=outputs/…/last.ckpt
+    python -m gcache.evaluate task=lookup limit=40
+    python -m gcache.evaluate task=lookup ckpt_path=outputs/…/last.ckpt methods=[single,fixed-full,oracle,gcache]
 
-Methods (all share the judger's prompt and the roster's agents):
+Every method uses the same model, questions, role prompts and decoding; each differs from
+the others only in what its name says. The judger is told that other agents' work is in its
+context only when it reads some (`gcache.prompts`).
 
-- `single`: the judger answers alone (no agents).
-- `text_mas`: agents exchange text along `baseline_topology` (default chain).
-- `latent_mas`: the LatentMAS chain: caches passed along `baseline_topology`, full retention.
-- `gcache`: the learned policy's deterministic graph and fuser (`ckpt_path`), or without
-  a checkpoint the fixed `topology` (every allowed edge i -> j with i < j).
-- `no_handoff` (control): gcache's graph, but the judger reads no cache.
-- `mismatched` (control): gcache's graph, but the judger reads the fused cache built
-  for a different question.
-- `api_single`, `api_text_mas` (with `mode=hybrid` or `api_hint`, which name the endpoint):
-  the API model alone, or every agent being the API model passing text along
-  `baseline_topology`, with the text MAS's prompts.
+Baselines:
+- `single`: the judger alone (no communication).
+- `single_budget`: the judger alone, thinking `N × latent_steps` latent steps before it
+  answers: the latent compute of the multi-agent methods, in one agent.
+- `text_mas`: agents exchange text along `baseline_topology`; the judger reads every agent.
+- `latent_mas`: the LatentMAS chain along `baseline_topology` (full retention, no gates).
+- `fixed-<topology>` (`fixed-full`, `fixed-chain`, `fixed-star`, `fixed-random`, …): an
+  untrained fixed graph (every allowed edge i -> j with i < j, every agent -> judger), the
+  run's retention, plain concatenation.
+- `oracle`: the task's oracle graph (tasks that define one, e.g. `lookup`).
+Trained (need `ckpt_path`):
+- `gcache`: the learned policy's deterministic graph and the learned fuser — exactly the
+  training run's test evaluation (`GCacheModule.evaluate_batch`).
+- `gcache-policy-only`: the learned graph, gates fixed at 1; `gcache-fuser-only`: the fixed
+  `topology` graph (every agent -> judger) with the learned gates.
+Controls, applied to the *subject* (`gcache` with a checkpoint, else `fixed-<topology>`):
+- `mismatched`: the judger reads the input built for another question of the batch;
+- `zeroed`: the values of what it reads are zeroed; `shuffled`: each segment's slots permuted;
+- `realign-identity`, `realign-random`: latent steps with the norm rescale only, or with a
+  random matrix of the ridge matrix's spectrum, instead of the ridge realignment.
+API baselines (with `mode=hybrid` or `api_hint`, which name the endpoint): `api_single`,
+`api_text_mas` (every agent is the API model, text along `baseline_topology`).
 
-If the latent channel carries information, gcache beats both controls.
+A channel "carries information" only where `mismatched` and `zeroed` fall clearly below
+the subject. Every record holds the method's `config` (graph, fuser, checkpoint, retention,
+realignment, control), so a trained policy is never confused with an untrained graph.
 
 Every (question, method) result is appended to `results.jsonl` as soon as its batch
 finishes; a rerun with the same output directory skips finished pairs. At the end
@@ -39,13 +54,17 @@ import hydra
 import torch
 from omegaconf import DictConfig, open_dict
 
-from gcache.policy.graph_policy import topology_mask
-from gcache.rollout import RolloutConfig, RolloutEngine, chain_adjacency
+from gcache.policy.graph_policy import TOPOLOGIES, deterministic_dag, topology_mask
+from gcache.rollout import RolloutConfig, RolloutEngine, judger_senders_all
 
 log = logging.getLogger(__name__)
 
-METHODS = ("single", "text_mas", "latent_mas", "gcache", "no_handoff", "mismatched", "api_single", "api_text_mas")
+FIXED_METHODS = tuple(f"fixed-{name}" for name in TOPOLOGIES if name != "direct")
+TRAINED_METHODS = ("gcache", "gcache-policy-only", "gcache-fuser-only")
+CONTROLS = ("mismatched", "zeroed", "shuffled", "realign-identity", "realign-random")
 API_METHODS = ("api_single", "api_text_mas")
+METHODS = ("single", "single_budget", "text_mas", "latent_mas", *FIXED_METHODS, "oracle", *TRAINED_METHODS,
+           *CONTROLS, *API_METHODS)
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
@@ -113,6 +132,8 @@ def summarize(records: Sequence[dict]) -> dict[str, Any]:
             "prompt_tokens_per_question": sum(r["prompt_tokens"] for r in rows) / n,
             "seconds_per_question": sum(r["seconds"] for r in rows) / n,
             "peak_cache_bytes": max(r["peak_cache_bytes"] for r in rows),
+            "judger_senders_per_question": sum(len(r.get("judger_senders", [])) for r in rows) / n,
+            "config": rows[0].get("config", {}),
         }
     base = methods.get("text_mas")
     if base:
@@ -128,13 +149,21 @@ def report_markdown(report: dict, title: str = "") -> str:
     cols = ["method", "n", "accuracy", "95% CI", "decoded tok/q", "prompt tok/q", "s/q", "peak KV MB",
             "speed× vs text", "decoded vs text"]
     lines = [f"# {title}".rstrip(), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    def ratio(value):
+        return "—" if value is None else f"{value:.2f}"
+
     for name, s in report["methods"].items():
         lines.append(
             f"| {name} | {s['questions']} | {s['accuracy']:.3f} | {s['ci95'][0]:.2f}–{s['ci95'][1]:.2f} | "
             f"{s['decoded_tokens_per_question']:.1f} | {s['prompt_tokens_per_question']:.1f} | "
             f"{s['seconds_per_question']:.2f} | {s['peak_cache_bytes'] / 2**20:.1f} | "
-            f"{s.get('speedup_vs_text_mas', float('nan')):.2f} | {s.get('decoded_tokens_vs_text_mas', float('nan')):.2f} |"
+            f"{ratio(s.get('speedup_vs_text_mas'))} | {ratio(s.get('decoded_tokens_vs_text_mas'))} |"
         )
+    configs = [(name, s["config"]) for name, s in report["methods"].items() if s.get("config")]
+    if configs:
+        lines += ["", "What each method ran:", ""]
+        lines += [f"- `{name}`: " + ", ".join(f"{k}={v}" for k, v in config.items() if v is not None)
+                  for name, config in configs]
     return "\n".join(lines) + "\n"
 
 
@@ -184,8 +213,19 @@ def fixed_adjacency(topology: str, n: int, seed: int = 0) -> torch.Tensor:
     return mask & torch.ones(n, n, dtype=torch.bool).triu(1)
 
 
-def _record(example, method: str, answer: str, detail: dict, **costs) -> dict:
-    """One line of results.jsonl: the answer, its score and what it cost."""
+def oracle_adjacency(examples, n: int) -> torch.Tensor:
+    """The tasks' oracle graphs (R, N+1, N+1) from `Example.oracle_edges` (-1 = the judger)."""
+    out = torch.zeros(len(examples), n + 1, n + 1, dtype=torch.bool)
+    for r, ex in enumerate(examples):
+        if not ex.oracle_edges:
+            raise ValueError(f"method 'oracle': question {ex.id!r} of this task has no oracle graph")
+        for src, dst in ex.oracle_edges:
+            out[r, src, n if dst == -1 else dst] = True
+    return out
+
+
+def _record(example, method: str, answer: str, detail: dict, config: dict, **costs) -> dict:
+    """One line of results.jsonl: the answer, its score, what it cost and what ran."""
     return {
         "id": example.id,
         "method": method,
@@ -193,79 +233,119 @@ def _record(example, method: str, answer: str, detail: dict, **costs) -> dict:
         "answer": answer,
         "extracted": detail.get("extracted"),
         "reference": example.answer[:200],
-        **costs,  # decoded_tokens, prompt_tokens, seconds, peak_cache_bytes, edges
+        **costs,  # decoded_tokens, prompt_tokens, seconds, peak_cache_bytes, edges, judger_senders, agents_run
+        "config": config,
     }
 
 
 class Evaluator:
     """Runs the methods on batches of examples with one module's LM, roster, task and prompts."""
 
-    def __init__(self, module, *, baseline_topology: str = "chain", trained: bool = False,
+    def __init__(self, module, *, baseline_topology: str = "chain", ckpt_path: str | None = None,
                  agent_max_new_tokens: int = 128) -> None:
         self.module = module
         self.baseline_topology = baseline_topology
-        self.trained = trained
+        self.ckpt_path = ckpt_path
         self.agent_max_new_tokens = agent_max_new_tokens
 
-    def _engine(self, **changes) -> RolloutEngine:
-        base = self.module.rollout_config
-        config = RolloutConfig(**{**base.__dict__, **changes})
-        return RolloutEngine(self.module.llm, self.module.roster, config, fuser=self.module.fuser)
+    @property
+    def subject(self) -> str:
+        """What the controls are applied to."""
+        return "gcache" if self.ckpt_path else f"fixed-{self.module.topology}"
 
-    def _gcache_graph(self, questions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        n = self.module.roster.num_agents
-        if self.trained:
-            from gcache.policy.graph_policy import deterministic_dag
-
-            with torch.no_grad():
-                logits = self.module.edge_logits(questions)
-            mask = self.module.agent_mask
-            return deterministic_dag(logits[:, :n, :n], mask).cpu(), logits
-        adjacency = fixed_adjacency(self.module.topology, n).expand(len(questions), -1, -1)
-        return adjacency, None
-
-    def run(self, method: str, batch) -> list[dict]:
+    def describe(self, method: str) -> dict:
+        """What `method` runs: the graph, the fuser, the checkpoint and the rollout settings."""
         if method not in METHODS:
             raise ValueError(f"method={method!r} is not one of {list(METHODS)}")
-        questions = [ex.question for ex in batch]
-        n = self.module.roster.num_agents
-        fmt = self.module.task.answer_format
-        index = list(range(len(batch)))
-        start = time.perf_counter()
-        active = self.module.active
-        logits = None
-        if method in API_METHODS:
-            return self._run_api(method, batch, start)
-        if method == "single":
-            rows = self._engine().run(questions, chain_adjacency(n).expand(len(batch), -1, -1), index,
-                                      answer_format=fmt, active=[])
-        elif method in ("text_mas", "latent_mas"):
-            adjacency = fixed_adjacency(self.baseline_topology, n).expand(len(batch), -1, -1)
-            if method == "text_mas":
-                engine = self._engine(method="text", agent_max_new_tokens=self.agent_max_new_tokens)
+        base = self.module.rollout_config
+        config = {"graph": None, "fuser": "none", "checkpoint": None, "method": "latent",
+                  "retention": base.retention, "latent_steps": base.latent_steps, "realign": base.realign,
+                  "judger_cache": "fused", "judger_latent_steps": 0, "judger_edges": "all"}
+        subject = method
+        if method in CONTROLS:
+            subject = self.subject
+            if method.startswith("realign-"):
+                config["realign"] = method.removeprefix("realign-")
             else:
-                engine = RolloutEngine(
-                    self.module.llm, self.module.roster,
-                    RolloutConfig(**{**self.module.rollout_config.__dict__, "retention": "full"}),
-                )
-            rows = engine.run(questions, adjacency, index, answer_format=fmt)
+                config["judger_cache"] = method
+        if subject in TRAINED_METHODS and not self.ckpt_path:
+            raise ValueError(f"method {method!r} evaluates a trained policy: give ckpt_path=… "
+                             f"(an untrained fixed graph is `fixed-{self.module.topology}`)")
+        if subject in ("single", "single_budget", "api_single"):
+            config.update(graph="none", retention=None, latent_steps=None, realign=None, judger_edges=None)
+            if subject == "single_budget":
+                config["judger_latent_steps"] = self.module.roster.num_agents * base.latent_steps
+        elif subject in ("text_mas", "api_text_mas"):
+            config.update(graph=self.baseline_topology, method="text", retention=None, latent_steps=None, realign=None)
+        elif subject == "latent_mas":
+            config.update(graph=self.baseline_topology, retention="full")
+        elif subject.startswith("fixed-"):
+            config["graph"] = subject.removeprefix("fixed-")
+        elif subject == "oracle":
+            config["graph"] = "oracle"
+        elif subject == "gcache-fuser-only":
+            config.update(graph=self.module.topology, fuser="trained", checkpoint=self.ckpt_path)
+        elif subject in TRAINED_METHODS:
+            config.update(graph="learned", judger_edges=self.module.judger_edges, checkpoint=self.ckpt_path,
+                          fuser="none" if subject == "gcache-policy-only" else "trained")
+        if method in CONTROLS:
+            config["subject"] = subject
+        return config
+
+    def _graph(self, config: dict, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(R, N+1, N+1) graphs and the policy's logits (learned graphs) for a method's config."""
+        n = self.module.roster.num_agents
+        if config["graph"] == "none":
+            return torch.zeros(len(batch), n + 1, n + 1, dtype=torch.bool), None
+        if config["graph"] == "oracle":
+            return oracle_adjacency(batch, n), None
+        if config["graph"] == "learned":
+            with torch.no_grad():
+                logits = self.module.edge_logits([ex.question for ex in batch])
+            return self.module.add_fixed_edges(deterministic_dag(logits, self.module.edge_mask)), logits
+        adjacency = fixed_adjacency(config["graph"], n).expand(len(batch), -1, -1)
+        active = self.module.active if config["graph"] == self.module.topology else None
+        return judger_senders_all(adjacency, active), None
+
+    def run(self, method: str, batch) -> list[dict]:
+        config = self.describe(method)
+        start = time.perf_counter()
+        if method in API_METHODS:
+            return self._run_api(method, batch, start, config)
+        if method == "gcache":  # exactly what the training run's validation and test run
+            answers, _, rows = self.module.evaluate_batch(batch)
         else:
-            adjacency, logits = self._gcache_graph(questions)
-            judger_cache = {"gcache": "fused", "no_handoff": "none", "mismatched": "mismatched"}[method]
-            rows = self._engine(judger_cache=judger_cache).run(
-                questions, adjacency, index, answer_format=fmt, active=active, edge_logits=logits
+            base = self.module.rollout_config
+            rollout = RolloutConfig(**{
+                **base.__dict__, "method": config["method"], "retention": config["retention"] or base.retention,
+                "latent_steps": base.latent_steps if config["latent_steps"] is None else config["latent_steps"],
+                "realign": config["realign"] or base.realign,
+                "judger_cache": config["judger_cache"], "judger_latent_steps": config["judger_latent_steps"],
+                "agent_max_new_tokens": self.agent_max_new_tokens,
+            })
+            fuser = self.module.fuser if config["fuser"] == "trained" else None
+            engine = RolloutEngine(self.module.llm, self.module.roster, rollout, fuser=fuser)
+            adjacency, logits = self._graph(config, batch)
+            if fuser is not None and logits is None:
+                with torch.no_grad():
+                    logits = self.module.edge_logits([ex.question for ex in batch])
+            rows = engine.run(
+                [ex.question for ex in batch], adjacency, list(range(len(batch))),
+                answer_format=self.module.task.answer_format, agent_facts=[ex.agent_facts for ex in batch],
+                edge_logits=logits,
             )
-        answers, _ = self.module._answers(batch, rows)
+            answers, _ = self.module._answers(batch, rows)
         details = self.module.task.score_details(answers, list(batch))  # runs code tasks' programs once
         seconds = (time.perf_counter() - start) / len(batch)
         return [
-            _record(ex, method, answer, detail, decoded_tokens=rollout.decoded_tokens,
+            _record(ex, method, answer, detail, config, decoded_tokens=rollout.decoded_tokens,
                     prompt_tokens=rollout.prompt_tokens, seconds=seconds,
-                    peak_cache_bytes=rollout.peak_cache_bytes, edges=int(rollout.adjacency.sum()))
+                    peak_cache_bytes=rollout.peak_cache_bytes, edges=int(rollout.adjacency.sum()),
+                    judger_senders=rollout.judger_senders, agents_run=rollout.agents_run)
             for ex, rollout, answer, detail in zip(batch, rows.rollouts, answers, details, strict=True)
         ]
 
-    def _run_api(self, method: str, batch, start: float) -> list[dict]:
+    def _run_api(self, method: str, batch, start: float, config: dict) -> list[dict]:
         from gcache.modes import api_text_mas
 
         if self.module.generator_mode is None:
@@ -281,8 +361,9 @@ class Evaluator:
         seconds = (time.perf_counter() - start) / len(batch)
         edges = 0 if method == "api_single" else int(adjacency[0].sum())
         return [
-            _record(ex, method, r["answer"], d, decoded_tokens=r["completion_tokens"],
-                    prompt_tokens=r["prompt_tokens"], seconds=seconds, peak_cache_bytes=0, edges=edges)
+            _record(ex, method, r["answer"], d, config, decoded_tokens=r["completion_tokens"],
+                    prompt_tokens=r["prompt_tokens"], seconds=seconds, peak_cache_bytes=0, edges=edges,
+                    judger_senders=[] if method == "api_single" else list(self.module.active), agents_run=0)
             for ex, r, d in zip(batch, results, details, strict=True)
         ]
 
@@ -298,6 +379,9 @@ def evaluate(cfg: DictConfig, *, module=None) -> dict:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown methods {bad}; allowed: {list(METHODS)}")
+    if cfg.ckpt_path is None and (wants := [m for m in methods if m in TRAINED_METHODS]):
+        raise ValueError(f"methods {wants} evaluate a trained policy: give ckpt_path=… (an untrained fixed "
+                         f"graph is `fixed-{cfg.topology.name}`)")
     if "mismatched" in methods and cfg.batch_size < 2:
         raise ValueError("the mismatched control needs batch_size >= 2 (it swaps caches between questions)")
     out = Path(cfg.output_dir)
@@ -308,16 +392,16 @@ def evaluate(cfg: DictConfig, *, module=None) -> dict:
         examples = examples[: cfg.limit]
     if module is None:
         module = build_module(cfg, task=task)
-    trained = False
+    ckpt_path = None
     if cfg.ckpt_path:
         path = Path(cfg.ckpt_path)
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
         state = torch.load(path, map_location="cpu", weights_only=False)
         module.load_state_dict(state.get("state_dict", state))
-        trained = True
+        ckpt_path = str(path.resolve())
     module.eval()
-    evaluator = Evaluator(module, baseline_topology=cfg.baseline_topology, trained=trained,
+    evaluator = Evaluator(module, baseline_topology=cfg.baseline_topology, ckpt_path=ckpt_path,
                           agent_max_new_tokens=cfg.agent_max_new_tokens)
     results = out / "results.jsonl"
     done = {(r["id"], r["method"]) for r in repair_results(results)}

@@ -232,10 +232,10 @@ def forward(
         inputs_embeds=inputs_embeds,
         attention_mask=full_mask,
         position_ids=_positions(past.lengths, new_mask),
-        past_key_values=state.cache,
+        cache=state.cache,  # transformers >= 5.24 (`past_key_values` is deprecated, removed in 5.40)
         use_cache=True,
     )
-    cache = out.past_key_values
+    cache = out.cache
     if not bool(new_mask.all()):
         steps = new_mask.shape[1]
         keep = new_mask.bool()[:, None, :, None]  # (B, 1, T, 1)
@@ -284,6 +284,17 @@ class Realignment:
 
     def without_matrix(self) -> Realignment:
         return Realignment(None, self.target_norm)
+
+    def random_like(self, seed: int = 0) -> Realignment:
+        """A random matrix with the same singular values (Q1 diag(S) Q2ᵀ, Q Haar-orthogonal)."""
+        if self.matrix is None:
+            raise ValueError("random_like needs a realignment matrix")
+        gen = torch.Generator().manual_seed(seed)
+        d = self.matrix.shape[0]
+        singular = torch.linalg.svdvals(self.matrix.cpu())  # (D,)
+        q1, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+        q2, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+        return Realignment((q1 * singular) @ q2.T, self.target_norm)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.float()  # (B, D)
@@ -378,11 +389,39 @@ def concat(
             k, v = kv.cache.layers[layer_idx].keys, kv.cache.layers[layer_idx].values
             ks.append(rotate_keys(k, offsets[i], rotary))
             if value_scales is not None:
-                v = v * value_scales[i][layer_idx].to(v.dtype)[:, None, None, None]
+                # Gates may come from a module on another device or in fp32: they follow the cache.
+                v = v * value_scales[i][layer_idx].to(device=v.device, dtype=v.dtype)[:, None, None, None]
             vs.append(v)
         layers.append((torch.cat(ks, 2), torch.cat(vs, 2)))
     mask = torch.cat([kvs[i].mask for i, _ in parts], dim=1)
     return KV(cache_from_layers(layers), mask)
+
+
+def zero_values(kv: KV) -> KV:
+    """The same cache with every value zeroed (keys kept): a control whose attention reads nothing."""
+    if _is_empty(kv):
+        return copy(kv)
+    return KV(cache_from_layers([(k, torch.zeros_like(v)) for k, v in kv.layers()]), kv.mask.clone())
+
+
+def shuffle_slots(kv: KV, rotary: torch.nn.Module | None, generator: torch.Generator | None = None) -> KV:
+    """A single-row cache with its real slots in random order, each key re-rotated to its new
+    position (values unchanged): the same content with the order destroyed (a control)."""
+    if kv.batch_size != 1:
+        raise ValueError(f"shuffle_slots takes a single-row cache, got {kv.batch_size} rows")
+    kv = compact(kv)
+    n = kv.seq_len
+    if n < 2 or _is_empty(kv):
+        return copy(kv)
+    perm = torch.randperm(n, generator=generator).to(kv.mask.device)  # new slot s holds old slot perm[s]
+    shift = torch.arange(n, device=kv.mask.device) - perm  # (L,) new position - old position
+    layers = []
+    for k, v in kv.layers():
+        moved = k[:, :, perm]  # (1, H, L, Dh)
+        # rotate_keys shifts per batch row; put the slot axis there: (L, H, 1, Dh).
+        rotated = rotate_keys(moved.permute(2, 1, 0, 3), shift, rotary).permute(2, 1, 0, 3)
+        layers.append((rotated.contiguous(), v[:, :, perm]))
+    return KV(cache_from_layers(layers), kv.mask.clone())
 
 
 # ---- decoding and scoring ---------------------------------------------------------------------

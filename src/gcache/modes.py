@@ -99,7 +99,8 @@ def api_text_mas(
     """The API-only baselines: every agent is the API model and passes text along the graph
     (no active agents = the API single agent). Prompts are the local text MAS's prompts.
     adjacency (R, N, N) bool. Returns per row: answer, prompt_tokens, completion_tokens."""
-    from gcache.rollout import agent_depths, agent_messages, judger_messages
+    from gcache.prompts import agent_messages, judger_messages
+    from gcache.rollout import agent_depths
 
     n = roster.num_agents
     active = list(range(n)) if active is None else list(active)
@@ -113,13 +114,13 @@ def api_text_mas(
         requests = []
         for r, j in todo:
             received = [(roster.roles[i].name, texts[r][i]) for i in active if bool(adjacency[r, i, j])]
-            requests.append(agent_messages(roster.roles[j], questions[question_index[r]], received=received, latent=False))
+            requests.append(agent_messages(roster.roles[j], questions[question_index[r]], received=received))
         for (r, j), reply in zip(todo, client.chat_many_sync(requests), strict=True):
             texts[r][j] = reply.text
             usage[r][0] += reply.prompt_tokens
             usage[r][1] += reply.completion_tokens
     requests = [
-        judger_messages(roster.judger, questions[question_index[r]], answer_format,
+        judger_messages(roster.judger, questions[question_index[r]], answer_format, reads_others=bool(active),
                         received=[(roster.roles[i].name, texts[r][i]) for i in active])
         for r in rows
     ]

@@ -7,14 +7,18 @@ attributes, built in `setup`) and never written into checkpoints.
 `training_step` for a batch of B questions:
 
 1. edge logits (B, N+1, N+1) from the policy over the N agents and the judger (node N);
-2. G DAGs per question sampled from the agent block under the topology mask;
+2. G DAGs per question over the agents and the judger: agent -> agent edges under the
+   topology mask, agent -> judger edges sampled too (`judger_edges="sampled"`) or all
+   present (`"all"`, the rule of fixed topologies). Only agents with a path to the judger
+   run; a graph without judger edges is the judger answering alone;
 3. rollouts of all B·G graphs (`RolloutEngine`, batched, identical agents shared);
 4. rewards from the task (`Task.reward`; None = unscorable, left out of baselines);
 5. policy loss: REINFORCE with a leave-one-out baseline + edge cost − entropy bonus;
 6. fuser loss: teacher-forced NLL of the reference answer given the judger's prompt on
-   its fused cache, with gates driven by the judger-edge logits (gradient reaches the
-   fuser and, through those logits, the policy). Upstream agents' caches are treated
-   as constants (gradient through the judger's fusion only, not through every agent);
+   its fused cache, with gates driven by the judger-edge logits. The gates are applied
+   only where the judger reads (see `gcache.rollout`), so this loss differentiates exactly
+   what the rollout applied. It trains the fuser; it reaches the policy through the edge
+   logits only when `fuser_trains_policy=True` (default off: the topology learns from reward);
 7. one Adam step on policy + fuser (automatic optimisation).
 
 Validation and test use the deterministic graph (p > 0.5) and greedy decoding.
@@ -78,6 +82,25 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device`")
 
 
+JUDGER_EDGES = ("sampled", "all")
+
+
+def edge_mask(topology: str, n: int, *, judger_edges: str = "sampled", seed: int = 0) -> torch.Tensor:
+    """Edges the policy samples over N agents and the judger (node N). # (N+1, N+1) bool
+
+    Agent -> agent edges follow the topology among the agents that run under it; agent ->
+    judger edges are sampled for every running agent when `judger_edges="sampled"`, and
+    left out (added to every graph instead, `add_fixed_edges`) when `"all"`."""
+    if judger_edges not in JUDGER_EDGES:
+        raise ValueError(f"judger_edges={judger_edges!r} is not one of {JUDGER_EDGES}")
+    mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
+    agents = active_agents(topology, n)
+    mask[:n, :n] = topology_mask(topology, n, seed=seed)
+    if judger_edges == "sampled":
+        mask[agents, n] = True
+    return mask
+
+
 @dataclass(frozen=True)
 class LossConfig:
     edge_cost: float = 0.01
@@ -103,6 +126,8 @@ class GCacheModule(L.LightningModule):
         policy_lr: float = 1e-3,
         fuser_lr: float = 1e-2,
         loss: LossConfig = LossConfig(),
+        judger_edges: str = "sampled",
+        fuser_trains_policy: bool = False,
         generator_mode: Any = None,
         seed: int = 0,
     ) -> None:
@@ -129,14 +154,18 @@ class GCacheModule(L.LightningModule):
         self.generator_mode = generator_mode  # gcache.modes.* object or None (= local)
         self.seed = seed
         n = roster.num_agents
-        # Edges the topology allows among the agents; it never links an agent that does not
-        # run (`direct` runs agent 0 alone and allows no edges).
-        self.register_buffer("agent_mask", topology_mask(topology, n, seed=topology_seed), persistent=False)
+        # Edges sampled over the agents and the judger; the topology never links an agent that
+        # does not run (`direct` runs agent 0 alone and allows no agent edges).
+        self.judger_edges = judger_edges
+        self.fuser_trains_policy = fuser_trains_policy
+        self.register_buffer("edge_mask", edge_mask(topology, n, judger_edges=judger_edges, seed=topology_seed),
+                             persistent=False)
         self.active = active_agents(topology, n)
         self._role_emb: torch.Tensor | None = None
         self._engine: RolloutEngine | None = None
         self.last_step_timings: dict[str, float] = {}
         self._skip_update = False  # set by training_step, read by optimizer_step
+        self.test_records: list[dict] = []  # per-question test predictions of this rank
 
     @property
     def engine(self) -> RolloutEngine:
@@ -161,14 +190,22 @@ class GCacheModule(L.LightningModule):
         key = f"{self.seed}/{example_id}/{self.global_step}".encode()
         return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
 
-    def sample_graphs(self, batch: list[Example], agent_logits: torch.Tensor, mask: torch.Tensor) -> DagSample:
-        """G DAGs per question, each question from its own stream. (B, G, N, N) adjacency"""
+    def sample_graphs(self, batch: list[Example], logits: torch.Tensor) -> DagSample:
+        """G DAGs per question, each question from its own stream. (B, G, N+1, N+1) adjacency"""
         parts = [
-            sample_dags(agent_logits[i : i + 1], mask, self.graphs_per_question, generator=self.dag_generator(ex.id),
-                        temperature=self.policy.temperature)
+            sample_dags(logits[i : i + 1], self.edge_mask, self.graphs_per_question,
+                        generator=self.dag_generator(ex.id), temperature=self.policy.temperature)
             for i, ex in enumerate(batch)
         ]
         return DagSample(*(torch.cat(field) for field in zip(*parts, strict=True)))
+
+    def add_fixed_edges(self, adjacency: torch.Tensor) -> torch.Tensor:
+        """Graphs (R, N+1, N+1) plus the edges that are not sampled: every running agent ->
+        judger under `judger_edges="all"`."""
+        adjacency = adjacency.detach().cpu().bool().clone()
+        if self.judger_edges == "all":
+            adjacency[:, self.active, self.roster.num_agents] = True
+        return adjacency
 
     def edge_logits(self, questions: list[str]) -> torch.Tensor:
         """(B, N+1, N+1) policy logits; column N scores agent -> judger edges."""
@@ -190,16 +227,15 @@ class GCacheModule(L.LightningModule):
         questions = [ex.question for ex in batch]
         b, g, n = len(batch), self.graphs_per_question, self.roster.num_agents
         logits = self.edge_logits(questions)  # (B, N+1, N+1)
-        agent_logits = logits[:, :n, :n]
-        mask = self.agent_mask
-        sample = self.sample_graphs(batch, agent_logits, mask)
-        adjacency = sample.adjacency.reshape(b * g, n, n)
+        mask = self.edge_mask
+        sample = self.sample_graphs(batch, logits)
+        adjacency = self.add_fixed_edges(sample.adjacency.reshape(b * g, n + 1, n + 1))
         index = [q for q in range(b) for _ in range(g)]
         policy_s = time.perf_counter() - start
         rollout_start = time.perf_counter()
         rows = self.engine.run(
             questions, adjacency, index, answer_format=self.task.answer_format, active=self.active,
-            edge_logits=logits.detach(), keep_judger_inputs=True,
+            agent_facts=[ex.agent_facts for ex in batch], edge_logits=logits.detach(), keep_judger_inputs=True,
         )
         answers, api_stats = self._answers(batch, rows)
         rollout_s = time.perf_counter() - rollout_start
@@ -214,8 +250,8 @@ class GCacheModule(L.LightningModule):
         else:
             temp = self.policy.temperature
             policy_loss, stats = reinforce_loss(
-                sample.log_prob, rewards, expected_edges(agent_logits, mask, temp),
-                edge_entropy(agent_logits, mask, temp), edge_cost=cfg.edge_cost, entropy_coef=cfg.entropy_coef,
+                sample.log_prob, rewards, expected_edges(logits, mask, temp),
+                edge_entropy(logits, mask, temp), edge_cost=cfg.edge_cost, entropy_coef=cfg.entropy_coef,
             )
             fuser_loss = self.fuser_loss(batch, rows, logits)
             loss = policy_loss + cfg.fuser_weight * fuser_loss
@@ -235,9 +271,12 @@ class GCacheModule(L.LightningModule):
             "train/reward": scorable.mean() if scorable.numel() else torch.tensor(0.0),
             "train/policy_loss": policy_loss.detach(),
             "train/fuser_loss": fuser_loss.detach(),
-            "train/edge_prob": edge_probabilities(agent_logits, mask)[:, mask].mean().detach()
+            "train/edge_prob": edge_probabilities(logits, mask)[:, mask].mean().detach()
             if bool(mask.any()) else torch.tensor(0.0),
-            "train/edges_per_graph": sample.adjacency.float().sum((-1, -2)).mean(),
+            "train/edges_per_graph": adjacency.float().sum((-1, -2)).mean(),
+            "train/judger_senders": adjacency[:, :, n].float().sum(-1).mean(),
+            "train/agents_run_share": torch.tensor(
+                sum(r.agents_run for r in rows.rollouts) / max(len(rows.rollouts) * len(self.active), 1)),
             **self._rollout_metrics("train", rows, start, b),
             **{f"train/{k}": v for k, v in api_stats.items()},
         }
@@ -262,16 +301,18 @@ class GCacheModule(L.LightningModule):
         per_q = self.loss_config.fuser_rows_per_question
         seen: dict[int, int] = {}
         fused, prompts, targets = [], [], []
+        if not self.fuser_trains_policy:
+            logits = logits.detach()  # the NLL trains the fuser only; the topology learns from reward
         for inp in rows.judger_inputs:
             if seen.get(inp.question_index, 0) >= per_q or not inp.sender_kvs:
                 continue
             seen[inp.question_index] = seen.get(inp.question_index, 0) + 1
-            s = logits[inp.question_index, inp.senders, n][:, None]  # (S, 1) with grad
+            s = logits[inp.source_question, inp.senders, n][:, None]  # (S, 1)
             fused.append(self.fuser.fuse(inp.sender_kvs, s, self.llm.rotary))
             prompts.append(inp.prompt)
             targets.append(self.task.target_text(batch[inp.question_index]))
         if not fused:
-            return logits.sum() * 0.0
+            return sum(p.sum() for p in self.fuser.parameters()) * 0.0
         tok = self.llm.tokenizer
         prompt_ids, prompt_mask = self.llm.encode(prompts)
         target = tok(targets, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
@@ -296,11 +337,10 @@ class GCacheModule(L.LightningModule):
         questions = [ex.question for ex in batch]
         n = self.roster.num_agents
         logits = self.edge_logits(questions)
-        mask = self.agent_mask
-        adjacency = deterministic_dag(logits[:, :n, :n], mask)  # (B, N, N)
+        adjacency = self.add_fixed_edges(deterministic_dag(logits, self.edge_mask))  # (B, N+1, N+1)
         rows = self.engine.run(
             questions, adjacency, list(range(len(batch))), answer_format=self.task.answer_format,
-            active=self.active, edge_logits=logits,
+            active=self.active, agent_facts=[ex.agent_facts for ex in batch], edge_logits=logits,
         )
         answers, _ = self._answers(batch, rows)
         return answers, self.task.reward(answers, batch), rows
@@ -308,6 +348,12 @@ class GCacheModule(L.LightningModule):
     def _eval_step(self, stage: str, batch: list[Example]) -> None:
         start = time.perf_counter()
         answers, rewards, rows = self.evaluate_batch(batch)
+        if stage == "test":  # per-question predictions, written by the training run
+            self.test_records += [
+                {"id": ex.id, "answer": answer, "reward": reward, "judger_senders": rollout.judger_senders,
+                 "edges": int(rollout.adjacency.sum()), "agents_run": rollout.agents_run}
+                for ex, answer, reward, rollout in zip(batch, answers, rewards, rows.rollouts, strict=True)
+            ]
         scored = [r for r in rewards if r is not None]
         acc = sum(scored) / len(scored) if scored else 0.0
         metrics = {f"{stage}/accuracy": torch.tensor(acc), **self._rollout_metrics(stage, rows, start, len(batch))}
@@ -355,11 +401,13 @@ class GCacheModule(L.LightningModule):
 
     @torch.no_grad()
     def learned_topology(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a question: edge probabilities (N, N) among agents and the deterministic graph (N, N)."""
-        n = self.roster.num_agents
-        logits = self.edge_logits([question])[:, :n, :n]
-        probs = edge_probabilities(logits, self.agent_mask, self.policy.temperature)[0].cpu()
-        return probs, deterministic_dag(logits, self.agent_mask)[0].cpu()
+        """For a question: sampling probabilities of the edges (N+1, N+1) over the agents and the
+        judger (node N; 1 for fixed judger edges) and the deterministic graph (N+1, N+1)."""
+        logits = self.edge_logits([question])
+        probs = edge_probabilities(logits, self.edge_mask, self.policy.temperature)[0].cpu()
+        graph = self.add_fixed_edges(deterministic_dag(logits, self.edge_mask))[0]
+        fixed = graph & ~self.edge_mask.cpu()
+        return torch.where(fixed, torch.ones_like(probs), probs), graph
 
 
 def rng_states() -> dict[str, Any]:

@@ -1,31 +1,42 @@
-"""Rollout engine: execute a DAG of agents for a batch of questions with one frozen model.
+"""Rollout engine: execute DAGs of agents for a batch of questions with one frozen model.
 
-`RolloutEngine.run(questions, adjacency, question_index)` takes R rows, each a
-(question, communication graph) pair, and for every row:
+A row is a (question, communication graph) pair. Graphs are (N+1, N+1) bool adjacencies
+over the N agents and the judger (node N, incoming edges only): `adjacency[i, j]` means
+agent i sends to j, `adjacency[i, N]` that agent i sends to the judger.
 
-1. groups its active agents into waves by depth in the DAG (roots first);
-2. for each wave, across all rows at once, builds each agent's input cache — the
-   fusion of its predecessors' stored caches (`CacheFuser.fuse`, or plain
-   concatenation) — stacks them left-padded into one batch, prefills the agents'
-   role prompts on top, runs `latent_steps` latent steps, and stores each agent's
-   cache according to `retention`;
-3. runs the judger on the fusion of the agents' caches and decodes its answer.
+What a reader receives. An agent's *segment* is what it adds: its prompt (role, facts,
+question) and its `latent_steps` latent positions, computed on top of what it received.
+A stored segment holds positions 0…len−1 (keys re-rotated, `gcache.kv.keep_last`), so
+readers can concatenate segments in any order (`gcache.kv.concat`). Every agent's segment
+reaches any reader **at most once**:
 
-Agents whose inputs are identical — same question, same role, same predecessors
-(recursively) — are computed once and shared, e.g. across the G graphs sampled for a
-question (`RolloutBatch.prefills` vs `prefills_naive`).
+- `full`: a reader (agent or judger) receives the segments of all its ancestors, once
+  each, in a topological order (by depth, then agent index). On a chain this is exactly
+  the LatentMAS chain: the judger reads 0, 1, …, N−1 and agent k's segment was computed
+  on 0…k−1, i.e. the last agent's whole cache.
+- `role_latent`: a reader receives its direct senders' segments (prompt + latent).
+- `latent_only`: its direct senders' latent positions only.
+- `method="text"`: agents decode a message; a reader reads its direct senders' messages.
 
-Retention (what an agent hands on):
-- `full`: its whole working cache (what it received + its prompt + its latent steps).
-  Caches then contain their ancestors, so the judger reads the sinks of the graph only
-  (each agent's work exactly once); on a chain this is the LatentMAS chain.
-- `role_latent`: its own prompt + latent positions; the judger reads every agent.
-- `latent_only`: only its latent positions (LatentMAS's truncation, but with positions
-  kept consistent); the judger reads every agent.
+Only agents with a path to the judger run (the others cannot change the answer and cost
+nothing); a graph without judger edges is the judger answering alone.
 
-`method="text"` runs the same graphs as a text multi-agent system: agents decode text
-and receivers read their predecessors' texts in their prompt (the text-MAS baseline).
-With no active agents the judger answers alone (the single-agent baseline).
+Gates. With a `CacheFuser`, the judger's input is the gated concatenation of the segments
+it reads: segment i's values at layer l are scaled by g_{l,i}(edge logit i → judger),
+once. Agents read plain concatenations, so what the fuser's loss differentiates (the
+judger's fusion, `GCacheModule.fuser_loss`) is exactly what the rollout applies, and an
+untrained fuser (g = 1) reproduces plain concatenation.
+
+Planning (`plan_rollouts`: which agent reads which segments, which computations are
+identical and shared) is a pure function of the graphs; `RolloutEngine.run` executes a
+plan level by level, one left-padded batch per chunk of agents. Agents with the same
+question, role and inputs (recursively) are computed once, e.g. across the G graphs
+sampled for a question (`RolloutBatch.prefills` vs `prefills_naive`).
+
+Judger controls (`judger_cache`): `fused` (the real input), `mismatched` (the input built
+for another question of the batch), `zeroed` (values zeroed, keys kept: attention lands on
+nothing), `shuffled` (each segment's slots permuted, keys re-rotated to their new
+positions: content kept, order destroyed).
 """
 
 from __future__ import annotations
@@ -38,16 +49,17 @@ from dataclasses import dataclass, field
 import torch
 
 from gcache import kv
-from gcache.agents import Role, Roster
-from gcache.llm.local import LocalLM
+from gcache.agents import Roster
+from gcache.llm.local import REALIGNMENTS, LocalLM
 from gcache.policy.cache_fuser import CacheFuser
 from gcache.policy.graph_policy import topological_waves
+from gcache.prompts import agent_messages, judger_messages
 
 log = logging.getLogger(__name__)
 
 RETENTIONS = ("full", "role_latent", "latent_only")
 METHODS = ("latent", "text")
-JUDGER_CACHES = ("fused", "none", "mismatched")
+JUDGER_CACHES = ("fused", "mismatched", "zeroed", "shuffled")
 
 
 @dataclass(frozen=True)
@@ -55,14 +67,14 @@ class RolloutConfig:
     method: str = "latent"  # latent | text
     latent_steps: int = 10
     retention: str = "full"  # full | role_latent | latent_only
-    realign: bool = True
+    realign: str = "ridge"  # ridge | identity | random (see gcache.llm.local.LocalLM.realignment)
     max_new_tokens: int = 64  # judger's answer
     agent_max_new_tokens: int = 128  # text method: each agent's message
     temperature: float = 0.0
     top_p: float = 1.0
-    num_rounds: int = 1  # from round 2 on, agents also read the previous round's outputs
     reuse: bool = True  # compute identical agents once
-    judger_cache: str = "fused"  # fused | none (control: no handoff) | mismatched (control)
+    judger_cache: str = "fused"  # fused | mismatched | zeroed | shuffled (controls)
+    judger_latent_steps: int = 0  # latent steps of the judger before it answers (equal-budget single agent)
     max_batch: int = 32  # rows per forward
 
     def __post_init__(self) -> None:
@@ -72,87 +84,41 @@ class RolloutConfig:
             raise ValueError(f"retention={self.retention!r} is not one of {RETENTIONS}")
         if self.judger_cache not in JUDGER_CACHES:
             raise ValueError(f"judger_cache={self.judger_cache!r} is not one of {JUDGER_CACHES}")
-        if self.latent_steps < 0:
-            raise ValueError(f"latent_steps must be >= 0, got {self.latent_steps}")
+        if self.realign not in REALIGNMENTS:
+            raise ValueError(f"realign={self.realign!r} is not one of {REALIGNMENTS}")
+        if self.latent_steps < 0 or self.judger_latent_steps < 0:
+            raise ValueError(f"latent_steps must be >= 0, got {self.latent_steps} / {self.judger_latent_steps}")
         if self.retention == "latent_only" and self.latent_steps == 0 and self.method == "latent":
             raise ValueError("retention='latent_only' with latent_steps=0 hands on nothing; use latent_steps > 0")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.num_rounds < 1:
-            raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
 
 
-@dataclass
-class Rollout:
-    """One (question, graph) row."""
+# ---- planning (pure) ----------------------------------------------------------------------------
 
-    question_index: int
-    adjacency: torch.Tensor  # (N, N) bool
-    answer: str
-    decoded_tokens: int  # judger (+ agents' messages in the text method)
-    prompt_tokens: int  # tokens prefilled: agents' prompts + the judger's
-    agent_cache_lengths: dict[int, int]  # agent -> positions it handed on
-    judger_cache_length: int  # positions the judger read before its prompt
-    peak_cache_bytes: int  # largest working cache of any agent of this row (bytes of K and V)
-    seconds: float  # the run's wall time divided by its rows (work shared between rows is amortised)
-    messages: dict[int, str] = field(default_factory=dict)  # text method: agent -> its message
+
+@dataclass(frozen=True)
+class AgentNode:
+    """One agent computation of a plan."""
+
+    question: int  # index into the questions
+    agent: int
+    reads: tuple[int, ...]  # ids of the nodes whose segments (or messages) it reads, in order
+    level: int  # 0 = reads nothing; else 1 + the highest level it reads
 
 
 @dataclass
-class JudgerInput:
-    """What the judger of a row read: kept for the fuser's differentiable loss."""
+class Plan:
+    nodes: list[AgentNode]  # in level order (a topological order)
+    row_nodes: list[list[int]]  # per row: the nodes it runs (agents with a path to the judger)
+    judger_reads: list[tuple[int, ...]]  # per row: the nodes the judger reads, in order
+    naive_nodes: int  # agent computations without sharing (sum of len(row_nodes))
 
-    question_index: int
-    senders: list[int]  # agent indices
-    sender_kvs: list[kv.KV]  # one single-row KV per sender, detached
-    prompt: str
-
-
-@dataclass
-class RolloutBatch:
-    rollouts: list[Rollout]
-    judger_inputs: list[JudgerInput]
-    prefills: int  # agent prefills computed
-    prefills_naive: int  # agent prefills without sharing identical agents
-    judger_decodes: int = 0  # judger decodes computed (rows with identical judger inputs share one)
-
-
-@dataclass
-class _Node:
-    kv: kv.KV | None  # handed-on cache (latent) — single row
-    text: str  # handed-on message (text)
-    prompt_tokens: int
-    decoded_tokens: int
-    peak_bytes: int
-
-
-# ---- prompts ----------------------------------------------------------------------------------
-
-
-def agent_messages(role: Role, question: str, *, received: Sequence[tuple[str, str]] = (), latent: bool) -> list[dict]:
-    """Chat messages of an agent. `received`: (sender name, message) pairs for the text method."""
-    parts = [f"Question:\n{question}"]
-    if received:
-        parts += [f"{name} wrote:\n{text}" for name, text in received]
-    if latent:
-        parts.append("Think about the question step by step in your role.")
-    else:
-        parts.append("Work on the question in your role. Be concise.")
-    return [{"role": "system", "content": role.prompt}, {"role": "user", "content": "\n\n".join(parts)}]
-
-
-def judger_messages(
-    role: Role, question: str, answer_format: str, *, received: Sequence[tuple[str, str]] = ()
-) -> list[dict]:
-    parts = [f"Question:\n{question}"]
-    parts += [f"{name} wrote:\n{text}" for name, text in received]
-    parts.append(answer_format)
-    return [{"role": "system", "content": role.prompt}, {"role": "user", "content": "\n\n".join(parts)}]
-
-
-# ---- engine -----------------------------------------------------------------------------------
+    @property
+    def levels(self) -> int:
+        return max((node.level for node in self.nodes), default=-1) + 1
 
 
 def agent_depths(adjacency: torch.Tensor, active: Sequence[int]) -> dict[int, int]:
@@ -162,19 +128,161 @@ def agent_depths(adjacency: torch.Tensor, active: Sequence[int]) -> dict[int, in
     return {int(index[j]): d for d, wave in enumerate(waves) for j in wave}
 
 
+def judger_senders_all(adjacency: torch.Tensor, active: Sequence[int] | None = None) -> torch.Tensor:
+    """Agent graphs (R, N, N) -> (R, N+1, N+1) with every (active) agent sending to the judger:
+    the judger rule of fixed topologies."""
+    r, n, _ = adjacency.shape
+    out = torch.zeros(r, n + 1, n + 1, dtype=torch.bool)
+    out[:, :n, :n] = adjacency.bool().cpu()
+    agents = list(range(n)) if active is None else list(active)
+    out[:, agents, n] = True
+    return out
+
+
+def plan_rollouts(
+    adjacency: torch.Tensor,
+    question_index: Sequence[int],
+    *,
+    reads: str = "ancestors",
+    active: Sequence[int] | None = None,
+    reuse: bool = True,
+) -> Plan:
+    """Which agent reads which segments, for R rows. adjacency (R, N+1, N+1) bool (node N = judger).
+
+    reads: "ancestors" (full retention: every ancestor once, in topological order) or
+    "senders" (direct senders, in topological order). Nodes are shared between rows when
+    their question, agent and inputs agree (`reuse`)."""
+    if reads not in ("ancestors", "senders"):
+        raise ValueError(f"reads={reads!r} is not 'ancestors' or 'senders'")
+    if adjacency.dim() != 3 or adjacency.shape[1] != adjacency.shape[2]:
+        raise ValueError(f"adjacency must be (R, N+1, N+1), got {tuple(adjacency.shape)}")
+    rows, size = adjacency.shape[0], adjacency.shape[1]
+    n = size - 1
+    if len(question_index) != rows:
+        raise ValueError(f"{len(question_index)} question indices for {rows} rows")
+    adjacency = adjacency.detach().cpu().bool().clone()
+    if bool(adjacency[:, n, :].any()):
+        raise ValueError("the judger (node N) sends to nobody: adjacency[:, N, :] must be False")
+    allowed = torch.zeros(size, dtype=torch.bool)
+    allowed[list(range(n)) if active is None else list(active)] = True
+    allowed[n] = True
+    adjacency &= allowed[None, :, None] & allowed[None, None, :]
+
+    ids: dict[tuple, int] = {}
+    nodes: list[AgentNode] = []
+    row_nodes: list[list[int]] = []
+    judger_reads: list[tuple[int, ...]] = []
+    for r in range(rows):
+        a = adjacency[r].tolist()
+        needed, stack = set(), [n]  # agents with a path to the judger
+        while stack:
+            x = stack.pop()
+            for i in range(n):
+                if a[i][x] and i not in needed:
+                    needed.add(i)
+                    stack.append(i)
+        agents = sorted(needed)
+        index = torch.as_tensor(agents, dtype=torch.long)
+        waves = topological_waves(adjacency[r][index][:, index]) if agents else []  # raises on a cycle
+        order = [agents[j] for wave in waves for j in wave]
+        position = {agent: p for p, agent in enumerate(order)}
+        ancestors: dict[int, set[int]] = {}
+        node_of: dict[int, int] = {}
+
+        def inputs(j: int) -> list[int]:
+            senders = [i for i in order if a[i][j]]
+            if reads == "senders":
+                return senders
+            found = set(senders).union(*(ancestors[i] for i in senders))
+            ancestors[j] = found
+            return sorted(found, key=position.__getitem__)
+
+        mine = []
+        for j in order:
+            read = tuple(node_of[i] for i in inputs(j))
+            key = (question_index[r], j, read) if reuse else (r, j, read)
+            if key not in ids:
+                level = 1 + max((nodes[x].level for x in read), default=-1)
+                ids[key] = len(nodes)
+                nodes.append(AgentNode(int(question_index[r]), j, read, level))
+            node_of[j] = ids[key]
+            mine.append(ids[key])
+        row_nodes.append(mine)
+        judger_reads.append(tuple(node_of[i] for i in inputs(n)))
+    # Level order, stable: a node's inputs always come before it.
+    order = sorted(range(len(nodes)), key=lambda x: nodes[x].level)
+    renumber = {old: new for new, old in enumerate(order)}
+    nodes = [AgentNode(nodes[x].question, nodes[x].agent, tuple(renumber[i] for i in nodes[x].reads), nodes[x].level)
+             for x in order]
+    return Plan(
+        nodes=nodes,
+        row_nodes=[[renumber[x] for x in row] for row in row_nodes],
+        judger_reads=[tuple(renumber[x] for x in read) for read in judger_reads],
+        naive_nodes=sum(len(row) for row in row_nodes),
+    )
+
+
+# ---- records --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One (question, graph) row."""
+
+    question_index: int
+    adjacency: torch.Tensor  # (N+1, N+1) bool, node N = the judger
+    answer: str
+    decoded_tokens: int  # judger (+ agents' messages in the text method)
+    prompt_tokens: int  # tokens prefilled: agents' prompts + the judger's
+    agent_cache_lengths: dict[int, int]  # agent -> positions of the segment it handed on
+    judger_senders: list[int]  # agents whose segments (or messages) the judger read, in order
+    judger_cache_length: int  # positions the judger read before its prompt
+    agents_run: int  # agents with a path to the judger (the others are pruned)
+    peak_cache_bytes: int  # largest working cache of any agent or the judger of this row (K and V)
+    seconds: float  # the run's wall time divided by its rows (work shared between rows is amortised)
+    messages: dict[int, str] = field(default_factory=dict)  # text method: agent -> its message
+
+
+@dataclass
+class JudgerInput:
+    """What the judger of a row read: kept for the fuser's differentiable loss and for tests."""
+
+    question_index: int  # the question the judger answered
+    source_question: int  # the question whose segments it read (differs under `mismatched`)
+    senders: list[int]  # agent indices of the segments, in order
+    sender_kvs: list[kv.KV]  # one single-row segment per sender, detached, ungated
+    prompt: str
+    cache: kv.KV  # the exact (gated, controlled) cache the judger's prompt was prefilled on
+
+
+@dataclass
+class RolloutBatch:
+    rollouts: list[Rollout]
+    judger_inputs: list[JudgerInput]
+    prefills: int  # agent computations run
+    prefills_naive: int  # agent computations without sharing identical agents
+    judger_decodes: int = 0  # judger decodes computed (rows with identical judger inputs share one)
+
+
+@dataclass
+class _Done:
+    kv: kv.KV | None  # the handed-on segment (latent), single row
+    text: str  # the handed-on message (text)
+    prompt_tokens: int
+    decoded_tokens: int
+    peak_bytes: int
+
+
 def _chunks(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
+# ---- engine ---------------------------------------------------------------------------------------
+
+
 class RolloutEngine:
-    def __init__(
-        self,
-        llm: LocalLM,
-        roster: Roster,
-        config: RolloutConfig,
-        fuser: CacheFuser | None = None,
-    ) -> None:
+    def __init__(self, llm: LocalLM, roster: Roster, config: RolloutConfig, fuser: CacheFuser | None = None) -> None:
         self.llm = llm
         self.roster = roster
         self.config = config
@@ -186,23 +294,11 @@ class RolloutEngine:
         # Bytes of keys + values that one position costs across all layers.
         self.bytes_per_position = 2 * model_cfg.num_hidden_layers * kv_heads * head_dim * elem
 
-    # -- helpers --
-    def _fuse(self, senders: list[kv.KV], logits: torch.Tensor | None) -> kv.KV:
-        """senders: single-row KVs; logits (S,) edge logits or None."""
-        if not senders:
-            return kv.empty(1, self.llm.device)
-        if self.fuser is None:
-            return kv.concat(senders, self.llm.rotary)
-        s = None if logits is None else logits.to(self.llm.device)[:, None]
-        return self.fuser.fuse(senders, s, self.llm.rotary)
-
-    def _retain(self, full: kv.KV, prompt_width: int) -> kv.KV:
-        steps = self.config.latent_steps
-        if self.config.retention == "full":
-            return full
-        if self.config.retention == "latent_only":
-            return kv.keep_last(full, steps, self.llm.rotary)
-        return kv.keep_last(full, prompt_width + steps, self.llm.rotary)  # role_latent
+    def plan(self, adjacency: torch.Tensor, question_index: Sequence[int], active: Sequence[int] | None) -> Plan:
+        cfg = self.config
+        full = cfg.method == "latent" and cfg.retention == "full"
+        return plan_rollouts(adjacency, question_index, reads="ancestors" if full else "senders",
+                             active=active, reuse=cfg.reuse)
 
     @torch.no_grad()
     def run(
@@ -213,184 +309,141 @@ class RolloutEngine:
         *,
         answer_format: str,
         active: Sequence[int] | None = None,
+        agent_facts: Sequence[Sequence[str]] | None = None,
         edge_logits: torch.Tensor | None = None,
         keep_judger_inputs: bool = False,
         generator: torch.Generator | None = None,
     ) -> RolloutBatch:
-        """Run R rows. adjacency (R, N, N) bool; question_index (R,) into `questions`;
-        edge_logits (Q, N+1, N+1) per question (column N = the judger) or None."""
+        """Run R rows. adjacency (R, N+1, N+1) bool (node N = the judger); question_index (R,)
+        into `questions`; agent_facts[q][i]: what agent i holds for question q (or None);
+        edge_logits (Q, N+1, N+1) per question (the judger's gates) or None."""
         started = time.perf_counter()
-        cfg = self.config
         n = self.roster.num_agents
-        if adjacency.dim() != 3 or adjacency.shape[1:] != (n, n):
-            raise ValueError(f"adjacency must be (R, {n}, {n}), got {tuple(adjacency.shape)}")
-        if len(question_index) != adjacency.shape[0]:
-            raise ValueError(f"{len(question_index)} question indices for {adjacency.shape[0]} rows")
-        active = list(range(n)) if active is None else list(active)
+        if adjacency.dim() != 3 or adjacency.shape[1:] != (n + 1, n + 1):
+            raise ValueError(
+                f"adjacency must be (R, {n + 1}, {n + 1}) over {n} agents and the judger (node {n}), got "
+                f"{tuple(adjacency.shape)}; `judger_senders_all` adds every agent -> judger to an (R, N, N) graph"
+            )
+        if agent_facts is not None and any(len(f) not in (0, n) for f in agent_facts):
+            raise ValueError(f"agent_facts must hold {n} texts (or none) per question")
         adjacency = adjacency.detach().cpu().bool()
-        rows = range(adjacency.shape[0])
-        latent = cfg.method == "latent"
-        realign = self.llm.realignment(cfg.realign)
-
-        # What a reader (the judger, or an agent of the next round) receives from a row:
-        # the sinks under full retention (their caches hold their ancestors), every active
-        # agent otherwise and in the text method — each agent's work exactly once.
-        readers = []
-        for r in rows:
-            if latent and cfg.retention == "full":
-                readers.append([i for i in active if not any(bool(adjacency[r, i, j]) for j in active)])
-            else:
-                readers.append(list(active))
-
-        # Node keys: (question, round, agent, keys of its senders) — equal keys, equal computation.
-        # Senders of an agent: its predecessors in the graph, and from round 2 on, the readers'
-        # outputs of the previous round (temporal edges).
-        depth = [agent_depths(adjacency[r], active) for r in rows]
-        levels = max((max(d.values(), default=-1) for d in depth), default=-1) + 1
-        senders_of: dict[tuple, list[tuple[int, tuple]]] = {}
-        level_of: dict[tuple, int] = {}
-        where: dict[tuple, tuple[int, int]] = {}
-        keys: list[dict[int, tuple]] = [{} for _ in rows]  # the last round's keys per row
-        row_nodes: list[list[tuple]] = [[] for _ in rows]
-        for rnd in range(cfg.num_rounds):
-            previous = keys
-            keys = [{} for _ in rows]
-            for r in rows:
-                temporal = [(i, previous[r][i]) for i in readers[r]] if rnd else []
-                for j in sorted(active, key=lambda a: depth[r][a]):
-                    senders = temporal + [(i, keys[r][i]) for i in active if bool(adjacency[r, i, j])]
-                    key = (question_index[r], rnd, j, tuple(k for _, k in senders))
-                    key = key if cfg.reuse else (r, *key)
-                    keys[r][j] = key
-                    senders_of[key] = senders
-                    level_of[key] = rnd * levels + depth[r][j]
-                    where.setdefault(key, (r, j))
-                    row_nodes[r].append(key)
-        nodes: dict[tuple, _Node] = {}
-        prefills_naive = len(rows) * len(active) * cfg.num_rounds
-
-        for level in range(cfg.num_rounds * levels):
-            pending = [(key, (*where[key], senders_of[key])) for key in where if level_of[key] == level]
-            for chunk in _chunks(pending, cfg.max_batch):
-                self._run_agents(chunk, questions, question_index, nodes, edge_logits, realign, generator)
-
-        judger_senders = readers
-        rollouts, judger_inputs = self._run_judger(
-            questions, question_index, adjacency, keys, row_nodes, nodes, judger_senders, edge_logits,
-            answer_format, keep_judger_inputs, generator,
+        plan = self.plan(adjacency, question_index, active)
+        done: dict[int, _Done] = {}
+        realign = self.llm.realignment(self.config.realign)
+        for level in range(plan.levels):
+            pending = [x for x, node in enumerate(plan.nodes) if node.level == level]
+            for chunk in _chunks(pending, self.config.max_batch):
+                self._run_agents(plan, chunk, questions, agent_facts, done, realign, generator)
+        rollouts, judger_inputs, decodes = self._run_judger(
+            plan, questions, question_index, adjacency, done, edge_logits, answer_format, keep_judger_inputs,
+            realign, generator,
         )
         per_row = (time.perf_counter() - started) / max(len(rollouts), 1)
         for rollout in rollouts:
             rollout.seconds = per_row
-        return RolloutBatch(
-            rollouts, judger_inputs, prefills=len(nodes), prefills_naive=prefills_naive,
-            judger_decodes=self.last_judger_decodes,
-        )
+        return RolloutBatch(rollouts, judger_inputs, prefills=len(plan.nodes), prefills_naive=plan.naive_nodes,
+                            judger_decodes=decodes)
 
-    def _run_agents(self, chunk, questions, question_index, nodes, edge_logits, realign, generator):
-        """One batched forward for the agents of `chunk`: items (key, (row, agent, senders))."""
+    def _agent_prompt(self, plan: Plan, node: AgentNode, questions, agent_facts, done) -> str:
+        facts = agent_facts[node.question] if agent_facts is not None else ()
+        received = []
+        if self.config.method == "text":
+            received = [(self.roster.roles[plan.nodes[x].agent].name, done[x].text) for x in node.reads]
+        messages = agent_messages(self.roster.roles[node.agent], questions[node.question],
+                                  facts=facts[node.agent] if facts else "", received=received)
+        return self.llm.chat_text(messages)
+
+    def _run_agents(self, plan: Plan, chunk: list[int], questions, agent_facts, done, realign, generator) -> None:
+        """One batched forward for the agent nodes of `chunk`."""
         cfg = self.config
-        latent = cfg.method == "latent"
-        texts, pasts = [], []
-        for _, (r, j, senders) in chunk:
-            q = question_index[r]
-            role = self.roster.roles[j]
-            if latent:
-                agents = [i for i, _ in senders]
-                logits = None if edge_logits is None else edge_logits[q, agents, j]
-                pasts.append(self._fuse([nodes[k].kv for _, k in senders], logits))
-                messages = agent_messages(role, questions[q], latent=True)
-            else:
-                received = [(self.roster.roles[i].name, nodes[k].text) for i, k in senders]
-                messages = agent_messages(role, questions[q], received=received, latent=False)
-            texts.append(self.llm.chat_text(messages))
-        ids, mask = self.llm.encode(texts)
+        nodes = [plan.nodes[x] for x in chunk]
+        ids, mask = self.llm.encode([self._agent_prompt(plan, node, questions, agent_facts, done) for node in nodes])
         prompt_tokens = mask.sum(-1).tolist()
-        if latent:
+        if cfg.method == "latent":
+            pasts = [self._concat([done[x].kv for x in node.reads]) for node in nodes]
             past = kv.stack(pasts)
             step = kv.prefill(self.llm.model, ids, mask, past=past)
             result = kv.latent_steps(self.llm.model, step, cfg.latent_steps, realign).step
             full_lengths = result.kv.lengths.tolist()
-            retained = self._retain(result.kv, ids.shape[1])
-            for b, (key, _) in enumerate(chunk):
-                nodes[key] = _Node(
-                    kv=kv.compact(kv.select(retained, [b])),
-                    text="",
-                    prompt_tokens=int(prompt_tokens[b]),
-                    decoded_tokens=0,
-                    peak_bytes=int(full_lengths[b]) * self.bytes_per_position,
-                )
-        else:
-            step = kv.prefill(self.llm.model, ids, mask)
-            tokens, counts = kv.decode(
-                self.llm.model, step.kv, step.logits, max_new_tokens=cfg.agent_max_new_tokens,
-                eos_token_ids=self.llm.eos_token_ids, pad_token_id=self.llm.tokenizer.pad_token_id,
-                temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
-            )
-            messages_out = self.llm.decode_ids(tokens, counts)
-            for b, (key, _) in enumerate(chunk):
-                nodes[key] = _Node(
-                    kv=None,
-                    text=messages_out[b],
-                    prompt_tokens=int(prompt_tokens[b]),
-                    decoded_tokens=int(counts[b]),
-                    peak_bytes=(int(prompt_tokens[b]) + int(counts[b])) * self.bytes_per_position,
-                )
+            width = cfg.latent_steps if cfg.retention == "latent_only" else ids.shape[1] + cfg.latent_steps
+            segment = kv.keep_last(result.kv, width, self.llm.rotary)  # (B, H, width, Dh) per layer
+            for b, x in enumerate(chunk):
+                done[x] = _Done(kv.compact(kv.select(segment, [b])), "", int(prompt_tokens[b]), 0,
+                                int(full_lengths[b]) * self.bytes_per_position)
+            return
+        step = kv.prefill(self.llm.model, ids, mask)
+        tokens, counts = kv.decode(
+            self.llm.model, step.kv, step.logits, max_new_tokens=cfg.agent_max_new_tokens,
+            eos_token_ids=self.llm.eos_token_ids, pad_token_id=self.llm.tokenizer.pad_token_id,
+            temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
+        )
+        texts = self.llm.decode_ids(tokens, counts)
+        for b, x in enumerate(chunk):
+            done[x] = _Done(None, texts[b], int(prompt_tokens[b]), int(counts[b]),
+                            (int(prompt_tokens[b]) + int(counts[b])) * self.bytes_per_position)
 
-    def _run_judger(self, questions, question_index, adjacency, keys, row_nodes, nodes, judger_senders, edge_logits,
-                    answer_format, keep_inputs, generator):
+    def _concat(self, segments: list[kv.KV]) -> kv.KV:
+        return kv.concat(segments, self.llm.rotary) if segments else kv.empty(1, self.llm.device)
+
+    def judger_cache(self, segments: list[kv.KV], logits: torch.Tensor | None, generator=None) -> kv.KV:
+        """The judger's input from the segments it reads (single-row KVs): the control's
+        transformation, then the fuser's gates (logits (S,) of sender -> judger) or plain concatenation."""
+        cfg = self.config
+        if not segments:
+            return kv.empty(1, self.llm.device)
+        if cfg.judger_cache == "zeroed":
+            segments = [kv.zero_values(s) for s in segments]
+        elif cfg.judger_cache == "shuffled":
+            segments = [kv.shuffle_slots(s, self.llm.rotary, generator) for s in segments]
+        if self.fuser is None:
+            return kv.concat(segments, self.llm.rotary)
+        s = torch.zeros(len(segments)) if logits is None else logits
+        return self.fuser.fuse(segments, s[:, None], self.llm.rotary)
+
+    def _run_judger(self, plan, questions, question_index, adjacency, done, edge_logits, answer_format,
+                    keep_inputs, realign, generator):
         cfg = self.config
         latent = cfg.method == "latent"
         rows = list(range(adjacency.shape[0]))
         n = self.roster.num_agents
-        judger = self.roster.judger
-        # Which row's fused cache each row's judger reads (the mismatched control swaps questions).
+        # Which row's inputs each row's judger reads (the mismatched control swaps questions).
         source = list(rows)
         if latent and cfg.judger_cache == "mismatched":
             others = {r: [s for s in rows if question_index[s] != question_index[r]] for r in rows}
             if any(not o for o in others.values()):
                 raise ValueError("judger_cache='mismatched' needs rows of at least two different questions")
             source = [others[r][r % len(others[r])] for r in rows]
-        prompts, judger_inputs = [], []
-        for r in rows:
-            q = question_index[r]
-            received = []
-            if not latent:
-                received = [(self.roster.roles[i].name, nodes[keys[r][i]].text) for i in judger_senders[r]]
-            prompts.append(self.llm.chat_text(judger_messages(judger, questions[q], answer_format, received=received)))
-            if latent and keep_inputs:
-                s = source[r]
-                judger_inputs.append(
-                    JudgerInput(
-                        question_index=q,
-                        senders=list(judger_senders[s]),
-                        sender_kvs=[nodes[keys[s][i]].kv for i in judger_senders[s]],
-                        prompt=prompts[-1],
-                    )
-                )
-        # Rows whose judger reads the same senders (same question, same agents) decode once.
-        def judger_key(r: int):
+        shuffle_gen = generator if generator is not None else torch.Generator().manual_seed(0)
+
+        def key(r: int):  # rows whose judgers read the same inputs decode once
             s = source[r]
-            senders = tuple(keys[s][i] for i in judger_senders[s])
-            return (question_index[r], question_index[s], senders) if cfg.reuse else r
+            return (question_index[r], question_index[s], plan.judger_reads[s]) if cfg.reuse else r
 
         unique: dict = {}
         for r in rows:
-            unique.setdefault(judger_key(r), r)
+            unique.setdefault(key(r), r)
+        prompts: dict[int, str] = {}
+        caches: dict[int, kv.KV] = {}
+        for r in unique.values():
+            s = source[r]
+            reads = plan.judger_reads[s]
+            received = [] if latent else [(self.roster.roles[plan.nodes[x].agent].name, done[x].text) for x in reads]
+            messages = judger_messages(self.roster.judger, questions[question_index[r]], answer_format,
+                                       reads_others=bool(reads), received=received)
+            prompts[r] = self.llm.chat_text(messages)
+            if latent:
+                agents = [plan.nodes[x].agent for x in reads]
+                logits = None if edge_logits is None else edge_logits[question_index[s], agents, n]
+                caches[r] = self.judger_cache([done[x].kv for x in reads], logits, shuffle_gen)
+            else:
+                caches[r] = kv.empty(1, self.llm.device)
         outputs: dict[int, tuple[str, int, int, int]] = {}  # row -> (answer, decoded, prompt, cache len)
         for chunk in _chunks(list(unique.values()), cfg.max_batch):
             ids, mask = self.llm.encode([prompts[r] for r in chunk])
-            pasts = []
-            for r in chunk:
-                s = source[r]
-                if latent and cfg.judger_cache != "none":
-                    qs = question_index[s]
-                    logits = None if edge_logits is None else edge_logits[qs, judger_senders[s], n]
-                    pasts.append(self._fuse([nodes[keys[s][i]].kv for i in judger_senders[s]], logits))
-                else:
-                    pasts.append(kv.empty(1, self.llm.device))
-            past = kv.stack(pasts)
+            past = kv.stack([caches[r] for r in chunk])
             step = kv.prefill(self.llm.model, ids, mask, past=past)
+            if cfg.judger_latent_steps:
+                step = kv.latent_steps(self.llm.model, step, cfg.judger_latent_steps, realign).step
             tokens, counts = kv.decode(
                 self.llm.model, step.kv, step.logits, max_new_tokens=cfg.max_new_tokens,
                 eos_token_ids=self.llm.eos_token_ids, pad_token_id=self.llm.tokenizer.pad_token_id,
@@ -399,10 +452,13 @@ class RolloutEngine:
             answers = self.llm.decode_ids(tokens, counts)
             for b, r in enumerate(chunk):
                 outputs[r] = (answers[b], int(counts[b]), int(mask[b].sum()), int(past.lengths[b]))
-        rollouts = []
+        rollouts, judger_inputs = [], []
         for r in rows:
-            answer, decoded, prompt_len, cache_len = outputs[unique[judger_key(r)]]
-            computed = [nodes[k] for k in row_nodes[r]]
+            u = unique[key(r)]
+            answer, decoded, prompt_len, cache_len = outputs[u]
+            computed = [done[x] for x in plan.row_nodes[r]]
+            reads = plan.judger_reads[source[r]]
+            judger_bytes = (cache_len + prompt_len + cfg.judger_latent_steps + decoded) * self.bytes_per_position
             rollouts.append(Rollout(
                 question_index=question_index[r],
                 adjacency=adjacency[r],
@@ -410,17 +466,26 @@ class RolloutEngine:
                 decoded_tokens=decoded + sum(x.decoded_tokens for x in computed),
                 prompt_tokens=prompt_len + sum(x.prompt_tokens for x in computed),
                 agent_cache_lengths={
-                    j: (nodes[k].kv.lengths.item() if nodes[k].kv is not None else 0) for j, k in keys[r].items()
+                    plan.nodes[x].agent: (done[x].kv.lengths.item() if done[x].kv is not None else 0)
+                    for x in plan.row_nodes[r]
                 },
+                judger_senders=[plan.nodes[x].agent for x in reads],
                 judger_cache_length=cache_len,
-                peak_cache_bytes=max(
-                    [(cache_len + prompt_len + decoded) * self.bytes_per_position] + [x.peak_bytes for x in computed]
-                ),
+                agents_run=len(plan.row_nodes[r]),
+                peak_cache_bytes=max([judger_bytes] + [x.peak_bytes for x in computed]),
                 seconds=0.0,  # set by `run`: the batch's wall time spread over its rows
-                messages={j: nodes[k].text for j, k in keys[r].items()} if not latent else {},
+                messages={plan.nodes[x].agent: done[x].text for x in plan.row_nodes[r]} if not latent else {},
             ))
-        self.last_judger_decodes = len(unique)
-        return rollouts, judger_inputs
+            if latent and keep_inputs:
+                judger_inputs.append(JudgerInput(
+                    question_index=question_index[r],
+                    source_question=question_index[source[r]],
+                    senders=[plan.nodes[x].agent for x in reads],
+                    sender_kvs=[done[x].kv for x in reads],
+                    prompt=prompts[u],
+                    cache=caches[u],
+                ))
+        return rollouts, judger_inputs, len(unique)
 
 
 def chain_adjacency(n: int) -> torch.Tensor:
@@ -437,12 +502,11 @@ def run_latent_chain(
     answer_format: str,
     latent_steps: int = 10,
     max_new_tokens: int = 64,
-    realign: bool = True,
+    realign: str = "ridge",
 ) -> RolloutBatch:
-    """The LatentMAS chain: agents in roster order pass their whole cache on; the judger decodes.
-
-    A special case of the engine (chain graph, `full` retention, plain concatenation)."""
+    """The LatentMAS chain: agents in roster order, each on all earlier agents' work; the judger
+    reads all of it. A special case of the engine (chain graph, `full` retention, plain concatenation)."""
     config = RolloutConfig(latent_steps=latent_steps, retention="full", max_new_tokens=max_new_tokens, realign=realign)
     engine = RolloutEngine(llm, roster, config)
-    adjacency = chain_adjacency(roster.num_agents).expand(len(questions), -1, -1)
+    adjacency = judger_senders_all(chain_adjacency(roster.num_agents).expand(len(questions), -1, -1))
     return engine.run(questions, adjacency, list(range(len(questions))), answer_format=answer_format)

