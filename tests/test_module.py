@@ -1,0 +1,221 @@
+"""GCacheModule on a tiny random model: the fuser loss differentiates exactly what the rollout
+applies, the NLL reaches the policy only when asked, a step with non-zero advantages trains every
+parameter, and bfloat16 (the GPU default) agrees with float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from gcache import kv
+from gcache.evaluate import evaluate, read_results
+from gcache.evaluate import CONF_DIR as EVAL_CONF_DIR
+from gcache.train import CONF_DIR, build_module, build_task
+
+TINY = ["model=tiny-random", "logger=csv", "task=gsm8k", "batch_size=2", "graphs_per_question=3",
+        "latent_steps=2", "max_new_tokens=4"]
+
+
+def _module(*extra, llm=None):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[*TINY, *extra])
+    task = build_task(cfg)
+    return task, build_module(cfg, task=task, llm=llm)
+
+
+def _quiet(module):
+    module.log_dict = lambda *a, **k: None
+    module.log = lambda *a, **k: None
+    return module
+
+
+def _nontrivial(module):
+    with torch.no_grad():
+        module.fuser.layer_bias.copy_(torch.linspace(-1.0, 1.2, module.fuser.num_layers))
+        module.fuser.logit_slope.fill_(0.7)
+        module.policy.bias.fill_(1.0)  # most edges sampled: deep graphs
+    return module
+
+
+def _graph_batch(module, batch):
+    """A diamond with the judger reading agents 1, 2, 3 (full retention: 0 through its descendants)."""
+    n = module.roster.num_agents
+    a = torch.zeros(len(batch), n + 1, n + 1, dtype=torch.bool)
+    for i, j in ((0, 1), (0, 2), (1, 3), (2, 3), (1, n), (2, n), (3, n)):
+        a[:, i, j] = True
+    return a
+
+
+def _rollout_nll(module, batch, logits) -> torch.Tensor:
+    """Re-run the rollout with the module's current fuser and score the reference answer on the cache
+    the judger actually read (no autograd: what a finite difference measures)."""
+    rows = module.engine.run(
+        [ex.question for ex in batch], _graph_batch(module, batch), list(range(len(batch))),
+        answer_format=module.task.answer_format, edge_logits=logits, keep_judger_inputs=True,
+    )
+    llm = module.llm
+    prompt_ids, prompt_mask = llm.encode([inp.prompt for inp in rows.judger_inputs])
+    target = llm.tokenizer([module.task.target_text(ex) for ex in batch], return_tensors="pt", padding=True,
+                           padding_side="right", add_special_tokens=False)
+    with torch.no_grad():
+        nll = kv.answer_nll(llm.model, kv.stack([inp.cache for inp in rows.judger_inputs]), prompt_ids, prompt_mask,
+                            target["input_ids"], target["attention_mask"])
+    return nll.double().mean()
+
+
+def test_fuser_gradient_equals_a_finite_difference_of_the_whole_rollout():
+    task, module = _module("retention=full")
+    _nontrivial(module)
+    batch = task.splits()["train"][:2]
+    n = module.roster.num_agents
+    logits = torch.randn(2, n + 1, n + 1, generator=torch.Generator().manual_seed(3)) * 2
+    rows = module.engine.run(
+        [ex.question for ex in batch], _graph_batch(module, batch), [0, 1],
+        answer_format=task.answer_format, edge_logits=logits, keep_judger_inputs=True,
+    )
+    module.fuser.zero_grad()
+    module.fuser_loss(batch, rows, logits).backward()
+    params = list(module.fuser.parameters())
+    direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
+    analytic = sum(float((p.grad * d).sum()) for p, d in zip(params, direction, strict=True))
+    eps = 1e-2
+
+    def shifted(sign: float) -> float:
+        with torch.no_grad():
+            for p, d in zip(params, direction, strict=True):
+                p.add_(sign * eps * d)
+        value = float(_rollout_nll(module, batch, logits))
+        with torch.no_grad():
+            for p, d in zip(params, direction, strict=True):
+                p.sub_(sign * eps * d)
+        return value
+
+    numeric = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
+    assert abs(analytic) > 1e-3  # the gates matter: the check is not about zeros
+    assert numeric == pytest.approx(analytic, rel=2e-2, abs=1e-4)
+
+
+@pytest.mark.parametrize("trains_policy", [False, True])
+def test_fuser_nll_reaches_the_policy_only_when_switched_on(trains_policy):
+    task, module = _module(f"fuser_trains_policy={str(trains_policy).lower()}", "judger_edges=all")
+    _nontrivial(module)
+    batch = task.splits()["train"][:2]
+    logits = module.edge_logits([ex.question for ex in batch])
+    rows = module.engine.run(
+        [ex.question for ex in batch], _graph_batch(module, batch), [0, 1],
+        answer_format=task.answer_format, edge_logits=logits.detach(), keep_judger_inputs=True,
+    )
+    module.zero_grad()
+    module.fuser_loss(batch, rows, logits).backward()
+    assert all(p.grad is not None and bool(p.grad.ne(0).any()) for p in module.fuser.parameters())
+    policy_grads = [p.grad for p in module.policy.parameters()]
+    if trains_policy:
+        assert any(g is not None and bool(g.ne(0).any()) for g in policy_grads)
+    else:
+        assert all(g is None or not bool(g.ne(0).any()) for g in policy_grads)
+
+
+def test_training_step_with_nonzero_advantages_changes_every_parameter_and_no_lm_weight():
+    task, module = _module()
+    _quiet(module)
+    # Rewards that differ between the graphs of a question (the judger's answers do): 1 when the
+    # answer has an even number of characters. The advantages are checked to be non-zero below.
+    task.reward = lambda answers, examples: [float(len(a) % 2 == 0) for a in answers]
+    batch = task.splits()["train"][:2]
+    seen = {}
+    from gcache import module as module_lib
+
+    real_loss = module_lib.reinforce_loss
+
+    def recording_loss(*args, **kwargs):
+        loss, stats = real_loss(*args, **kwargs)
+        seen.update(stats)
+        return loss, stats
+
+    module_lib.reinforce_loss = recording_loss
+    try:
+        optimizer = module.configure_optimizers()
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        lm_before = {n: p.detach().clone() for n, p in module.llm.model.named_parameters()}
+        loss = module.training_step(batch, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    finally:
+        module_lib.reinforce_loss = real_loss
+    assert float(seen["advantage_abs_mean"]) > 0.1
+    for name, param in module.named_parameters():
+        assert not torch.equal(param.detach(), before[name]), f"{name} did not change"
+    for name, param in module.llm.model.named_parameters():
+        assert torch.equal(param, lm_before[name]) and param.grad is None, name
+
+
+# ---- bfloat16, the GPU default ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def both_dtypes():
+    _, fp32 = _module("model.dtype=float32", "retention=role_latent")
+    _, bf16 = _module("model.dtype=bfloat16", "retention=role_latent")
+    assert next(fp32.llm.model.parameters()).dtype == torch.float32
+    assert next(bf16.llm.model.parameters()).dtype == torch.bfloat16  # tiny-random honours model.dtype
+    for module in (fp32, bf16):
+        _nontrivial(_quiet(module))
+    return fp32, bf16
+
+
+def _first_logits(module, batch):
+    n = module.roster.num_agents
+    logits = torch.randn(len(batch), n + 1, n + 1, generator=torch.Generator().manual_seed(5))
+    rows = module.engine.run([ex.question for ex in batch], _graph_batch(module, batch), list(range(len(batch))),
+                             answer_format=module.task.answer_format, edge_logits=logits, keep_judger_inputs=True)
+    out = []
+    for inp in rows.judger_inputs:
+        assert all(layer[1].dtype == next(module.llm.model.parameters()).dtype for layer in inp.cache.layers())
+        ids, mask = module.llm.encode([inp.prompt])
+        out.append(kv.prefill(module.llm.model, ids, mask, past=inp.cache).logits[0].float())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def test_rollout_with_fuser_in_bfloat16_matches_float32(both_dtypes):
+    fp32, bf16 = both_dtypes
+    batch = fp32.task.splits()["train"][:2]
+    a, b = _first_logits(fp32, batch), _first_logits(bf16, batch)
+    # bf16 keeps 8 bits of mantissa: through 2 layers, agents and latent steps the judger's logits
+    # stay within 5% of their range.
+    scale = float(a.abs().max())
+    assert float((a - b).abs().max()) < 0.05 * scale
+
+
+def test_training_step_in_bfloat16_matches_float32(both_dtypes):
+    fp32, bf16 = both_dtypes
+    batch = fp32.task.splits()["train"][:2]
+    grads = []
+    for module in (fp32, bf16):
+        module.zero_grad()
+        module.training_step(batch, 0).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in module.fuser.parameters()]))
+    assert torch.isfinite(grads[1]).all()
+    cosine = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
+    assert float(cosine) > 0.95
+    assert float(grads[1].norm()) == pytest.approx(float(grads[0].norm()), rel=0.1)
+
+
+def test_evaluate_in_bfloat16_runs_the_same_graphs_as_float32(tmp_path):
+    reports = {}
+    for dtype in ("float32", "bfloat16"):
+        with initialize_config_dir(config_dir=EVAL_CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="evaluate", overrides=[
+                "model=tiny-random", f"model.dtype={dtype}", "task=gsm8k", "limit=2", "batch_size=2",
+                "latent_steps=2", "max_new_tokens=3", "methods=[single,fixed-star,mismatched,zeroed]"])
+        with open_dict(cfg):
+            cfg.output_dir = str(tmp_path / dtype)
+        evaluate(cfg)
+        reports[dtype] = read_results(tmp_path / dtype / "results.jsonl")
+    for a, b in zip(reports["float32"], reports["bfloat16"], strict=True):
+        assert (a["id"], a["method"], a["judger_senders"], a["edges"]) == (b["id"], b["method"], b["judger_senders"],
+                                                                           b["edges"])
+        assert b["peak_cache_bytes"] * 2 == a["peak_cache_bytes"]  # 2 bytes per element instead of 4
