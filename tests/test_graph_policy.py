@@ -438,6 +438,30 @@ def test_policy_rejects_bad_inputs():
         policy(role, query, torch.tensor([[0], [5]]))
     with pytest.raises(ValueError, match="init_scale must be > 0"):
         GraphPolicy(init_scale=0.0)
+    with pytest.raises(ValueError, match="affinity_scale must be >= 0"):
+        GraphPolicy(affinity_scale=-1.0)
+
+
+def test_query_role_affinity_starts_at_zero_and_ignores_identical_profiles():
+    role, query, anchor = _inputs(4, 3)
+    torch.manual_seed(0)
+    policy = GraphPolicy(embed_dim=D, hidden_dim=8, out_dim=4)
+    torch.manual_seed(0)
+    without = GraphPolicy(embed_dim=D, hidden_dim=8, out_dim=4, affinity_scale=0.0)
+    assert not any("affinity" in name for name, _ in without.named_parameters())
+    # Untrained, the policy is the one without the affinity term.
+    torch.testing.assert_close(policy(role, query, anchor), without(role, query, anchor))
+    a = policy.affinity(role, query)  # (B, N)
+    torch.testing.assert_close(a, query @ role.T - (query @ role.T).mean(1, keepdim=True))
+    # With the gains set, the relevant sender and receiver get their centred inner products.
+    with torch.no_grad():
+        policy.affinity_gain.copy_(torch.tensor([0.02, -0.01]))
+    change = policy(role, query, anchor) - without(role, query, anchor)  # (B, N, N)
+    expected = policy.affinity_scale * (0.02 * a.unsqueeze(2) - 0.01 * a.unsqueeze(1))
+    torch.testing.assert_close(change, expected)
+    # Identical profiles (the uniform roster): the affinity is exactly 0.
+    same = role[:1].expand(4, -1)
+    assert policy.affinity(same, query).abs().max() < 1e-7
 
 
 def test_policy_on_a_roster_with_the_real_embedder():
@@ -485,7 +509,14 @@ def test_gradient_reaches_every_parameter():
     assert any(name.startswith("gcn.") for name in names) and any(
         name.startswith("mlp.") for name in names
     )
-    assert {"log_scale", "bias", "edge_weight", "send_weight", "recv_weight"} <= set(names)
+    assert {
+        "log_scale",
+        "bias",
+        "edge_weight",
+        "send_weight",
+        "recv_weight",
+        "affinity_gain",
+    } <= set(names)
     for name, param in policy.named_parameters():
         assert param.grad is not None, name
         assert param.grad.abs().sum() > 0, name
