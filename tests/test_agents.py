@@ -67,6 +67,7 @@ def test_default_roster_per_domain():
         "code": "code",
         "medical": "medical",
         "science": "science",
+        "lookup": "keepers",
     }
     assert set(DEFAULT_ROSTER.values()) <= set(ROSTERS)
 

@@ -49,7 +49,7 @@ def test_first_records(data_dir):
 def test_build_task_unknown_name():
     with pytest.raises(ValueError, match=r"unknown task 'gsm9k'.*allowed.*'arith'.*'gsm8k'"):
         build_task("gsm9k")
-    assert set(TASKS) == {"gsm8k", "gpqa", "medqa", "humaneval", "mbppplus", "arith"}
+    assert set(TASKS) == {"gsm8k", "gpqa", "medqa", "humaneval", "mbppplus", "arith", "lookup"}
     assert all(cls.name == name for name, cls in TASKS.items())
 
 

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 
 import torch
 
+from gcache.tasks.lookup import DOMAINS as LOOKUP_DOMAINS
+from gcache.tasks.lookup import Domain
+
 logger = logging.getLogger(__name__)
 
 
@@ -344,6 +347,26 @@ LATENTMAS_ROLES = (
 )
 LATENTMAS_ANCHOR = ((0, 1), (1, 2))
 
+def _keeper(domain: Domain) -> Role:
+    """The keeper of one lookup domain: its profile names the domain's nouns, so the graph
+    policy can match a question ("the code of the green door") to the keeper that holds it."""
+    return Role(
+        name=f"{domain.thing.capitalize()} Keeper",
+        profile=f"Keeps the {domain.attribute}s of the {domain.things}.",
+        prompt=f"You keep the {domain.attribute}s of the {domain.things}. The facts you hold are given below.",
+    )
+
+
+# Keeper i keeps the lookup task's domain i; it holds facts the judger cannot see, so the
+# judger is not told that anyone worked on the question.
+KEEPER_ROLES = tuple(_keeper(domain) for domain in LOOKUP_DOMAINS)
+KEEPERS_SIZE = 4  # default number of keepers (the lookup task's default num_agents)
+KEEPERS_JUDGER = Role(
+    name="Judger",
+    profile="Answers a question about a coloured item with a number.",
+    prompt="You answer the question. Give the final answer.",
+)
+
 ASSISTANT = Role(
     name="Assistant",
     profile="A capable general-purpose assistant that reasons carefully step by step.",
@@ -380,9 +403,12 @@ def build_roster(name: str, num_agents: int | None = None) -> Roster:
     "Assistant 1..N", anchored as a chain 1 -> 2 -> ... -> N. Their profiles are
     identical, so the GCN can tell them apart only by their place in that chain.
 
+    ``keepers`` (the ``lookup`` task's roster) is ``num_agents`` (default 4, at most 10)
+    keepers, keeper i of lookup domain i, with no anchor edges.
+
     Raises:
-        ValueError: unknown ``name`` (the message lists the allowed names) or
-            ``num_agents < 1``.
+        ValueError: unknown ``name`` (the message lists the allowed names),
+            ``num_agents < 1``, or more keepers than lookup domains.
     """
     if name not in ROSTER_NAMES:
         raise ValueError(f"unknown roster {name!r}; allowed: {', '.join(ROSTER_NAMES)}")
@@ -404,6 +430,15 @@ def build_roster(name: str, num_agents: int | None = None) -> Roster:
             name=name, roles=roles, anchor_edges=anchor, judger=_judger("worked on this question")
         )
 
+    if name == "keepers":
+        n = KEEPERS_SIZE if num_agents is None else num_agents
+        if n > len(KEEPER_ROLES):
+            raise ValueError(
+                f"the keepers roster has one keeper per lookup domain, at most {len(KEEPER_ROLES)}; "
+                f"got num_agents={n}"
+            )
+        return Roster(name=name, roles=KEEPER_ROLES[:n], anchor_edges=(), judger=KEEPERS_JUDGER)
+
     base_roles, base_anchor, judger = _DOMAINS[name]
     k = len(base_roles)
     n = k if num_agents is None else num_agents
@@ -421,7 +456,7 @@ def build_roster(name: str, num_agents: int | None = None) -> Roster:
     return Roster(name=name, roles=tuple(roles), anchor_edges=anchor, judger=judger)
 
 
-ROSTER_NAMES: tuple[str, ...] = (*_DOMAINS, "uniform")
+ROSTER_NAMES: tuple[str, ...] = (*_DOMAINS, "uniform", "keepers")
 # Every roster at its default size, by name.
 ROSTERS: dict[str, Roster] = {name: build_roster(name) for name in ROSTER_NAMES}
 # Default roster for each task domain.
@@ -430,4 +465,5 @@ DEFAULT_ROSTER: dict[str, str] = {
     "code": "code",
     "medical": "medical",
     "science": "science",
+    "lookup": "keepers",
 }

@@ -155,7 +155,14 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
     from gcache.modes import build_mode
 
     task = task or build_task(cfg)
-    roster = build_roster(cfg.agents.roster or DEFAULT_ROSTER[task.domain], cfg.agents.num_agents)
+    # A task whose facts are held by agents (lookup) fixes the roster's size: one agent per holder.
+    holders = len(task.load_examples()[0].agent_facts)
+    roster = build_roster(cfg.agents.roster or DEFAULT_ROSTER[task.domain], cfg.agents.num_agents or holders or None)
+    if holders and roster.num_agents != holders:
+        raise ValueError(
+            f"task {task.name!r} gives its facts to {holders} agents but agents.num_agents="
+            f"{roster.num_agents}; set agents.num_agents={holders} (or null)"
+        )
     generator_mode = build_mode(cfg.mode)  # checks the endpoint: before the LM loads
     llm = llm or LocalLM.load(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.seed)
     embedder = TextEmbedder(cfg.policy.embedder) if cfg.policy.embedder else TextEmbedder()

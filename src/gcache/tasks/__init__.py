@@ -1,7 +1,7 @@
 """Benchmark tasks: loading, splits, answer extraction and rewards.
 
     from gcache.tasks import build_task
-    task = build_task("gsm8k", seed=0)      # or "arith", "gpqa", "medqa", "humaneval", "mbppplus"
+    task = build_task("gsm8k", seed=0)      # or "arith", "lookup", "gpqa", "medqa", "humaneval", "mbppplus"
     splits = task.splits()                  # {"train": [Example...], "val": [...], "test": [...]}
     rewards = task.reward(completions, splits["val"][: len(completions)])
 
@@ -17,6 +17,7 @@ from .base import Example, Task
 from .gpqa import GPQA
 from .gsm8k import GSM8K
 from .humaneval import HumanEvalPlus
+from .lookup import Lookup
 from .mbppplus import MbppPlus
 from .medqa import MedQA
 
@@ -24,6 +25,7 @@ __all__ = ["TASKS", "build_task", "Example", "Task"]
 
 TASKS: dict[str, type[Task]] = {
     "arith": Arith,
+    "lookup": Lookup,
     "gsm8k": GSM8K,
     "gpqa": GPQA,
     "medqa": MedQA,

@@ -51,6 +51,10 @@ class Example:
     question: str  # full problem text shown to the agents (options lettered A-D included)
     answer: str  # canonical reference: a number string, an option letter, or reference code
     meta: dict = field(default_factory=dict)  # task specific: tests, entry_point, options, index...
+    # Tasks whose facts are held by the agents (lookup): agent i's text, and the oracle
+    # communication graph as (src, dst) agent pairs, dst == -1 the judger. Empty otherwise.
+    agent_facts: tuple[str, ...] = ()
+    oracle_edges: tuple[tuple[int, int], ...] = ()
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -118,7 +122,7 @@ class Task(ABC):
     """Base class of the benchmark tasks (one level of inheritance at most)."""
 
     name: str = ""
-    domain: str = ""  # "math" | "science" | "medical" | "code": chooses the default agent roster
+    domain: str = ""  # "math" | "science" | "medical" | "code" | "lookup": chooses the default agent roster
     answer_format: str = ""  # one sentence: how the final answer must be written
 
     def __init__(
