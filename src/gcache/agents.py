@@ -3,8 +3,8 @@
 A :class:`Roster` holds the N communicating agents (the nodes of the sampled
 communication graph), the fixed *anchor* graph over those roles that the graph
 policy's GCN propagates over, and the *judger*: the decision agent that receives
-the caches of every agent and produces the final answer. The judger is not a node
-of the sampled graph.
+the caches of the agents that send to it (node N of the sampled graph, with incoming
+edges only) and produces the final answer.
 
 Each :class:`Role` has a ``profile`` (a short description of its expertise, which
 the graph policy embeds as the node feature) and a ``prompt`` (the instruction the
@@ -64,7 +64,7 @@ class Roster:
         anchor_edges: directed pairs ``(src, dst)`` of role indices forming the
             fixed role graph the GCN propagates over (e.g. solver -> inspector).
             It need not be acyclic; it only shapes the node features.
-        judger: the decision agent; it receives from every agent and answers.
+        judger: the decision agent; it reads the agents that send to it and answers.
     """
 
     name: str
@@ -113,12 +113,10 @@ class Roster:
 def _judger(work: str) -> Role:
     return Role(
         name="Judger",
-        profile="A decision maker who weighs the work of several experts and commits to a final answer.",
-        prompt=(
-            f"You are the decision agent. Other agents have already {work}; their work is in "
-            "your context. Compare their conclusions, check any step where they disagree or "
-            "look doubtful, and give the final answer."
-        ),
+        profile=f"A decision maker who weighs the work of experts who have {work} and commits to a final answer.",
+        # Nothing about other agents here: `gcache.prompts.judger_messages` adds that only when
+        # the judger reads senders, so the single-agent baseline is not told of absent work.
+        prompt="You are the decision agent. Read the question carefully and give the final answer.",
     )
 
 
@@ -346,6 +344,7 @@ LATENTMAS_ROLES = (
     ),
 )
 LATENTMAS_ANCHOR = ((0, 1), (1, 2))
+
 
 def _keeper(domain: Domain) -> Role:
     """The keeper of one lookup domain: its profile names the domain's nouns, so the graph

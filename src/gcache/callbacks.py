@@ -3,11 +3,13 @@ on Ctrl-C / SIGTERM."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import lightning as L
@@ -77,6 +79,98 @@ class TopologyPictures(L.Callback):
             if type(logger).__name__ == "WandbLogger":
                 logger.log_image(key="topology", images=[str(path)], step=trainer.global_step)
         log.info("topology picture: %s", path)
+
+
+class ProgressLog(L.Callback):
+    """A log line every `every_n_steps` training steps (and at the last): step, reward, the last
+    validation accuracy, edges and judger senders per graph, seconds per step and time left.
+    For runs without a TTY (nohup, Slurm), where a progress bar shows nothing useful."""
+
+    def __init__(self, every_n_steps: int = 5) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
+        self.every_n_steps = every_n_steps
+        self._start = 0.0
+        self._first_step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+        self._first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step, total = trainer.global_step, trainer.estimated_stepping_batches
+        if not trainer.is_global_zero or (step % self.every_n_steps and step != total):
+            return
+        metrics = trainer.callback_metrics
+        per_step = (time.perf_counter() - self._start) / max(step - self._first_step, 1)
+        left = per_step * max(total - step, 0) if math.isfinite(total) else float("nan")
+
+        def value(key: str, fmt: str = "{:.2f}") -> str:
+            return fmt.format(float(metrics[key])) if key in metrics else "—"
+
+        log.info(
+            "step %d/%s  reward %s  val acc %s  edges/graph %s  judger senders %s  %.1f s/step  ~%s left",
+            step, total if math.isfinite(total) else "?", value("train/reward"), value("val/accuracy"),
+            value("train/edges_per_graph", "{:.1f}"), value("train/judger_senders", "{:.1f}"), per_step,
+            "?" if math.isnan(left) else f"{int(left // 60)}m{int(left % 60):02d}s",
+        )
+
+
+class History(L.Callback):
+    """After each validation: append step, validation accuracy, the mean training reward since the
+    last validation and the oracle / distractor edge probabilities (tasks with an oracle graph) to
+    `history.jsonl`, and redraw `learning_curve.png` from it."""
+
+    KEYS = {"val/accuracy": "val/accuracy", "val/p_oracle": "p_oracle", "val/p_distractor": "p_distractor"}
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._rewards: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if "train/reward" in trainer.callback_metrics:
+            self._rewards.append(float(trainer.callback_metrics["train/reward"]))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        row = {"step": trainer.global_step}
+        row.update({name: float(metrics[key]) for key, name in self.KEYS.items() if key in metrics})
+        if self._rewards:
+            row["reward"] = sum(self._rewards) / len(self._rewards)
+            self._rewards = []
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with open(self.directory / "history.jsonl", "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        rows = [json.loads(line) for line in (self.directory / "history.jsonl").read_text().splitlines() if line]
+        fig = learning_curve_figure(rows)
+        fig.savefig(self.directory / "learning_curve.png", dpi=80)
+        plt.close(fig)
+
+
+def learning_curve_figure(rows: list[dict]):
+    """Validation accuracy and training reward (left), oracle vs distractor edge probability (right)."""
+    fig, (ax_a, ax_p) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("val/accuracy", "validation accuracy"), ("reward", "training reward")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax_a.plot(*zip(*points, strict=True), marker="o", label=label)
+    ax_a.set_ylim(-0.02, 1.02)
+    ax_a.set_xlabel("step")
+    ax_a.legend(fontsize=8)
+    ax_a.set_title("accuracy")
+    for key, style in (("p_oracle", "-"), ("p_distractor", "--")):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            ax_p.plot(*zip(*points, strict=True), style, marker="o", label=key)
+    ax_p.set_ylim(-0.02, 1.02)
+    ax_p.set_xlabel("step")
+    ax_p.set_title("edge probability into the judger")
+    if ax_p.lines:
+        ax_p.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 class StopOnSignal(L.Callback):

@@ -288,6 +288,8 @@ class Evaluator:
         elif subject in TRAINED_METHODS:
             config.update(graph="learned", judger_edges=self.module.judger_edges, checkpoint=self.ckpt_path,
                           fuser="none" if subject == "gcache-policy-only" else "trained")
+            if method == "gcache":  # runs the module's own evaluation, under its training config
+                config["judger_cache"] = base.judger_cache
         if method in CONTROLS:
             config["subject"] = subject
         return config

@@ -357,8 +357,33 @@ class GCacheModule(L.LightningModule):
         scored = [r for r in rewards if r is not None]
         acc = sum(scored) / len(scored) if scored else 0.0
         metrics = {f"{stage}/accuracy": torch.tensor(acc), **self._rollout_metrics(stage, rows, start, len(batch))}
+        metrics[f"{stage}/judger_senders"] = torch.tensor(
+            sum(len(r.judger_senders) for r in rows.rollouts) / max(len(rows.rollouts), 1))
+        oracle = self.oracle_edge_probabilities(batch)
+        if oracle is not None:
+            metrics[f"{stage}/p_oracle"], metrics[f"{stage}/p_distractor"] = oracle
         # Under DDP each rank evaluates its shard; the epoch value is the mean over ranks.
         self.log_dict(metrics, batch_size=len(batch), on_epoch=True, on_step=False, sync_dist=True)
+
+    @torch.no_grad()
+    def oracle_edge_probabilities(self, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For tasks with an oracle graph: the mean sampling probability of the oracle's sampled
+        edges, and of the other agents' edges into the judger (distractors). None without oracles."""
+        if not all(ex.oracle_edges for ex in batch):
+            return None
+        n = self.roster.num_agents
+        probs = edge_probabilities(self.edge_logits([ex.question for ex in batch]), self.edge_mask,
+                                   self.policy.temperature).cpu()  # (B, N+1, N+1)
+        mask = self.edge_mask.cpu()
+        oracle, distractor = [], []
+        for b, ex in enumerate(batch):
+            edges = {(i, n if j == -1 else j) for i, j in ex.oracle_edges}
+            oracle += [float(probs[b, i, j]) for i, j in edges if bool(mask[i, j])]
+            senders = {i for i, j in edges if j == n}
+            distractor += [float(probs[b, i, n]) for i in range(n) if bool(mask[i, n]) and i not in senders]
+        if not oracle or not distractor:
+            return None
+        return torch.tensor(sum(oracle) / len(oracle)), torch.tensor(sum(distractor) / len(distractor))
 
     def validation_step(self, batch: list[Example], batch_idx: int) -> None:
         self._eval_step("val", batch)

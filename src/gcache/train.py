@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -46,14 +47,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from gcache.agents import DEFAULT_ROSTER, build_roster
-from gcache.callbacks import StopOnSignal, TopologyPictures
+from gcache.callbacks import History, ProgressLog, StopOnSignal, TopologyPictures
 from gcache.datamodule import TaskDataModule
 from gcache.embeddings import TextEmbedder
 from gcache.llm.api import ApiError
-from gcache.llm.local import LocalLM
-from gcache.module import GCacheModule, LossConfig
+from gcache.llm.local import REALIGNMENTS, LocalLM
+from gcache.module import JUDGER_EDGES, GCacheModule, LossConfig
 from gcache.policy.cache_fuser import CacheFuser
-from gcache.rollout import RETENTIONS, RolloutConfig
+from gcache.rollout import JUDGER_CACHES, RETENTIONS, RolloutConfig
 from gcache.secrets import (
     KEY_SOURCES,
     env_secrets,
@@ -85,7 +86,7 @@ class TrainingInterrupted(Exception):
 
 # ---- validation ------------------------------------------------------------------------------
 # key: smallest allowed value; keys missing from a config (evaluate.yaml has fewer) are skipped.
-INTEGERS = {"latent_steps": 0, "graphs_per_question": 1, "num_rounds": 1, "max_new_tokens": 1,
+INTEGERS = {"latent_steps": 0, "graphs_per_question": 1, "max_new_tokens": 1,
             "batch_size": 1, "eval_batch_size": 1, "ckpt_every_n_steps": 1}
 OPTIONAL_INTEGERS = {"agents.num_agents": 1, "limit_train": 1, "limit_val": 1, "limit_test": 1}
 
@@ -104,8 +105,13 @@ def validate(cfg: DictConfig) -> None:
     temperature = cfg.temperature
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
         raise ConfigError(f"temperature must be a number >= 0, got {cfg.temperature!r}")
-    if cfg.num_rounds != 1:
-        raise ConfigError(f"num_rounds={cfg.num_rounds}: only 1 round is implemented so far")
+    if cfg.get("judger_cache", "fused") not in JUDGER_CACHES:
+        raise ConfigError(f"judger_cache={cfg.judger_cache!r} is not one of {list(JUDGER_CACHES)}")
+    if cfg.realign not in REALIGNMENTS:
+        raise ConfigError(f"realign={cfg.realign!r} is not one of {list(REALIGNMENTS)}")
+    judger_edges = cfg.get("judger_edges", "sampled")
+    if judger_edges not in JUDGER_EDGES:
+        raise ConfigError(f"judger_edges={judger_edges!r} is not one of {list(JUDGER_EDGES)}")
     name = str(cfg.model.name)
     is_path = name.startswith((".", "/", "~"))  # else `embedded`, `tiny-random` or a hub id
     if is_path and not Path(name).expanduser().exists():
@@ -169,6 +175,7 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
     rollout = RolloutConfig(
         latent_steps=cfg.latent_steps, retention=cfg.retention, realign=cfg.realign,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        judger_cache=cfg.get("judger_cache", "fused"),
     )
     return GCacheModule(
         task=task,
@@ -187,6 +194,8 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
             edge_cost=cfg.policy.edge_cost, entropy_coef=cfg.policy.entropy_coef,
             fuser_weight=cfg.policy.fuser_weight, fuser_rows_per_question=cfg.policy.fuser_rows_per_question,
         ),
+        judger_edges=cfg.get("judger_edges", "sampled"),
+        fuser_trains_policy=bool(cfg.get("fuser_trains_policy", False)),
         generator_mode=generator_mode,
         seed=cfg.seed,
     )
@@ -247,6 +256,53 @@ def _resume_command(out: Path) -> str:
     return " ".join(["python -m gcache.train", *overrides, "resume=true", f"hydra.run.dir={out}"])
 
 
+def compare_on_test(cfg: DictConfig, module: GCacheModule, examples: list, out: Path) -> dict | None:
+    """The trained policy (its test predictions) next to `cfg.compare` baselines on the same test
+    questions, with paired exact McNemar tests; also written to `comparison.jsonl`."""
+    from gcache.evaluate import Evaluator
+    from gcache.stats import mcnemar_exact, wilson_interval
+
+    methods = [m for m in (cfg.get("compare") or []) if m != "oracle" or all(ex.oracle_edges for ex in examples)]
+    if not methods:
+        return None
+    evaluator = Evaluator(module, ckpt_path=str(out / "checkpoints" / "last.ckpt"))
+    trained = {r["id"]: r["reward"] for r in module.test_records}
+    rewards = {"gcache": [trained[ex.id] for ex in examples]}
+    records = []
+    was_training = module.training
+    module.eval()
+    try:
+        for method in methods:
+            rows = []
+            for start in range(0, len(examples), cfg.eval_batch_size):
+                rows += evaluator.run(method, examples[start : start + cfg.eval_batch_size])
+            records += rows
+            rewards[method] = [r["reward"] for r in rows]
+    finally:
+        module.train(was_training)
+    with open(out / "comparison.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+    result = {"questions": len(examples), "methods": {}}
+    for method, values in rewards.items():
+        scored = [v for v in values if v is not None]
+        entry = {"accuracy": sum(scored) / max(len(scored), 1), "ci95": list(wilson_interval(sum(scored), len(scored)))}
+        if method != "gcache":
+            pairs = [(a, b) for a, b in zip(rewards["gcache"], values, strict=True) if a is not None and b is not None]
+            entry["mcnemar_p_vs_gcache"] = mcnemar_exact([a > 0.5 for a, _ in pairs], [b > 0.5 for _, b in pairs])[
+                "p_value"]
+        result["methods"][method] = entry
+    return result
+
+
+def comparison_table(comparison: dict) -> str:
+    lines = ["| method | accuracy | 95% CI | McNemar p vs gcache |", "|---|---|---|---|"]
+    for method, entry in comparison["methods"].items():
+        p = entry.get("mcnemar_p_vs_gcache")
+        lines.append(f"| {method} | {entry['accuracy']:.3f} | {entry['ci95'][0]:.2f}–{entry['ci95'][1]:.2f} | "
+                     f"{'—' if p is None else f'{p:.3g}'} |")
+    return "\n".join(lines)
+
+
 # ---- the run ---------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, then evaluate on the test split; returns (and writes) the summary."""
@@ -273,10 +329,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 auto_insert_metric_name=False, save_on_exception=True,
             ),
             TopologyPictures(out / "topology", question=datamodule.split("val")[0].question),
+            History(out),
         ]
+        tty = sys.stderr.isatty()
+        if not tty:  # nohup, Slurm: log lines instead of a progress bar
+            callbacks.append(ProgressLog(every_n_steps=cfg.get("progress_every_n_steps", 5)))
         logger = instantiate(cfg.logger) if cfg.logger else False
+        extra = {} if "enable_progress_bar" in cfg.trainer else {"enable_progress_bar": tty}
+        if cfg.get("val_every_n_steps"):
+            steps_per_epoch = math.ceil(len(datamodule.split("train")) / cfg.batch_size)
+            extra["val_check_interval"] = min(cfg.val_every_n_steps, steps_per_epoch)
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
-                                         plugins=[AtomicCheckpointIO()])
+                                         plugins=[AtomicCheckpointIO()], **extra)
         _use_this_ranks_gpu()
         module = build_module(cfg, task=task)  # the API endpoint is checked before the LM loads
     if logger:
@@ -289,12 +353,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("resume=true: %s", f"continuing from {last}" if ckpt_path else "no checkpoint yet, starting fresh")
     try:
         try:
+            if cfg.get("validate_at_start") and ckpt_path is None:  # step 0 of the learning curve
+                trainer.validate(module, datamodule=datamodule, verbose=False)
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
             val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            test = {}
+            test, comparison = {}, None
             if cfg.run_test:
+                module.test_records = []
                 results = trainer.test(module, datamodule=datamodule, verbose=False)
                 test = {k: float(v) for k, v in (results[0] if results else {}).items()}
+                if trainer.is_global_zero:  # rank 0's shard under DDP
+                    tmp = out / "test_predictions.jsonl.tmp"
+                    tmp.write_text("".join(json.dumps(r) + "\n" for r in module.test_records))
+                    tmp.replace(out / "test_predictions.jsonl")
+                    comparison = compare_on_test(cfg, module, datamodule.split("test"), out)
         except SIGTERMException:
             signum = stop.received or signal.SIGTERM  # another rank's signal, or Lightning's own handling
             last = ckpt_dir / "last.ckpt"
@@ -312,6 +384,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "val": val,
             "wall_seconds": round(time.perf_counter() - start, 2),
             "checkpoint": str(ckpt_dir / "last.ckpt"),
+            "comparison": comparison,
             "config": _choices(),
         }
         if trainer.is_global_zero:
@@ -320,6 +393,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tmp.replace(out / "summary.json")
             shown = ("val_accuracy", "test_accuracy", "steps", "wall_seconds")
             log.info("summary: %s", json.dumps({k: summary[k] for k in shown}))
+            if comparison:
+                log.info("trained policy vs baselines on the same %d test questions:\n%s",
+                         comparison["questions"], comparison_table(comparison))
         return summary
     finally:
         if logger and type(logger).__name__ == "WandbLogger":

@@ -1,0 +1,155 @@
+"""Does it help? Train gcache for several seeds, evaluate it next to baselines and controls on the
+same held-out questions, and aggregate with intervals and paired tests.
+
+    python -m gcache.study                                 # lookup, seeds 0,1,2 (conf/study.yaml)
+    python -m gcache.study task=arith seed=0,1,2,3,4       # another task, five seeds
+    python -m gcache.study task=gsm8k study.limit=20 limit_train=16 topology=full
+
+A Hydra multirun over `seed`: each job (one seed, in `<sweep dir>/seed<N>/`) trains like
+`gcache.train` and then evaluates `study.methods` on the test split with the trained
+checkpoint (`gcache.evaluate`, so `eval/results.jsonl` holds one record per question and
+method). When the sweep ends, `Aggregate` reads every seed's records and `history.jsonl`
+and writes `study.json`, `study.md` and pictures (`curves.png`, `edges.png`,
+`comparison.png`) into the sweep directory, using `gcache.stats` (two-level bootstrap
+intervals over seeds and questions, exact McNemar tests per seed and pooled, paired
+bootstrap differences). Every seed's data split is the same (`study.data_seed`); seeds vary
+the policy's initialisation, the sampled graphs and the data order.
+
+Resumable: a seed with a `summary.json` is not trained again (an interrupted one resumes
+from its last checkpoint), and evaluation skips finished (question, method) pairs; rerun
+the same command (the sweep directory has no timestamp) to finish a study.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from gcache.train import CONF_DIR, EXIT_BAD_INPUT, ConfigError, setup_errors_as_config_errors
+
+log = logging.getLogger(__name__)
+
+
+def run_seed(cfg: DictConfig) -> dict[str, Any]:
+    """Train (unless this seed's run finished) and evaluate one seed in `cfg.output_dir`."""
+    from gcache.evaluate import evaluate
+    from gcache.train import build_task, run
+
+    out = Path(cfg.output_dir)
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        log.info("seed %s: trained already (%s)", cfg.seed, summary_path)
+        summary = json.loads(summary_path.read_text())
+    else:
+        with open_dict(cfg):
+            cfg.resume = (out / "checkpoints" / "last.ckpt").exists()
+        summary = run(cfg)
+    methods = list(cfg.study.methods)
+    if "oracle" in methods and not build_task(cfg).load_examples()[0].oracle_edges:
+        log.info("task %s has no oracle graph: method 'oracle' left out", cfg.task.name)
+        methods.remove("oracle")
+    eval_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    with open_dict(eval_cfg):
+        eval_cfg.methods = methods
+        eval_cfg.split = "test"
+        eval_cfg.limit = cfg.study.limit or cfg.limit_test
+        eval_cfg.batch_size = cfg.eval_batch_size
+        eval_cfg.ckpt_path = str(out / "checkpoints" / "last.ckpt")
+        eval_cfg.baseline_topology = cfg.study.baseline_topology
+        eval_cfg.agent_max_new_tokens = cfg.study.agent_max_new_tokens
+        eval_cfg.output_dir = str(out / "eval")
+    report = evaluate(eval_cfg)
+    return {"summary": summary, "report": report}
+
+
+def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: str = "") -> dict:
+    """Aggregate every `seed*/` of a study directory into study.json, study.md and pictures."""
+    from gcache.evaluate import read_results
+    from gcache.stats import aggregate, study_figures, study_markdown
+
+    directory = Path(directory)
+    records, histories = {}, {}
+    for seed_dir in sorted(directory.glob("seed*")):
+        results = seed_dir / "eval" / "results.jsonl"
+        if not results.exists():
+            continue
+        seed = int(seed_dir.name.removeprefix("seed"))
+        records[seed] = read_results(results)
+        history = seed_dir / "history.jsonl"
+        histories[seed] = [json.loads(x) for x in history.read_text().splitlines() if x] if history.exists() else []
+    if not records:
+        raise FileNotFoundError(f"no seed*/eval/results.jsonl under {directory}")
+    summary = aggregate(records, reference=reference)
+    summary["training"] = {}
+    for seed in records:
+        path = directory / f"seed{seed}" / "summary.json"
+        if path.exists():
+            trained = json.loads(path.read_text())
+            summary["training"][seed] = {k: trained.get(k) for k in ("steps", "wall_seconds", "val_accuracy",
+                                                                      "test_accuracy")}
+    (directory / "study.json.tmp").write_text(json.dumps(summary, indent=2))
+    (directory / "study.json.tmp").replace(directory / "study.json")
+    text = study_markdown(summary, title or f"study: {directory}")
+    (directory / "study.md").write_text(text)
+    study_figures(summary, histories, directory)
+    log.info("study of %d seed(s): %s\n%s", len(records), directory / "study.md", text)
+    return summary
+
+
+class Aggregate(Callback):
+    """Hydra callback: aggregate the study when the seed sweep ends (and log it to W&B when the
+    study's logger is W&B)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        directory = Path(config.hydra.sweep.dir)
+        summary = aggregate_study(directory, reference=config.study.reference,
+                                  title=f"{config.task.name}: {config.model.name}, seeds "
+                                        f"{', '.join(str(s) for s in sorted(_seeds(directory)))}")
+        logger = config.get("logger") or {}
+        if str(logger.get("_target_", "")).endswith("WandbLogger"):
+            import wandb
+
+            from gcache.secrets import redacted_config
+
+            run = wandb.init(project=logger.get("project", "gcache"), dir=str(directory), mode="offline",
+                             job_type="study", config=redacted_config(config))
+            table = wandb.Table(columns=["method", "accuracy", "ci_low", "ci_high"])
+            for name, stats in summary["methods"].items():
+                low, high = stats["ci95"] if stats.get("ci95") else (None, None)
+                table.add_data(name, stats.get("accuracy"), low, high)
+            run.log({"study": table, **{f"study/{p.stem}": wandb.Image(str(p)) for p in directory.glob("*.png")}})
+            run.finish()
+
+
+def _seeds(directory: Path) -> list[int]:
+    return [int(p.name.removeprefix("seed")) for p in directory.glob("seed*") if p.name[4:].isdigit()]
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="study")
+def main(cfg: DictConfig) -> None:
+    from gcache.llm.api import ApiError
+    from gcache.secrets import env_secrets, install_secret_filter, load_dotenv
+
+    load_dotenv()
+    install_secret_filter(env_secrets())
+    logging.captureWarnings(True)
+    try:
+        with setup_errors_as_config_errors():
+            if cfg.study.reference not in cfg.study.methods:
+                raise ConfigError(f"study.reference={cfg.study.reference!r} is not among study.methods "
+                                  f"{list(cfg.study.methods)}")
+        run_seed(cfg)
+    except (ConfigError, ApiError) as exc:
+        log.error("error: %s", exc)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+if __name__ == "__main__":
+    main()
