@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from gcache.evaluate import CONF_DIR, evaluate
-from gcache.rollout import RolloutConfig, RolloutEngine, chain_adjacency
+from gcache.rollout import RolloutConfig, RolloutEngine, chain_adjacency, judger_senders_all
 from gcache.train import build_module
 
 log = logging.getLogger("benchmark")
@@ -46,7 +46,7 @@ def bench_batched(module, examples, batch: int, max_new_tokens: int, *, decode_o
     `max_new_tokens` (decode-heavy); otherwise full latent rollouts on a chain."""
     questions = [ex.question for ex in examples[:batch]]
     n = module.roster.num_agents
-    adjacency = chain_adjacency(n).expand(len(questions), -1, -1)
+    adjacency = judger_senders_all(chain_adjacency(n).expand(len(questions), -1, -1))
     active = [] if decode_only else None
     times, tokens = {}, {}
     for size in (1, batch):
@@ -75,15 +75,15 @@ def bench_reuse(module, examples, graphs: int) -> dict:
     n = module.roster.num_agents
     with torch.no_grad():
         logits = module.edge_logits(questions)
-    mask = module.agent_mask
+    mask = module.edge_mask  # agents and the judger (node N)
     config = RolloutConfig(**{**module.rollout_config.__dict__, "max_new_tokens": 8})
     engine = RolloutEngine(module.llm, module.roster, config, fuser=module.fuser)
     result = {}
     for label, scale in (("untrained", 1.0), ("confident x4", 4.0), ("converged x10", 10.0)):
-        sample = sample_dags(scale * logits[:, :n, :n], mask, graphs, generator=torch.Generator().manual_seed(0))
+        sample = sample_dags(scale * logits, mask, graphs, generator=torch.Generator().manual_seed(0))
         index = [q for q in range(len(questions)) for _ in range(graphs)]
-        rows = engine.run(questions, sample.adjacency.reshape(-1, n, n), index,
-                          answer_format=module.task.answer_format)
+        adjacency = module.add_fixed_edges(sample.adjacency.reshape(-1, n + 1, n + 1))
+        rows = engine.run(questions, adjacency, index, answer_format=module.task.answer_format)
         result[f"{label} prefill share"] = rows.prefills / rows.prefills_naive
         result[f"{label} judger share"] = rows.judger_decodes / len(rows.rollouts)
     return result
@@ -123,8 +123,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {"machine": {"threads": torch.get_num_threads()}}
 
-    cfg = _cfg("train", [f"model={args.model}", "task=arith", f"latent_steps={args.latent_steps}",
-                         "graphs_per_question=4", "logger=none"], out)
+    cfg = _cfg("train", [f"model={args.model}", "task=arith", "topology=full", f"latent_steps={args.latent_steps}",
+                         "graphs_per_question=4", "logger=none", "batch_size=2"], out)
     module = build_module(cfg)
     train = module.task.splits()["train"]
     results["batched (judger decode, 96 tokens)"] = bench_batched(module, train, 8, 96, decode_only=True)
@@ -137,7 +137,7 @@ def main() -> None:
             continue
         eval_cfg = _cfg("evaluate", [f"model={args.model}", f"task={task}", f"limit={limit}",
                                      f"latent_steps={args.latent_steps}", "methods=[text_mas,latent_mas]",
-                                     "max_new_tokens=256", "agent_max_new_tokens=256", "batch_size=4",
+                                     "max_new_tokens=256", "agent_max_new_tokens=256", "batch_size=4", "topology=full",
                                      "logger=none"], out / f"eval-{task}")
         report = evaluate(eval_cfg, module=build_module(eval_cfg, llm=module.llm))["methods"]
         text, latent = report["text_mas"], report["latent_mas"]

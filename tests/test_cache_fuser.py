@@ -9,7 +9,7 @@ from gcache import kv
 from gcache.agents import build_roster
 from gcache.llm.local import LocalLM
 from gcache.policy.cache_fuser import CacheFuser
-from gcache.rollout import RolloutConfig, RolloutEngine
+from gcache.rollout import RolloutConfig, RolloutEngine, judger_senders_all
 from gcache.tasks import build_task
 
 
@@ -37,7 +37,7 @@ def test_bad_inputs_are_refused():
 def _judger_batch(llm, roster, task, examples, steps=3):
     """Senders' caches (fixed, no grad) and judger prompts for a mesh graph of the roster."""
     n = roster.num_agents
-    adjacency = torch.ones(n, n, dtype=torch.bool).triu(1).expand(len(examples), -1, -1)
+    adjacency = judger_senders_all(torch.ones(n, n, dtype=torch.bool).triu(1).expand(len(examples), -1, -1))
     engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=steps, retention="role_latent", max_new_tokens=1))
     rows = engine.run([e.question for e in examples], adjacency, list(range(len(examples))),
                       answer_format=task.answer_format, keep_judger_inputs=True)

@@ -31,7 +31,8 @@ def test_study_trains_evaluates_and_aggregates_every_seed_and_resumes(tmp_path):
         assert {r["method"] for r in records} == {"gcache", "single", "fixed-full", "oracle", "mismatched", "zeroed"}
         assert len(records) == 6 * 3
         history = [json.loads(x) for x in (seed_dir / "history.jsonl").read_text().splitlines()]
-        assert [h["step"] for h in history] == [1, 2] and all("p_oracle" in h for h in history)
+        # Step 0 (the untrained policy), then after each of the two steps.
+        assert [h["step"] for h in history] == [0, 1, 2] and all("p_oracle" in h for h in history)
         # The study's gcache is the seed's own trained policy: its test predictions, question by question.
         trained = [json.loads(x) for x in (seed_dir / "test_predictions.jsonl").read_text().splitlines()]
         mine = {r["id"]: r["answer"] for r in records if r["method"] == "gcache"}

@@ -133,6 +133,7 @@ def summarize(records: Sequence[dict]) -> dict[str, Any]:
             "seconds_per_question": sum(r["seconds"] for r in rows) / n,
             "peak_cache_bytes": max(r["peak_cache_bytes"] for r in rows),
             "judger_senders_per_question": sum(len(r.get("judger_senders", [])) for r in rows) / n,
+            "agents_run_per_question": sum(r.get("agents_run", 0) for r in rows) / n,  # pruned agents cost nothing
             "config": rows[0].get("config", {}),
         }
     base = methods.get("text_mas")
@@ -146,8 +147,8 @@ def summarize(records: Sequence[dict]) -> dict[str, Any]:
 
 
 def report_markdown(report: dict, title: str = "") -> str:
-    cols = ["method", "n", "accuracy", "95% CI", "decoded tok/q", "prompt tok/q", "s/q", "peak KV MB",
-            "speed× vs text", "decoded vs text"]
+    cols = ["method", "n", "accuracy", "95% CI", "decoded tok/q", "prompt tok/q", "agents run/q", "s/q",
+            "peak KV MB", "speed× vs text", "decoded vs text"]
     lines = [f"# {title}".rstrip(), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     def ratio(value):
         return "—" if value is None else f"{value:.2f}"
@@ -156,7 +157,8 @@ def report_markdown(report: dict, title: str = "") -> str:
         lines.append(
             f"| {name} | {s['questions']} | {s['accuracy']:.3f} | {s['ci95'][0]:.2f}–{s['ci95'][1]:.2f} | "
             f"{s['decoded_tokens_per_question']:.1f} | {s['prompt_tokens_per_question']:.1f} | "
-            f"{s['seconds_per_question']:.2f} | {s['peak_cache_bytes'] / 2**20:.1f} | "
+            f"{s.get('agents_run_per_question', 0):.2f} | {s['seconds_per_question']:.2f} | "
+            f"{s['peak_cache_bytes'] / 2**20:.1f} | "
             f"{ratio(s.get('speedup_vs_text_mas'))} | {ratio(s.get('decoded_tokens_vs_text_mas'))} |"
         )
     configs = [(name, s["config"]) for name, s in report["methods"].items() if s.get("config")]

@@ -258,7 +258,7 @@ class GCacheModule(L.LightningModule):
             finite = bool(torch.isfinite(loss))
             if not finite:
                 log.warning("non-finite loss (policy %s, fuser %s) for question(s) %s at step %d: step skipped",
-                            float(policy_loss), float(fuser_loss), [ex.id for ex in batch], self.global_step)
+                            float(policy_loss.detach()), float(fuser_loss.detach()), [ex.id for ex in batch], self.global_step)
         # Forward parts of the update (the backward and optimiser step follow in Lightning).
         self.last_step_timings = {"rollout_s": rollout_s, "update_forward_s": policy_s + time.perf_counter() - update_start}
         self._skip_update = not self._on_every_rank(finite)
