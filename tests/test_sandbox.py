@@ -1,13 +1,37 @@
-"""The code sandbox: one property per test."""
+"""The code sandbox: one property per test.
+
+The isolation tests run once per backend (bubblewrap, unshare(2) through ctypes) and skip
+with the probe's reason where that backend does not work on the machine.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import sys
 import time
+import uuid
+from pathlib import Path
 
 import pytest
 
-from gcache.tasks.sandbox import SandboxResult, run_many, run_program
+from gcache.tasks import sandbox
+from gcache.tasks.sandbox import (
+    IsolationUnavailable,
+    SandboxResult,
+    isolation_problem,
+    run_many,
+    run_program,
+)
+
+
+@pytest.fixture(params=["bwrap", "unshare"])
+def backend(request):
+    problem = isolation_problem(request.param)
+    if problem:
+        pytest.skip(f"namespace isolation through {request.param} is unavailable here: {problem}")
+    return request.param
 
 
 def test_passing_program_and_output_tail():
@@ -189,3 +213,145 @@ def test_fifty_programs_in_parallel():
     results = run_many(programs, max_workers=2, limits=limits)
     assert [r.status for r in results] == expected
     assert "wrong 1" in results[1].message and "wrong 6" in results[6].message  # order is kept
+
+
+# Layer 1: namespaces. Each of these passes on main without isolation (checked with "off").
+
+
+def test_loopback_listener_is_unreachable(backend):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        program = (
+            "import socket\n"
+            f"s = socket.create_connection(('127.0.0.1', {port}), timeout=5)\n"
+            "s.sendall(b'reward please')\n"
+        )
+        result = run_program(program, isolation=backend)
+        assert result.isolation == backend
+        assert result.status == "error", result
+        assert "Connection refused" in result.message or "unreachable" in result.message
+        listener.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            listener.accept()  # nothing ever connected
+
+
+def test_home_directory_is_invisible(backend, tmp_path, monkeypatch):
+    home = Path.home()
+    if not os.access(home, os.W_OK):  # a home we may not write: plant in one we control
+        home = tmp_path / "home"
+        home.mkdir()
+        monkeypatch.setenv("HOME", str(home))
+    secret = home / f"gcache-test-secret-{uuid.uuid4().hex}"
+    secret.write_text("api-key-12345")
+    try:
+        result = run_program(f"print(open({str(secret)!r}).read())", isolation=backend)
+    finally:
+        secret.unlink()
+    assert result.status == "error" and "FileNotFoundError" in result.message
+    assert "api-key-12345" not in result.stdout
+
+
+def test_writes_outside_the_work_dir_fail_in_the_kernel(backend, tmp_path):
+    # io.FileIO and posix.open (the function behind os.open) bypass the Python-level guards
+    targets = [tmp_path / "fileio.txt", Path(f"/tmp/gcache-test-{uuid.uuid4().hex}")]
+    targets.append(Path(sys.prefix) / f"gcache-test-{uuid.uuid4().hex}")  # visible, read-only
+    try:
+        for target in targets:
+            for write in [
+                f"import io\nio.FileIO({str(target)!r}, 'w').write(b'x')\n",
+                f"import posix\nposix.open({str(target)!r}, posix.O_WRONLY | posix.O_CREAT)\n",
+                f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)\n",  # layer 2
+            ]:
+                result = run_program(write, isolation=backend)
+                assert result.status == "error", (write, result)
+                assert not target.exists(), write
+    finally:
+        for target in targets:
+            target.unlink(missing_ok=True)
+
+
+def test_other_processes_are_invisible(backend):
+    pid = os.getpid()
+    program = (
+        "import os, posix\n"
+        f"print('visible', os.path.exists('/proc/{pid}'))\n"
+        "print('pids', sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
+        f"posix.kill({pid}, 0)\n"  # the stub-free kill: does this process exist?
+    )
+    result = run_program(program, isolation=backend)
+    assert "visible False" in result.stdout
+    assert "pids [1, 2]" in result.stdout  # the namespace's init and the program itself
+    assert result.status == "error" and "ProcessLookupError" in result.message
+
+
+def test_isolation_modes(monkeypatch, caplog):
+    monkeypatch.delenv(sandbox.ISOLATION_ENV, raising=False)
+    assert run_program("pass", isolation="off").isolation == "none"
+    with pytest.raises(ValueError, match="isolation must be one of"):
+        run_program("pass", isolation="maybe")
+    # a machine where neither backend works
+    monkeypatch.setattr(sandbox, "_probes", {"bwrap": "bwrap: not here", "unshare": "unshare: no"})
+    monkeypatch.setattr(sandbox, "_warned", False)
+    with caplog.at_level(logging.WARNING, logger="gcache.tasks.sandbox"):
+        results = run_many(["pass", "pass"], max_workers=2)
+    assert [r.isolation for r in results] == ["none", "none"]
+    assert [r.status for r in results] == ["passed", "passed"]
+    warnings = [
+        r.getMessage() for r in caplog.records if "no namespace isolation" in r.getMessage()
+    ]
+    assert len(warnings) == 1 and "127.0.0.1" in warnings[0] and "not here" in warnings[0]
+    monkeypatch.setenv(sandbox.ISOLATION_ENV, "require")
+    with pytest.raises(IsolationUnavailable, match="not here"):
+        run_program("pass")
+    with pytest.raises(IsolationUnavailable, match="unshare: no"):
+        run_program("pass", isolation="unshare")
+
+
+# Layer 3: the verdict comes only from the bootstrap's token-tagged report.
+
+
+def test_forged_reports_and_markers_do_not_pass():
+    forged = '{"kind": "passed", "details": {"tests_passed": 1}, "tally": {"passed": 1}}'
+    program = (
+        "import os\n"
+        f"print({forged!r})\nprint('passed')\n"
+        "for fd in range(3, 256):\n"
+        "    try:\n"
+        f"        os.lseek(fd, 0, 0)\n        os.write(fd, {forged!r}.encode() + b'\\n')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "os._exit(0)\n"
+    )
+    result = run_program(program)
+    assert result.status == "error" and "without a report" in result.message
+    assert result.tally == {} and result.details == {}
+
+
+def test_tally_counts_only_listed_lines_of_the_program():
+    program = (
+        "SANDBOX_TALLY('ok')\n"  # line 1: listed
+        "for _ in range(3):\n"
+        "    SANDBOX_TALLY('ok', 2, 'note')\n"  # line 3: listed
+        "attempts = [\n"
+        "    lambda: SANDBOX_TALLY('ok'),\n"  # an unlisted line
+        "    lambda: SANDBOX_TALLY('other'),\n"
+        "    lambda: exec(compile('\\n\\nSANDBOX_TALLY(\"ok\")', '<program>', 'exec')),\n"  # a copy
+        "    lambda: type(lambda: 0)(g.__code__, {'SANDBOX_TALLY': SANDBOX_TALLY})(),\n"  # own globals
+        "]\n"
+        "def g():\n"
+        "    SANDBOX_TALLY('ok')\n"  # line 11: listed, but only in the program's own globals
+        "refused = 0\n"
+        "for attempt in attempts:\n"
+        "    try:\n"
+        "        attempt()\n"
+        "    except PermissionError:\n"
+        "        refused += 1\n"
+        "assert refused == 4, refused\n"
+    )
+    result = run_program(program, tally_lines={"ok": [1, 3, 11]})
+    assert result.status == "passed", result.message
+    assert result.tally == {"ok": 7} and result.notes == {"ok": "note"}
+    assert "line 5" in result.tampered
+    assert run_program("SANDBOX_TALLY('ok')").status == "error"  # no lines given: none count

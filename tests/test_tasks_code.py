@@ -9,12 +9,13 @@ import time
 
 import pytest
 
-from gcache.tasks.code_eval import instrument_test
+from gcache.tasks.code_eval import instrument_test, tally_lines
 from gcache.tasks.humaneval import KNOWN_BROKEN as HE_BROKEN
 from gcache.tasks.humaneval import TEST_FIXES, HumanEvalPlus
 from gcache.tasks.humaneval import assemble_program as assemble_humaneval
 from gcache.tasks.mbppplus import HEAVY_TESTS, MbppPlus
 from gcache.tasks.mbppplus import KNOWN_BROKEN as MBPP_BROKEN
+from gcache.tasks.mbppplus import assemble_program as assemble_mbpp
 from gcache.tasks.sandbox import run_program
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ def return_none(example) -> str:
 
 def test_every_record_has_an_instrumented_test_loop(humaneval, mbpp):
     for ex in humaneval.load_examples() + mbpp.load_examples():
-        assert "_gcache_tally.expect(len(inputs))" in ex.meta["test"], ex.id
+        assert 'SANDBOX_TALLY("total", len(inputs))' in ex.meta["test"], ex.id
         assert ex.meta["entry_point"], ex.id
 
 
@@ -98,6 +99,86 @@ def test_early_sys_exit_does_not_pass(humaneval, mbpp):
     assert all(d["status"] == "failed" for d in details)
 
 
+# Replies that try to score without passing. The first five score 1.0 on main's sandbox
+# (results in SANDBOX_DETAILS / a report file the program could reach); the marker never did.
+FORGERIES = {
+    "details_then_exit": (
+        "import sys\n"
+        "SANDBOX_DETAILS.update(tests_passed=1, tests_failed=0, tests_total=1, finished=True)\n"
+        "sys.exit(0)\n"
+    ),
+    "report_on_every_descriptor_then_os_exit": (
+        "import json, os\n"
+        "forged = json.dumps({'kind': 'passed', 'details': {'tests_passed': 1, 'tests_failed': 0,\n"
+        "    'tests_total': 1, 'finished': True}, 'tally': {'total': 1, 'passed': 1, 'finished': 1}})\n"
+        "for fd in range(3, 256):\n"
+        "    try:\n"
+        "        os.lseek(fd, 0, 0)\n"
+        "        os.write(fd, forged.encode() + b'\\n')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "os._exit(0)\n"
+    ),
+    "harness_counts_then_exit": (
+        "import sys\n"
+        "try:\n"
+        "    SANDBOX_TALLY('total', 1)\n"
+        "    SANDBOX_TALLY('passed')\n"
+        "    SANDBOX_TALLY('finished')\n"
+        "except NameError:  # main's harness object\n"
+        "    _gcache_tally.expect(1)\n"
+        "    _gcache_tally.ok()\n"
+        "    _gcache_tally.finish()\n"
+        "except PermissionError:\n"
+        "    pass\n"
+        "sys.exit(0)\n"
+    ),
+    "harness_turning_failures_into_passes": (
+        "_real_tally = globals().get('SANDBOX_TALLY')\n"
+        "def SANDBOX_TALLY(name, amount=1, note=None):\n"
+        "    _real_tally('passed' if name == 'failed' else name, amount)\n"
+        "if '_GcacheTally' in globals():  # main's harness object\n"
+        "    _GcacheTally.fail = lambda self, *args: self.ok()\n"
+    ),
+    "details_then_exit_in_the_first_call": (
+        "import sys\n"
+        "SANDBOX_DETAILS.update(tests_passed=10**6, tests_failed=0, tests_total=10**6, finished=True)\n"
+        "def _cheat():\n"
+        "    sys.exit(0)\n"
+    ),
+    "pass_marker": "print('passed')\nprint('{\"kind\": \"passed\"}')\n",
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+def test_forged_passes_score_zero(humaneval, mbpp, forgery):
+    """Each forgery, put before a function that returns None, on a real problem of each set."""
+    cases = [(humaneval, "HumanEval/2", "truncate_number"), (mbpp, "Mbpp/2", "similar_elements")]
+    for task, example_id, entry in cases:
+        body = "_cheat()" if "_cheat" in FORGERIES[forgery] else "return None"
+        reply = f"```python\n{FORGERIES[forgery]}\ndef {entry}(*args):\n    {body}\n```"
+        (details,) = task.score_details([reply], [by_id(task, example_id)])
+        assert details["reward"] == 0.0 and details["fraction"] < 1.0, (example_id, details)
+
+
+def test_tally_lines_are_the_tests_own(humaneval, mbpp):
+    """A reply that carries a copy of the test does not get its lines counted."""
+    for task, assemble, example_id in [
+        (humaneval, assemble_humaneval, "HumanEval/2"),
+        (mbpp, assemble_mbpp, "Mbpp/2"),
+    ]:
+        ex = by_id(task, example_id)
+        reply = ex.answer + "\n\n" + ex.meta["test"] + "\n"
+        program = assemble(reply, ex)
+        lines = tally_lines(program, ex.meta["test"])
+        first_test_line = program.count("\n", 0, program.rfind(ex.meta["test"])) + 1
+        assert sorted(lines) == ["failed", "finished", "passed", "total"]
+        assert all(n >= first_test_line for ns in lines.values() for n in ns)
+        assert lines["finished"] == [program.count("\n")]  # FOOTER's line, the last one
+        numbered = program.split("\n")
+        assert numbered[lines["total"][0] - 1].strip() == 'SANDBOX_TALLY("total", len(inputs))'
+
+
 def test_timeouts_and_unscorable_replies(humaneval):
     ex = by_id(humaneval, "HumanEval/2")
     slow = HumanEvalPlus(timeout=1.0, max_workers=2)
@@ -121,12 +202,11 @@ def test_humaneval32_upstream_test_is_broken_and_repaired(humaneval):
     broken = ex.__class__(
         ex.id, ex.question, ex.answer, {**ex.meta, "test": ex.meta["test"].replace(new, old)}
     )
-    result = run_program(assemble_humaneval(ex.answer, broken), timeout=20)
-    assert result.status == "failed"
-    assert (
-        result.details["tests_passed"] == 0
-        and result.details["tests_failed"] == result.details["tests_total"]
-    )
+    program = assemble_humaneval(ex.answer, broken)
+    result = run_program(program, timeout=20, tally_lines=tally_lines(program, broken.meta["test"]))
+    assert result.status == "passed" and result.tally["finished"] == 1
+    assert "passed" not in result.tally
+    assert result.tally["failed"] == result.tally["total"] > 0
     # ... with the repaired one it passes, and a wrong root fails
     assert humaneval.reward([humaneval.target_text(ex)], [ex]) == [1.0]
     wrong = "```python\ndef find_zero(xs):\n    return 0.0\n```"

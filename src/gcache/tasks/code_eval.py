@@ -7,13 +7,17 @@ plus input::
         assertion(candidate(*inp), exp, 0)
 
 :func:`instrument_test` wraps that loop's body so that one failing input is counted
-instead of ending the run, and the program ends with a check that every input passed.
-The counts travel back in the sandbox's ``SANDBOX_DETAILS``, giving the fraction of
-tests passed. A reply passes only if the program reaches that final check (a
-``sys.exit(0)`` half-way does not pass). When a run ends early (timeout, crash), the
-fraction counts the inputs that passed before it, over all inputs (0 after a timeout,
-whose counts are lost). Records listed with raised ``meta["limits"]`` (known slow or
-memory-hungry reference solutions) get those limits instead of the task's defaults.
+instead of ending the run, and the program ends with ``FOOTER``'s "finished" mark. The
+counts go out of band through the sandbox's ``SANDBOX_TALLY``, which counts only calls
+made from the lines of the test and footer (:func:`tally_lines`: after the reply's code
+in the program), so a reply cannot add to them, print or write a result, or end early
+(``sys.exit(0)``, ``os._exit(0)``) and pass; a reply that calls ``SANDBOX_TALLY`` itself
+scores 0. A reply passes iff the program ran to its end and every input passed.
+When a run ends early (timeout, crash), the fraction counts the inputs that passed
+before it, over all inputs (0 after a timeout, whose counts are lost). Records listed
+with raised ``meta["limits"]`` (known slow or memory-hungry reference solutions) get
+those limits instead of the task's defaults. What the tests' own comparisons cannot be
+protected from (they share the reply's interpreter) is listed in ``sandbox``.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from .base import Example, check_pairs
 from .extract import extract_code
 from .sandbox import run_many
 
-__all__ = ["instrument_test", "score_programs", "HEADER", "FOOTER"]
+__all__ = ["instrument_test", "tally_lines", "score_programs", "HEADER", "FOOTER"]
 
 # The single-line body of the test loop, captured with its indentation.
 _LOOP = re.compile(
@@ -33,44 +37,20 @@ _LOOP = re.compile(
     r"|inp in enumerate\(inputs\)):)[ \t]*\n(?P=ind)[ \t]+(?P<body>\S[^\n]*)$",
     re.M,
 )
+_TALLY_CALL = re.compile(r'\bSANDBOX_TALLY\("(\w+)"')
 
 HEADER = '''
-SANDBOX_DETAILS = globals().get("SANDBOX_DETAILS", {})
 
-
-class _GcacheTally:
-    """Counts test inputs; written by gcache.tasks.code_eval."""
-
-    def __init__(self):
-        SANDBOX_DETAILS.update(tests_passed=0, tests_failed=0, tests_total=None, first_failure=None, finished=False)
-
-    def expect(self, n):
-        SANDBOX_DETAILS["tests_total"] = (SANDBOX_DETAILS["tests_total"] or 0) + n
-
-    def ok(self):
-        SANDBOX_DETAILS["tests_passed"] += 1
-
-    def fail(self, i, inp, exc):
-        SANDBOX_DETAILS["tests_failed"] += 1
-        if SANDBOX_DETAILS["first_failure"] is None:
-            SANDBOX_DETAILS["first_failure"] = (
-                f"test {i}: input {repr(inp)[:200]}: {type(exc).__name__}: {str(exc)[:300]}"
-            )
-
-    def finish(self):
-        SANDBOX_DETAILS["finished"] = True
-        if SANDBOX_DETAILS["tests_failed"]:
-            raise AssertionError(
-                f"{SANDBOX_DETAILS['tests_failed']} of {SANDBOX_DETAILS['tests_total']} tests failed; "
-                f"first: {SANDBOX_DETAILS['first_failure']}"
-            )
-
-
-_gcache_tally = _GcacheTally()
+def _gcache_failure(i, inp, exc):
+    """One failing test input, for the score's message (written by gcache.tasks.code_eval)."""
+    try:
+        return f"test {i}: input {repr(inp)[:200]}: {type(exc).__name__}: {str(exc)[:300]}"
+    except Exception:
+        return f"test {i}: {type(exc).__name__}"
 
 '''
 
-FOOTER = "\n\n_gcache_tally.finish()\n"
+FOOTER = '\n\nSANDBOX_TALLY("finished")\n'
 
 
 def instrument_test(test: str) -> tuple[str, bool]:
@@ -79,18 +59,32 @@ def instrument_test(test: str) -> tuple[str, bool]:
     def wrap(m: re.Match) -> str:
         ind = m.group("ind")
         return (
-            f"{ind}_gcache_tally.expect(len(inputs))\n"
+            f'{ind}SANDBOX_TALLY("total", len(inputs))\n'
             f"{ind}{m.group('head')}\n"
             f"{ind}    try:\n"
             f"{ind}        {m.group('body')}\n"
             f"{ind}    except Exception as _gcache_exc:\n"
-            f"{ind}        _gcache_tally.fail(i, inp, _gcache_exc)\n"
+            f'{ind}        SANDBOX_TALLY("failed", 1, _gcache_failure(i, inp, _gcache_exc))\n'
             f"{ind}    else:\n"
-            f"{ind}        _gcache_tally.ok()"
+            f'{ind}        SANDBOX_TALLY("passed")'
         )
 
     instrumented, count = _LOOP.subn(wrap, test)
     return instrumented, count > 0
+
+
+def tally_lines(program: str, test: str) -> dict[str, list[int]]:
+    """The lines of ``program`` (newlines normalised to ``\\n``) whose ``SANDBOX_TALLY`` calls
+    count: those of its last copy of ``test`` (which follows the reply's code) and after it."""
+    start = program.rfind(test)
+    if start < 0:
+        raise ValueError("the test is not part of the program")
+    first = program.count("\n", 0, start) + 1
+    lines: dict[str, list[int]] = {}
+    for number, line in enumerate(program[start:].split("\n"), first):
+        for name in _TALLY_CALL.findall(line):
+            lines.setdefault(name, []).append(number)
+    return lines
 
 
 def score_programs(
@@ -104,18 +98,21 @@ def score_programs(
 ) -> list[dict]:
     """Run the assembled programs (None = not runnable) and turn each result into score details."""
     runnable = [k for k, p in enumerate(programs) if p is not None]
+    # Python reads "\r\n" and "\r" as "\n" anyway; normalised, tally_lines counts lines as it does
+    normalised = {k: _unix_newlines(programs[k]) for k in runnable}
     # a record known to be slow or memory-hungry may raise (never lower) the limits
     limits = [
         {
             "timeout": max(timeout, examples[k].meta.get("limits", {}).get("timeout", 0)),
             "memory_mb": max(memory_mb, examples[k].meta.get("limits", {}).get("memory_mb", 0)),
+            "tally_lines": tally_lines(normalised[k], _unix_newlines(examples[k].meta["test"])),
         }
         for k in runnable
     ]
     # longest first, so a slow record does not start last and stretch the batch's wall time
     order = sorted(range(len(runnable)), key=lambda j: -limits[j]["timeout"])
     runs = run_many(
-        [programs[runnable[j]] for j in order],
+        [normalised[runnable[j]] for j in order],
         max_workers=max_workers,
         limits=[limits[j] for j in order],
     )
@@ -140,16 +137,19 @@ def score_programs(
             )
             continue
         result = results[k]
-        info = result.details
-        total, n_ok = info.get("tests_total"), info.get("tests_passed", 0)
+        tally = result.tally
         # total is None when the test had no recognisable input loop: then plain pass/fail
+        total, n_ok = tally.get("total"), tally.get("passed", 0)
         passed = (
             result.passed
-            and bool(info.get("finished"))
-            and not info.get("tests_failed")
-            and total != 0
+            and not result.tampered
+            and tally.get("finished") == 1
+            and not tally.get("failed")
+            and (total is None or 0 < total == n_ok)
         )
-        fraction = 1.0 if passed else (n_ok / total if total else 0.0)
+        fraction = 1.0 if passed else 0.0
+        if not passed and total and not result.tampered:
+            fraction = min(n_ok, total) / total
         details.append(
             {
                 "extracted": code,
@@ -162,11 +162,15 @@ def score_programs(
                 "status": "passed"
                 if passed
                 else ("failed" if result.status == "passed" else result.status),
-                "message": result.message or info.get("first_failure") or "",
+                "message": result.tampered or result.message or result.notes.get("failed", ""),
                 "wall_seconds": result.wall_seconds,
             }
         )
     return details
+
+
+def _unix_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def score_replies(
@@ -189,4 +193,6 @@ def score_replies(
         assemble(code, ex) if code is not None and not ex.meta["broken"] else None
         for code, ex in zip(codes, examples, strict=True)
     ]
-    return score_programs(programs, examples, codes, timeout=timeout, memory_mb=memory_mb, max_workers=max_workers)
+    return score_programs(
+        programs, examples, codes, timeout=timeout, memory_mb=memory_mb, max_workers=max_workers
+    )
