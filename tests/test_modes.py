@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
-from servers import FaultServer, free_port
+from servers import FaultServer, error, free_port, ok
 
 from gcache.llm.api import ApiError
 from gcache.tasks import build_task
@@ -136,3 +136,28 @@ def test_api_only_baselines_run_through_the_evaluator(llama_server, tmp_path):
     # Four agents and a judger make five API calls per question against one for the single agent.
     assert text["prompt_tokens_per_question"] > 3 * single["prompt_tokens_per_question"]
     assert 0 < single["decoded_tokens_per_question"] <= 8
+
+
+def _hybrid_step(server, examples):
+    module = build_module(_cfg("hybrid", server.base_url, "fake", "mode.api.max_retries=0"))
+    logged = {}
+    module.log_dict = lambda metrics, **kwargs: logged.update(metrics)
+    module.log = lambda *args, **kwargs: None
+    return module, module.training_step(examples, 0), logged
+
+
+def test_one_failed_api_item_is_unscored_and_the_step_trains_on_the_others(examples):
+    # The start-up check, then 4 answers (2 questions x 2 graphs), one of which fails for good.
+    with FaultServer(model="fake").play(ok(), ok(), error(400, "bad request"), ok(), ok()) as server:
+        module, loss, logged = _hybrid_step(server, examples)
+    assert torch.isfinite(loss) and loss.requires_grad
+    assert float(logged["train/api_failed_items"]) == 1.0
+    assert float(logged["train/scorable_frac"]) == pytest.approx(0.75)  # the failed item left the baseline
+    loss.backward()
+    assert any(p.grad is not None and bool(p.grad.ne(0).any()) for p in module.policy.parameters())
+
+
+def test_every_api_item_failing_stops_with_the_api_error(examples):
+    with FaultServer(model="fake").play(ok(), *[error(400, "bad request")] * 4) as server:
+        with pytest.raises(ApiError, match="400|bad request"):
+            _hybrid_step(server, examples)

@@ -317,3 +317,21 @@ def test_a_non_finite_loss_skips_the_step_and_names_the_questions(tiny, monkeypa
     assert not trainer.optimizers[0].state  # Adam did not step (zero gradients would still count)
     warning = "\n".join(r.getMessage() for r in caplog.records if "non-finite loss" in r.getMessage())
     assert all(ex.id in warning for ex in task.splits()["train"][:2]) and "step skipped" in warning
+
+
+def test_resuming_or_evaluating_with_another_config_names_the_keys_that_differ(tmp_path):
+    from gcache.evaluate import evaluate
+    from gcache.evaluate import CONF_DIR as EVAL_CONF_DIR
+
+    run(_compose([*TINY, "topology=full"], tmp_path))
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"topology: checkpoint 'full', now 'star'"):
+        run(_compose([*TINY, "topology=star", f"ckpt_path={ckpt}"], tmp_path / "again"))
+    with initialize_config_dir(config_dir=EVAL_CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            "model=tiny-random", "task=gsm8k", "topology=full", "agents.roster=uniform", "limit=1",
+            f"ckpt_path={ckpt}", "methods=[gcache]"])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "eval")
+    with pytest.raises(ConfigError, match=r"roster: checkpoint 'math', now 'uniform'"):
+        evaluate(cfg)

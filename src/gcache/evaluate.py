@@ -339,7 +339,9 @@ class Evaluator:
                 edge_logits=logits,
             )
             answers, _ = self.module._answers(batch, rows)
-        details = self.module.task.score_details(answers, list(batch))  # runs code tasks' programs once
+        # Runs code tasks' programs once; an answer that never came (a failed API request) is unscored.
+        details = self.module.task.score_details(["" if a is None else a for a in answers], list(batch))
+        details = [{**d, "reward": None} if a is None else d for a, d in zip(answers, details, strict=True)]
         seconds = (time.perf_counter() - start) / len(batch)
         return [
             _record(ex, method, answer, detail, config, decoded_tokens=rollout.decoded_tokens,
@@ -401,7 +403,9 @@ def evaluate(cfg: DictConfig, *, module=None) -> dict:
         path = Path(cfg.ckpt_path)
         if not path.is_file():
             raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        from gcache.train import check_checkpoint
+
+        state = check_checkpoint(path, module)
         module.load_state_dict(state.get("state_dict", state))
         ckpt_path = str(path.resolve())
     module.eval()
@@ -460,7 +464,7 @@ def main(cfg: DictConfig) -> None:
         columns = ["method", *next(iter(report["methods"].values())).keys()]
         table = wandb.Table(columns=columns)
         for name, stats in report["methods"].items():
-            table.add_data(name, *[json.dumps(v) if isinstance(v, list) else v for v in stats.values()])
+            table.add_data(name, *[json.dumps(v) if isinstance(v, (list, dict)) else v for v in stats.values()])
         run.log({"evaluation": table})
         run.finish()
 

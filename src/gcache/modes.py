@@ -57,14 +57,25 @@ class ApiMode:
 
     def finalize(
         self, questions: Sequence[str], outputs: Sequence[str], answer_format: str
-    ) -> tuple[list[str], dict[str, float]]:
-        """Final answers from the API, and this call's usage (tokens, cost) for logging."""
+    ) -> tuple[list[str | None], dict[str, float]]:
+        """Final answers from the API (None where the request failed after its retries: that
+        item cannot be scored), and this call's usage (tokens, cost, failed items) for logging.
+        When every request fails, the first failure is raised: the endpoint is down, not one item."""
         requests = self.requests(questions, outputs, answer_format)
         self.last_requests = requests
         before = self.client.usage.snapshot()
-        replies = self.client.chat_many_sync(requests)
+        from gcache.llm.api import ApiError
+
+        replies = self.client.chat_many_sync(requests, per_item=True)
+        failed = [r for r in replies if isinstance(r, ApiError)]
+        if failed and len(failed) == len(replies):
+            raise failed[0]
+        if failed:
+            log.warning("%d of %d API requests failed after their retries (%s): those items are not scored",
+                        len(failed), len(replies), failed[0])
         stats = {f"api_{k}": float(v) for k, v in self.client.usage.delta(before).as_dict().items()}
-        return [r.text for r in replies], stats
+        stats["api_failed_items"] = float(len(failed))
+        return [None if isinstance(r, ApiError) else r.text for r in replies], stats
 
 
 def build_mode(cfg: DictConfig | dict | None):

@@ -166,6 +166,13 @@ class GCacheModule(L.LightningModule):
         self.last_step_timings: dict[str, float] = {}
         self._skip_update = False  # set by training_step, read by optimizer_step
         self.test_records: list[dict] = []  # per-question test predictions of this rank
+        # What decides the meaning of the parameters (checked when a checkpoint is loaded again).
+        self.run_identity: dict[str, Any] = {
+            "task": task.name, "model": llm.name, "roster": roster.name, "num_agents": roster.num_agents,
+            "topology": topology, "topology_seed": topology_seed, "judger_edges": judger_edges,
+            "policy": {k: v for k, v in vars(policy).items()
+                       if k != "training" and isinstance(v, (int, float, str, bool))},
+        }
 
     @property
     def engine(self) -> RolloutEngine:
@@ -213,8 +220,14 @@ class GCacheModule(L.LightningModule):
         return self.policy(self._role_embeddings(), query, self._anchor_edges())
 
     # ---- steps ---------------------------------------------------------------------------------
-    def _answers(self, batch: list[Example], rows) -> tuple[list[str], dict[str, float]]:
-        """Final answers: the judger's decoding (local) or the API model's (hybrid, api_hint)."""
+    def score(self, answers: list[str | None], examples: list[Example]) -> list[float | None]:
+        """Task rewards; None where there is no answer (an API request that failed for good)."""
+        rewards = self.task.reward(["" if a is None else a for a in answers], examples)
+        return [None if a is None else r for a, r in zip(answers, rewards, strict=True)]
+
+    def _answers(self, batch: list[Example], rows) -> tuple[list[str | None], dict[str, float]]:
+        """Final answers: the judger's decoding (local) or the API model's (hybrid, api_hint;
+        None for an item whose request failed after its retries)."""
         answers = [r.answer for r in rows.rollouts]
         if self.generator_mode is None:
             return answers, {}
@@ -240,7 +253,7 @@ class GCacheModule(L.LightningModule):
         answers, api_stats = self._answers(batch, rows)
         rollout_s = time.perf_counter() - rollout_start
         update_start = time.perf_counter()
-        scored = self.task.reward(answers, [batch[q] for q in index])
+        scored = self.score(answers, [batch[q] for q in index])
         # None = unscorable (left out of baselines); a NaN or inf the task returned is a bug to report.
         bad = sorted({batch[q].id for q, r in zip(index, scored, strict=True) if r is not None and not math.isfinite(r)})
         rewards = torch.tensor([math.nan if r is None else float(r) for r in scored], device=self.device).view(b, g)
@@ -343,7 +356,7 @@ class GCacheModule(L.LightningModule):
             active=self.active, agent_facts=[ex.agent_facts for ex in batch], edge_logits=logits,
         )
         answers, _ = self._answers(batch, rows)
-        return answers, self.task.reward(answers, batch), rows
+        return answers, self.score(answers, batch), rows
 
     def _eval_step(self, stage: str, batch: list[Example]) -> None:
         start = time.perf_counter()
@@ -417,6 +430,7 @@ class GCacheModule(L.LightningModule):
     # ---- checkpoints -------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
+        checkpoint["gcache_config"] = self.run_identity
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # DAG sampling needs no state (see the module doc); older checkpoints carried

@@ -303,6 +303,20 @@ def comparison_table(comparison: dict) -> str:
     return "\n".join(lines)
 
 
+def check_checkpoint(path: str | Path, module: GCacheModule) -> dict:
+    """Load a checkpoint, refusing (ConfigError naming the differing keys) one trained with
+    another task, model, roster, topology or policy shape than `module`'s."""
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    saved = state.get("gcache_config")
+    if saved is not None and saved != module.run_identity:
+        current = module.run_identity
+        differ = [f"{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
+                  for key in dict.fromkeys([*saved, *current]) if saved.get(key) != current.get(key)]
+        raise ConfigError(f"checkpoint {path} was trained with another config ({'; '.join(differ)}); "
+                          "use the run's own settings (its .hydra/config.yaml)")
+    return state
+
+
 # ---- the run ---------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, then evaluate on the test split; returns (and writes) the summary."""
@@ -351,6 +365,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         last = ckpt_dir / "last.ckpt"
         ckpt_path = str(last) if last.exists() else None
         log.info("resume=true: %s", f"continuing from {last}" if ckpt_path else "no checkpoint yet, starting fresh")
+    if ckpt_path not in (None, "last"):
+        check_checkpoint(ckpt_path, module)
     try:
         try:
             if cfg.get("validate_at_start") and ckpt_path is None:  # step 0 of the learning curve

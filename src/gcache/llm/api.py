@@ -355,13 +355,22 @@ class ApiClient:
                     await asyncio.sleep(delay)
         return self._reply(completion, model, attempt, time.monotonic() - start)
 
-    async def chat_many(self, list_of_messages: list[list[dict]], **overrides: Any) -> list[ApiReply]:
+    async def chat_many(self, list_of_messages: list[list[dict]], *, per_item: bool = False,
+                        **overrides: Any) -> list[ApiReply] | list[ApiReply | ApiError]:
         """`chat` for each conversation, at most `max_concurrency` at once; replies in input order.
 
-        If one call fails for good, the others are cancelled and its ApiError is raised."""
+        If one call fails for good, the others are cancelled and its ApiError is raised; with
+        `per_item=True` every call runs to its end and a failed one's ApiError takes its place
+        (other exceptions still propagate)."""
         tasks = [asyncio.ensure_future(self.chat(m, **overrides)) for m in list_of_messages]
         try:
-            return list(await asyncio.gather(*tasks))
+            if not per_item:
+                return list(await asyncio.gather(*tasks))
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, ApiError):
+                    raise result
+            return list(results)
         except BaseException:
             for task in tasks:
                 task.cancel()
@@ -406,9 +415,10 @@ class ApiClient:
     def chat_sync(self, messages: list[dict], **overrides: Any) -> ApiReply:
         return self._run(self.chat(messages, **overrides))
 
-    def chat_many_sync(self, list_of_messages: list[list[dict]], **overrides: Any) -> list[ApiReply]:
+    def chat_many_sync(self, list_of_messages: list[list[dict]], *, per_item: bool = False,
+                       **overrides: Any) -> list[ApiReply] | list[ApiReply | ApiError]:
         """`chat_many` from synchronous code (e.g. a Lightning training_step); see the module doc."""
-        return self._run(self.chat_many(list_of_messages, **overrides))
+        return self._run(self.chat_many(list_of_messages, per_item=per_item, **overrides))
 
     def check_sync(self) -> None:
         self._run(self.check())
