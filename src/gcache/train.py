@@ -51,7 +51,7 @@ from gcache.callbacks import History, ProgressLog, StopOnSignal, TopologyPicture
 from gcache.datamodule import TaskDataModule
 from gcache.embeddings import TextEmbedder
 from gcache.llm.api import ApiError
-from gcache.llm.local import REALIGNMENTS, LocalLM
+from gcache.llm.local import REALIGNMENTS, LocalLM, embedded_missing
 from gcache.module import JUDGER_EDGES, GCacheModule, LossConfig
 from gcache.policy.cache_fuser import CacheFuser
 from gcache.rollout import JUDGER_CACHES, RETENTIONS, RolloutConfig
@@ -116,6 +116,8 @@ def validate(cfg: DictConfig) -> None:
     is_path = name.startswith((".", "/", "~"))  # else `embedded`, `tiny-random` or a hub id
     if is_path and not Path(name).expanduser().exists():
         raise ConfigError(f"model.name={name!r}: that model directory does not exist")
+    if name in ("embedded", "tiny-random") and (why := embedded_missing()):
+        raise ConfigError(why)
     accelerator = OmegaConf.select(cfg, "trainer.accelerator")
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator}, but torch sees no CUDA GPU; "
@@ -141,12 +143,13 @@ def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 @contextmanager
 def setup_errors_as_config_errors() -> Iterator[None]:
     """Errors while reading the config, data, endpoint and model are the user's to fix: one line
-    (`ConfigError`), no traceback. `ApiError`s already say what to check and keep their type."""
+    (`ConfigError`), no traceback. That includes a missing optional package (`datasets` for hub
+    data). `ApiError`s already say what to check and keep their type."""
     try:
         yield
     except (ConfigError, ApiError):
         raise
-    except (ValueError, TypeError, OSError, RuntimeError, InstantiationException) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError, InstantiationException) as exc:
         cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
         raise ConfigError(str(cause)) from exc
 

