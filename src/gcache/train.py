@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -320,6 +322,39 @@ def check_checkpoint(path: str | Path, module: GCacheModule) -> dict:
     return state
 
 
+def build_logger(cfg: DictConfig):
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    if isinstance(logger, WandbLogger):
+        # Lightning 2.6 always hands wandb.init `anonymous=None`, which wandb 0.2x answers with "The
+        # anonymous setting has no effect and will be removed"; leaving it out means the same.
+        logger._wandb_init.pop("anonymous", None)
+    return logger
+
+
+def quiet_third_party_output() -> None:
+    """Keep the console to our lines and real warnings, silencing known-benign output at its source.
+
+    - Lightning's info lines (the "Tip: ... litlogger" banner, "GPU available", "`Trainer.fit`
+      stopped"): its rank-zero logger shows warnings only. Its warnings use `warnings` and still show.
+    - W&B's info lines (version banner, offline hints, end-of-run panel; we log where the run is) and
+      its Weave suggestion whenever `openai` is imported: `WANDB_SHOW_INFO=false` and
+      `WANDB_DISABLE_WEAVE=true` unless set. W&B's warnings still show.
+    - transformers' "Loading weights" bars: off (hub download bars stay: a first download is long).
+    - Lightning's own use of a torch API torch deprecated (`_pytree.py`: "`isinstance(treespec,
+      LeafSpec)` is deprecated"): that one message from that module only.
+    """
+    import huggingface_hub
+    import transformers
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    os.environ.setdefault("WANDB_SHOW_INFO", "false")
+    os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
+    transformers.utils.logging.disable_progress_bar()  # also turns the hub's bars off: back on
+    huggingface_hub.utils.enable_progress_bars()
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+
+
 # ---- the run ---------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, then evaluate on the test split; returns (and writes) the summary."""
@@ -327,7 +362,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     with setup_errors_as_config_errors():
         task = build_task(cfg)
         datamodule = TaskDataModule(
@@ -351,7 +386,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tty = sys.stderr.isatty()
         if not tty:  # nohup, Slurm: log lines instead of a progress bar
             callbacks.append(ProgressLog(every_n_steps=cfg.get("progress_every_n_steps", 5)))
-        logger = instantiate(cfg.logger) if cfg.logger else False
+        logger = build_logger(cfg)
         extra = {} if "enable_progress_bar" in cfg.trainer else {"enable_progress_bar": tty}
         if cfg.get("val_every_n_steps"):
             steps_per_epoch = math.ceil(len(datamodule.split("train")) / cfg.batch_size)
@@ -417,9 +452,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                          comparison["questions"], comparison_table(comparison))
         return summary
     finally:
-        if logger and type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             import wandb
 
+            if wandb.run is not None and wandb.run.offline and trainer.is_global_zero:
+                log.info("W&B run saved offline; upload it with: wandb sync %s", wandb.run.sync_dir)
             wandb.finish()
 
 
@@ -428,6 +465,7 @@ def main(cfg: DictConfig) -> float | None:
     load_dotenv()  # from the directory the command runs in (Hydra does not chdir)
     install_secret_filter(env_secrets())
     logging.captureWarnings(True)  # warnings go through the (filtered) log handlers too
+    quiet_third_party_output()
     try:
         summary = run(cfg)
     except (ConfigError, ApiError) as exc:  # the message says what to fix; a traceback would bury it

@@ -19,10 +19,13 @@ templates, tokenises and decodes text.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +104,20 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+GGUF_PROGRESS = "Converting and de-quantizing GGUF tensors"
+
+
+def without_progress_bar(text: str, description: str) -> str:
+    """`text` written to a terminal, less the lines whose redraws (`\r`-separated) are all the tqdm
+    bar `description`."""
+    kept = []
+    for line in text.splitlines(keepends=True):
+        parts = [part for part in line.rstrip("\n").split("\r") if part]
+        if not parts or not all(part.startswith(description) for part in parts):
+            kept.append(line)
+    return "".join(kept)
+
+
 def ensure_embedded_model_dir() -> Path:
     """Convert the embedded GGUF to a safetensors model directory once; return that directory.
 
@@ -112,8 +129,16 @@ def ensure_embedded_model_dir() -> Path:
         return target
     gguf = embedded_gguf_path()
     log.info("converting the embedded model %s to safetensors in %s (once)", gguf.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers draws a tqdm bar over the GGUF tensors with no switch to turn it off (the log line
+    # above says what happens): direct writes to stderr are held back meanwhile, and everything
+    # but that bar is passed on.
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        sys.stderr.write(without_progress_bar(held.getvalue(), GGUF_PROGRESS))
     # A dequantised GGUF is a plain fp32 model; drop the quantizer so it saves as ordinary weights.
     model.hf_quantizer = None
     model.config.quantization_config = None
