@@ -1,5 +1,5 @@
-"""Lightning callbacks: pictures of the learned topology after each validation, and a clean stop
-on Ctrl-C / SIGTERM."""
+"""Lightning callbacks: pictures of the learned topology, the completions table and the learning
+curve after each validation, progress lines, and a clean stop on Ctrl-C / SIGTERM."""
 
 from __future__ import annotations
 
@@ -79,6 +79,30 @@ class TopologyPictures(L.Callback):
             if type(logger).__name__ == "WandbLogger":
                 logger.log_image(key="topology", images=[str(path)], step=trainer.global_step)
         log.info("topology picture: %s", path)
+
+
+class Completions(L.Callback):
+    """After each validation: the validation questions' completions (`GCacheModule.completion_records`,
+    the first `max_rows` of rank 0's shard) to `<directory>/step<N>.jsonl` and, with W&B, to the
+    table `val/completions` at that step."""
+
+    COLUMNS = ("step", "id", "question", "graph", "answer", "extracted", "reference", "reward")
+
+    def __init__(self, directory: str | Path, max_rows: int = 32) -> None:
+        self.directory = Path(directory)
+        self.max_rows = max_rows
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return
+        rows = pl_module.val_records[: self.max_rows]
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"step{trainer.global_step:06d}.jsonl"
+        path.write_text("".join(json.dumps({c: r[c] for c in self.COLUMNS}) + "\n" for r in rows))
+        for logger in trainer.loggers:
+            if type(logger).__name__ == "WandbLogger":
+                logger.log_table(key="val/completions", columns=list(self.COLUMNS),
+                                 data=[[r[c] for c in self.COLUMNS] for r in rows], step=trainer.global_step)
 
 
 class ProgressLog(L.Callback):

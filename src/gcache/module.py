@@ -166,6 +166,7 @@ class GCacheModule(L.LightningModule):
         self.last_step_timings: dict[str, float] = {}
         self._skip_update = False  # set by training_step, read by optimizer_step
         self.test_records: list[dict] = []  # per-question test predictions of this rank
+        self.val_records: list[dict] = []  # this validation's completions on this rank (`completion_records`)
         # What decides the meaning of the parameters (checked when a checkpoint is loaded again).
         self.run_identity: dict[str, Any] = {
             "task": task.name, "model": llm.name, "roster": roster.name, "num_agents": roster.num_agents,
@@ -375,6 +376,9 @@ class GCacheModule(L.LightningModule):
         oracle = self.oracle_edge_probabilities(batch)
         if oracle is not None:
             metrics[f"{stage}/p_oracle"], metrics[f"{stage}/p_distractor"] = oracle
+        if stage == "val":
+            self.val_records += self.completion_records(batch, answers, rewards, rows)
+            metrics.update(self.edge_probability_metrics(batch))
         # Under DDP each rank evaluates its shard; the epoch value is the mean over ranks.
         self.log_dict(metrics, batch_size=len(batch), on_epoch=True, on_step=False, sync_dist=True)
 
@@ -397,6 +401,39 @@ class GCacheModule(L.LightningModule):
         if not oracle or not distractor:
             return None
         return torch.tensor(sum(oracle) / len(oracle)), torch.tensor(sum(distractor) / len(distractor))
+
+    def edge_names(self) -> list[str]:
+        """Node names: the agents, then the judger (node N)."""
+        return [role.name for role in self.roster.roles] + [self.roster.judger.name]
+
+    def completion_records(self, batch: list[Example], answers: list[str | None], rewards: list[float | None],
+                           rows) -> list[dict]:
+        """One row per question for the completions table (TRL's `log_completions`): the graph that ran
+        (agent -> agent and agent -> judger edges), the final answer (the judger's; the API model's in
+        hybrid / api_hint mode), the answer extracted from it, the reference and the reward."""
+        names = self.edge_names()
+        records = []
+        for ex, answer, reward, rollout in zip(batch, answers, rewards, rows.rollouts, strict=True):
+            edges = [f"{names[i]} -> {names[j]}" for i, j in rollout.adjacency.nonzero().tolist()]
+            records.append({
+                "step": self.global_step, "id": ex.id, "question": ex.question,
+                "graph": ", ".join(edges) or "(the judger alone)", "answer": answer,
+                "extracted": None if answer is None else self.task.extract_answer(answer),
+                "reference": ex.answer, "reward": reward,
+            })
+        return records
+
+    @torch.no_grad()
+    def edge_probability_metrics(self, batch: list[Example]) -> dict[str, torch.Tensor]:
+        """`val/p_edge/<sender> -> <receiver>`: each sampled edge's probability, averaged over the batch."""
+        probs = edge_probabilities(self.edge_logits([ex.question for ex in batch]), self.edge_mask,
+                                   self.policy.temperature).cpu()  # (B, N+1, N+1)
+        names = self.edge_names()
+        return {f"val/p_edge/{names[i]} -> {names[j]}": probs[:, i, j].mean()
+                for i, j in self.edge_mask.cpu().nonzero().tolist()}
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_records = []
 
     def validation_step(self, batch: list[Example], batch_idx: int) -> None:
         self._eval_step("val", batch)

@@ -49,7 +49,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from gcache.agents import DEFAULT_ROSTER, build_roster
-from gcache.callbacks import History, ProgressLog, StopOnSignal, TopologyPictures
+from gcache.callbacks import Completions, History, ProgressLog, StopOnSignal, TopologyPictures
 from gcache.datamodule import TaskDataModule
 from gcache.embeddings import TextEmbedder
 from gcache.llm.api import ApiError
@@ -322,6 +322,26 @@ def check_checkpoint(path: str | Path, module: GCacheModule) -> dict:
     return state
 
 
+def log_comparison(loggers: list, comparison: dict, step: int) -> None:
+    """The final comparison as metrics `compare/<method>/accuracy` and `compare/<method>/mcnemar_p`
+    (vs gcache) for every logger (a row of csv/metrics.csv), and for W&B also the table
+    `compare/table` and the run summary's `comparison`."""
+    metrics = {}
+    for method, entry in comparison["methods"].items():
+        metrics[f"compare/{method}/accuracy"] = entry["accuracy"]
+        if entry.get("mcnemar_p_vs_gcache") is not None:
+            metrics[f"compare/{method}/mcnemar_p"] = entry["mcnemar_p_vs_gcache"]
+    for logger in loggers:
+        logger.log_metrics(metrics, step=step)
+        if isinstance(logger, WandbLogger):
+            rows = [[method, e["accuracy"], e["ci95"][0], e["ci95"][1], e.get("mcnemar_p_vs_gcache")]
+                    for method, e in comparison["methods"].items()]
+            logger.log_table(key="compare/table", columns=["method", "accuracy", "ci95_low", "ci95_high",
+                                                           "mcnemar_p_vs_gcache"], data=rows, step=step)
+            logger.experiment.summary["comparison"] = comparison
+        logger.save()
+
+
 def build_logger(cfg: DictConfig):
     logger = instantiate(cfg.logger) if cfg.logger else False
     if isinstance(logger, WandbLogger):
@@ -381,6 +401,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 auto_insert_metric_name=False, save_on_exception=True,
             ),
             TopologyPictures(out / "topology", question=datamodule.split("val")[0].question),
+            Completions(out / "completions"),
             History(out),
         ]
         tty = sys.stderr.isatty()
@@ -421,6 +442,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     tmp.write_text("".join(json.dumps(r) + "\n" for r in module.test_records))
                     tmp.replace(out / "test_predictions.jsonl")
                     comparison = compare_on_test(cfg, module, datamodule.split("test"), out)
+                    if comparison:
+                        log_comparison(trainer.loggers, comparison, trainer.global_step)
         except SIGTERMException:
             signum = stop.received or signal.SIGTERM  # another rank's signal, or Lightning's own handling
             last = ckpt_dir / "last.ckpt"
