@@ -10,8 +10,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from gcache import kv
-from gcache.evaluate import evaluate, read_results
 from gcache.evaluate import CONF_DIR as EVAL_CONF_DIR
+from gcache.evaluate import evaluate, read_results
 from gcache.train import CONF_DIR, build_module, build_task
 
 TINY = ["model=tiny-random", "logger=csv", "task=gsm8k", "batch_size=2", "graphs_per_question=3",

@@ -320,8 +320,8 @@ def test_a_non_finite_loss_skips_the_step_and_names_the_questions(tiny, monkeypa
 
 
 def test_resuming_or_evaluating_with_another_config_names_the_keys_that_differ(tmp_path):
-    from gcache.evaluate import evaluate
     from gcache.evaluate import CONF_DIR as EVAL_CONF_DIR
+    from gcache.evaluate import evaluate
 
     run(_compose([*TINY, "topology=full"], tmp_path))
     ckpt = tmp_path / "checkpoints" / "last.ckpt"

@@ -441,11 +441,17 @@ def main(cfg: DictConfig) -> None:
 
     from gcache.llm.api import ApiError
     from gcache.secrets import env_secrets, install_secret_filter, load_dotenv
-    from gcache.train import EXIT_BAD_INPUT, ConfigError, setup_errors_as_config_errors
+    from gcache.train import (
+        EXIT_BAD_INPUT,
+        ConfigError,
+        quiet_third_party_output,
+        setup_errors_as_config_errors,
+    )
 
     load_dotenv()
     install_secret_filter(env_secrets())
     logging.captureWarnings(True)
+    quiet_third_party_output()
     with open_dict(cfg):
         cfg.output_dir = cfg.get("output_dir") or os.getcwd()
     try:

@@ -349,7 +349,6 @@ class GCacheModule(L.LightningModule):
     @torch.no_grad()
     def evaluate_batch(self, batch: list[Example]) -> tuple[list[str], list[float | None], Any]:
         questions = [ex.question for ex in batch]
-        n = self.roster.num_agents
         logits = self.edge_logits(questions)
         adjacency = self.add_fixed_edges(deterministic_dag(logits, self.edge_mask))  # (B, N+1, N+1)
         rows = self.engine.run(

@@ -139,6 +139,18 @@ def judger_senders_all(adjacency: torch.Tensor, active: Sequence[int] | None = N
     return out
 
 
+def _inputs(j: int, a: list[list[bool]], order: list[int], position: dict[int, int],
+            ancestors: dict[int, set[int]], reads: str) -> list[int]:
+    """The agents whose segments node j reads, in topological order; records j's ancestors
+    (every agent of `order` before j has been seen)."""
+    senders = [i for i in order if a[i][j]]
+    if reads == "senders":
+        return senders
+    found = set(senders).union(*(ancestors[i] for i in senders))
+    ancestors[j] = found
+    return sorted(found, key=position.__getitem__)
+
+
 def plan_rollouts(
     adjacency: torch.Tensor,
     question_index: Sequence[int],
@@ -188,18 +200,9 @@ def plan_rollouts(
         position = {agent: p for p, agent in enumerate(order)}
         ancestors: dict[int, set[int]] = {}
         node_of: dict[int, int] = {}
-
-        def inputs(j: int) -> list[int]:
-            senders = [i for i in order if a[i][j]]
-            if reads == "senders":
-                return senders
-            found = set(senders).union(*(ancestors[i] for i in senders))
-            ancestors[j] = found
-            return sorted(found, key=position.__getitem__)
-
         mine = []
         for j in order:
-            read = tuple(node_of[i] for i in inputs(j))
+            read = tuple(node_of[i] for i in _inputs(j, a, order, position, ancestors, reads))
             key = (question_index[r], j, read) if reuse else (r, j, read)
             if key not in ids:
                 level = 1 + max((nodes[x].level for x in read), default=-1)
@@ -208,7 +211,7 @@ def plan_rollouts(
             node_of[j] = ids[key]
             mine.append(ids[key])
         row_nodes.append(mine)
-        judger_reads.append(tuple(node_of[i] for i in inputs(n)))
+        judger_reads.append(tuple(node_of[i] for i in _inputs(n, a, order, position, ancestors, reads)))
     # Level order, stable: a node's inputs always come before it.
     order = sorted(range(len(nodes)), key=lambda x: nodes[x].level)
     renumber = {old: new for new, old in enumerate(order)}

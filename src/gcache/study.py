@@ -32,7 +32,13 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gcache.train import CONF_DIR, EXIT_BAD_INPUT, ConfigError, setup_errors_as_config_errors
+from gcache.train import (
+    CONF_DIR,
+    EXIT_BAD_INPUT,
+    ConfigError,
+    quiet_third_party_output,
+    setup_errors_as_config_errors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +146,7 @@ def main(cfg: DictConfig) -> None:
     load_dotenv()
     install_secret_filter(env_secrets())
     logging.captureWarnings(True)
+    quiet_third_party_output()
     try:
         with setup_errors_as_config_errors():
             if cfg.study.reference not in cfg.study.methods:
