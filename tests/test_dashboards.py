@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -64,9 +65,8 @@ def wandb_records(path: Path):
             yield record
 
 
-def test_an_offline_wandb_run_holds_completions_tables_edge_series_and_the_comparison(tmp_path):
-    summary = _run(tmp_path, "wandb")
-    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+def _read_run(run_dir: Path) -> tuple[list[dict], dict]:
+    """History rows and the final summary of an offline W&B run."""
     history, final = [], {}
     for record in wandb_records(next(run_dir.glob("run-*.wandb"))):
         kind = record.WhichOneof("record_type")
@@ -76,6 +76,19 @@ def test_an_offline_wandb_run_holds_completions_tables_edge_series_and_the_compa
             history.append(values)
         elif kind == "summary":
             final.update(values)
+    return history, final
+
+
+def test_an_offline_wandb_run_holds_completions_tables_edge_series_and_the_comparison(tmp_path):
+    summary = _run(tmp_path, "wandb")
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    # W&B's service process may still be writing the file when the run has returned: read it again
+    # (for up to 20 s) until the validation series are in it.
+    for _ in range(40):
+        history, final = _read_run(run_dir)
+        if all(any(key in row for row in history) for key in EDGES):
+            break
+        time.sleep(0.5)
 
     # Edge probabilities over time: one series per agent -> judger edge, and oracle vs distractor.
     for key in [*EDGES, "val/p_oracle", "val/p_distractor"]:
