@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -56,6 +55,7 @@ from omegaconf import DictConfig, open_dict
 
 from gcache.policy.graph_policy import TOPOLOGIES, deterministic_dag, topology_mask
 from gcache.rollout import RolloutConfig, RolloutEngine, judger_senders_all
+from gcache.stats import wilson_interval  # re-exported: the one Wilson interval of gcache
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +69,6 @@ CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 # ---- statistics ----------------------------------------------------------------------------
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (well-behaved at 0 and 1 and small n)."""
-    if n == 0:
-        return (0.0, 0.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def read_results(path: Path) -> list[dict]:

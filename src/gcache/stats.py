@@ -27,9 +27,7 @@ _BLOCK_INDICES = 2_000_000
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion (well-behaved at 0 and 1 and small n).
-
-    Same semantics as `gcache.evaluate.wilson_interval`, copied so this module needs no torch."""
+    """95% Wilson score interval of a proportion (well-behaved at 0 and 1 and small n)."""
     if n == 0:
         return (0.0, 0.0)
     p = successes / n
