@@ -11,7 +11,8 @@ import uuid
 import pytest
 from servers import FaultServer, Scripted, error, free_port, hang, llama_cpp_server, ok, post_json  # noqa: E402
 
-from gcache.llm.api import PRICES_PER_MILLION, ApiClient, ApiConfig, ApiError, SecretFilter, redact
+from gcache.llm.api import PRICES_PER_MILLION, ApiClient, ApiConfig, ApiError
+from gcache.secrets import SecretFilter, redact
 
 
 def user(text: str) -> list[dict]:

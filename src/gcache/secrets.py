@@ -1,9 +1,11 @@
-"""Keep API keys out of configs, logs and W&B.
+"""Everything about keeping secrets (API keys) out of configs, logs and messages.
 
 - Keys come from the environment or a git-ignored `.env` (`load_dotenv`), never from the
   config: `secret_overrides` finds command-line overrides that would put one there (Hydra
   writes every override to `.hydra/overrides.yaml` and `.hydra/config.yaml`).
 - Config dumps (W&B, hparams files) go through `redacted_config`.
+- `redact` replaces known secrets in a piece of text (error messages, ...); `SecretFilter` does
+  the same for the log records a handler or logger sees.
 - `install_secret_filter` redacts the keys found in the environment from every log record
   the process's handlers write (console, Hydra's `<job>.log`, Lightning's own handler).
 
@@ -69,13 +71,50 @@ def env_secrets(environ: Mapping[str, str] | None = None) -> list[str]:
     return [v for k, v in environ.items() if is_secret_key(k) and len(v) >= MIN_SECRET_LENGTH]
 
 
-def install_secret_filter(secrets: Iterable[str | None]) -> logging.Filter:
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """Replace every occurrence of each non-empty secret in `text` with `***`."""
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return text
+
+
+class SecretFilter(logging.Filter):
+    """Redacts configured secrets from log records (message, arguments and traceback text).
+
+    Attach it to a handler to cover every record that handler emits (a filter on a logger only sees
+    records created on that very logger, not those propagated from its children):
+
+        handler.addFilter(SecretFilter([cfg.api_key]))
+    """
+
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        super().__init__()
+        self._secrets: set[str] = {s for s in secrets if s}
+
+    def add(self, secret: str | None) -> None:
+        if secret:
+            self._secrets.add(secret)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self._secrets:
+            return True
+        message = record.getMessage()
+        if any(s in message for s in self._secrets):
+            record.msg, record.args = redact(message, self._secrets), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text, self._secrets)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info, self._secrets)
+        return True
+
+
+def install_secret_filter(secrets: Iterable[str | None]) -> SecretFilter:
     """Redact `secrets` from every record written by the handlers that exist now: the root
     logger's (console, Hydra's job log file) and those of loggers that keep their own
     (Lightning's, when it was imported before logging was configured). Returns the filter;
     `filter.add(secret)` covers a secret learnt later."""
-    from gcache.llm.api import SecretFilter
-
     secret_filter = SecretFilter(secrets)
     loggers = [logging.getLogger()]
     loggers += [lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)]

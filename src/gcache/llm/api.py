@@ -28,7 +28,8 @@ What it does:
 - Accounting. `ApiClient.usage` keeps running totals (requests, tokens from the server's `usage`,
   cost, retries, failures); `snapshot()` / `delta()` / `reset()` give per-step numbers.
 - Secrets. The API key never appears in `repr(config)`, `config.public_dict()`, this module's log
-  records or `ApiError` messages; `redact` and `SecretFilter` do the same for the app's own logs.
+  records or `ApiError` messages (via `redact` and `SecretFilter` from `gcache.secrets`, which
+  also serve the app's own logs).
 """
 
 from __future__ import annotations
@@ -42,17 +43,17 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import openai
 
+from gcache.secrets import REDACTED, SecretFilter, redact
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-REDACTED = "***"
 
 # USD per million tokens (input, output), used when the config sets no explicit price. Prices
 # change: check current pricing, and set mode.api.price_per_million_input/output when it matters.
@@ -67,46 +68,6 @@ PRICES_PER_MILLION: dict[str, tuple[float, float]] = {
 
 # Statuses worth another try: request timeout, rate limit, server errors.
 RETRYABLE_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
-
-
-# ---- secrets ------------------------------------------------------------------------------------
-def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """Replace every occurrence of each non-empty secret in `text` with `***`."""
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    return text
-
-
-class SecretFilter(logging.Filter):
-    """Redacts configured secrets from log records (message, arguments and traceback text).
-
-    Attach it to a handler to cover every record that handler emits (a filter on a logger only sees
-    records created on that very logger, not those propagated from its children):
-
-        handler.addFilter(SecretFilter([cfg.api_key]))
-    """
-
-    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
-        super().__init__()
-        self._secrets: set[str] = {s for s in secrets if s}
-
-    def add(self, secret: str | None) -> None:
-        if secret:
-            self._secrets.add(secret)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if not self._secrets:
-            return True
-        message = record.getMessage()
-        if any(s in message for s in self._secrets):
-            record.msg, record.args = redact(message, self._secrets), None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text, self._secrets)
-        if record.stack_info:
-            record.stack_info = redact(record.stack_info, self._secrets)
-        return True
 
 
 # Every key an ApiClient uses is registered here, so this module's own records never carry one.
