@@ -26,9 +26,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from gcache.build import build_module
 from gcache.evaluate import CONF_DIR, evaluate
-from gcache.rollout import RolloutConfig, RolloutEngine, chain_adjacency, judger_senders_all
-from gcache.train import build_module
+from gcache.policy.topology import fixed_adjacency, judger_senders_all
+from gcache.rollout import RolloutConfig, RolloutEngine
 
 log = logging.getLogger("benchmark")
 
@@ -46,7 +47,7 @@ def bench_batched(module, examples, batch: int, max_new_tokens: int, *, decode_o
     `max_new_tokens` (decode-heavy); otherwise full latent rollouts on a chain."""
     questions = [ex.question for ex in examples[:batch]]
     n = module.roster.num_agents
-    adjacency = judger_senders_all(chain_adjacency(n).expand(len(questions), -1, -1))
+    adjacency = judger_senders_all(fixed_adjacency("chain", n).expand(len(questions), -1, -1))
     active = [] if decode_only else None
     times, tokens = {}, {}
     for size in (1, batch):
@@ -69,7 +70,7 @@ def bench_reuse(module, examples, graphs: int) -> dict:
     with the untrained policy (p near 0.5, graphs rarely repeat) and with its logits scaled
     by 4 and by 10 (stand-ins for a more and a fully confident trained policy, whose
     samples coincide more often)."""
-    from gcache.policy.graph_policy import sample_dags
+    from gcache.policy.sampling import sample_dags
 
     questions = [ex.question for ex in examples]
     n = module.roster.num_agents
@@ -123,8 +124,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {"machine": {"threads": torch.get_num_threads()}}
 
-    cfg = _cfg("train", [f"model={args.model}", "task=arith", "topology=full", f"latent_steps={args.latent_steps}",
-                         "graphs_per_question=4", "logger=none", "batch_size=2"], out)
+    cfg = _cfg("train", [f"model={args.model}", "task=arith", "topology=full", f"rollout.latent_steps={args.latent_steps}",
+                         "policy.graphs_per_question=4", "logger=none", "batch_size=2"], out)
     module = build_module(cfg)
     train = module.task.splits()["train"]
     results["batched (judger decode, 96 tokens)"] = bench_batched(module, train, 8, 96, decode_only=True)
@@ -136,8 +137,8 @@ def main() -> None:
         if limit <= 0:
             continue
         eval_cfg = _cfg("evaluate", [f"model={args.model}", f"task={task}", f"limit={limit}",
-                                     f"latent_steps={args.latent_steps}", "methods=[text_mas,latent_mas]",
-                                     "max_new_tokens=256", "agent_max_new_tokens=256", "batch_size=4", "topology=full",
+                                     f"rollout.latent_steps={args.latent_steps}", "methods=[text_mas,latent_mas]",
+                                     "rollout.max_new_tokens=256", "rollout.agent_max_new_tokens=256", "batch_size=4", "topology=full",
                                      "logger=none"], out / f"eval-{task}")
         report = evaluate(eval_cfg, module=build_module(eval_cfg, llm=module.llm))["methods"]
         text, latent = report["text_mas"], report["latent_mas"]

@@ -9,7 +9,8 @@ from gcache import kv
 from gcache.agents import build_roster
 from gcache.llm.local import LocalLM
 from gcache.policy.cache_fuser import CacheFuser
-from gcache.rollout import RolloutConfig, RolloutEngine, judger_senders_all
+from gcache.policy.topology import judger_senders_all
+from gcache.rollout import RolloutConfig, RolloutEngine
 from gcache.tasks import build_task
 
 

@@ -55,7 +55,7 @@ def test_a_default_tiny_run_prints_no_third_party_banners(tmp_path):
     console = result.stderr + result.stdout
     assert [noise for noise in KNOWN_NOISE if noise in console] == [], console
     # A tiny default run raises no Python warning at all: a new one is either ours to fix or a
-    # known-benign third-party one to filter precisely (see gcache.train.quiet_third_party_output).
+    # known-benign third-party one to filter precisely (see gcache.cli.quiet_third_party_output).
     assert "[py.warnings]" not in console, console
     assert "summary:" in console and "wandb sync" in console  # our lines are still there
 

@@ -13,12 +13,13 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from gcache.build import CONF_DIR
 from gcache.callbacks import Completions
-from gcache.train import CONF_DIR, run
+from gcache.train import run
 
 # lookup: four keepers, an oracle graph, agent -> judger edges sampled (topology=debate).
 TINY = ["model=tiny-random", "limit_train=4", "limit_val=2", "limit_test=2", "batch_size=2",
-        "graphs_per_question=2", "latent_steps=2", "max_new_tokens=4", "val_every_n_steps=2"]
+        "policy.graphs_per_question=2", "rollout.latent_steps=2", "rollout.max_new_tokens=4", "val_every_n_steps=2"]
 EDGES = [f"val/p_edge/{keeper} Keeper -> Judger" for keeper in ("Door", "Locker", "Train", "Room")]
 VALIDATION_STEPS = [0, 2]  # validate_at_start, then the end of the 2-step epoch
 # Lightning logs metrics of the validation that ends the last step at that step's index (1), not at

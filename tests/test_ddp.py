@@ -39,7 +39,7 @@ TESTS = Path(__file__).resolve().parent
 TWO_STEPS = [
     "model=tiny-random", "logger=csv", "task=arith", "task._target_=test_ddp.TextLengthArith", "topology=full",
     "batch_size=2", "validate_at_start=false", "val_every_n_steps=null", "limit_train=4", "limit_val=1",
-    "limit_test=1", "run_test=false", "graphs_per_question=3", "latent_steps=1", "max_new_tokens=6", "seed=5",
+    "limit_test=1", "run_test=false", "policy.graphs_per_question=3", "rollout.latent_steps=1", "rollout.max_new_tokens=6", "seed=5",
 ]
 
 

@@ -20,8 +20,8 @@ from gcache.evaluate import (
 # Untrained methods and controls (trained ones: test_trained_checkpoint_…; API ones: tests/test_modes.py).
 METHODS = ["single", "single_budget", "text_mas", "latent_mas", "fixed-full", "fixed-star", "mismatched", "zeroed",
            "shuffled", "realign-identity", "realign-random"]
-TINY = ["model=tiny-random", "task=gsm8k", "topology=full", "limit=3", "batch_size=3", "latent_steps=2", "max_new_tokens=4",
-        "agent_max_new_tokens=4"]
+TINY = ["model=tiny-random", "task=gsm8k", "topology=full", "limit=3", "batch_size=3", "rollout.latent_steps=2", "rollout.max_new_tokens=4",
+        "rollout.agent_max_new_tokens=4"]
 
 
 def _cfg(tmp_path, *extra):
@@ -131,7 +131,7 @@ def _train_cfg(tmp_path, *extra):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
             "model=tiny-random", "logger=csv", "task=gsm8k", "topology=full", "limit_train=4", "limit_val=2", "limit_test=3",
-            "batch_size=2", "graphs_per_question=2", "latent_steps=2", "max_new_tokens=4", *extra])
+            "batch_size=2", "policy.graphs_per_question=2", "rollout.latent_steps=2", "rollout.max_new_tokens=4", *extra])
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path)
     return cfg

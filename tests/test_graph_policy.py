@@ -10,19 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from gcache.agents import build_roster
-from gcache.policy import (
-    TOPOLOGIES,
-    GraphPolicy,
-    active_agents,
+from gcache.policy.loss import reinforce_loss
+from gcache.policy.network import GraphPolicy
+from gcache.policy.sampling import (
     deterministic_dag,
     edge_entropy,
     edge_probabilities,
     expected_edges,
-    reinforce_loss,
     sample_dags,
     topological_waves,
-    topology_mask,
 )
+from gcache.policy.topology import TOPOLOGIES, active_agents, topology_mask
 
 D = 16  # embedding size of the tiny policies
 

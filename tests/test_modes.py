@@ -1,4 +1,5 @@
-"""hybrid and api_hint against a real OpenAI-compatible server (llama.cpp serving the embedded model)."""
+"""hybrid and api_hint against a real OpenAI-compatible server (llama.cpp serving the embedded model);
+the API-only baselines (`gcache.rollout.api_text_mas`) send what the local text method reads."""
 
 from __future__ import annotations
 
@@ -8,12 +9,18 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from servers import FaultServer, error, free_port, ok
 
-from gcache.llm.api import ApiError
+from gcache.agents import build_roster
+from gcache.build import CONF_DIR, build_module
+from gcache.evaluate import Evaluator
+from gcache.llm.api import ApiError, ApiReply
+from gcache.llm.local import LocalLM
+from gcache.prompts import agent_messages, judger_messages
+from gcache.rollout import RolloutConfig, RolloutEngine, api_text_mas, plan_rollouts
 from gcache.tasks import build_task
-from gcache.train import CONF_DIR, build_module, run
+from gcache.train import run
 
 TINY = ["model=tiny-random", "task=arith", "logger=csv", "limit_train=2", "limit_val=2", "limit_test=2",
-        "batch_size=2", "graphs_per_question=2", "latent_steps=2", "max_new_tokens=4"]
+        "batch_size=2", "policy.graphs_per_question=2", "rollout.latent_steps=2", "rollout.max_new_tokens=4"]
 
 
 def _cfg(mode: str, base_url: str, model: str, *extra: str, output_dir: str = "unused"):
@@ -76,7 +83,7 @@ def test_two_step_training_run_in_hybrid_mode(llama_server, tmp_path):
 def test_the_fused_cache_changes_what_the_api_receives(examples):
     # Same questions, same graph: the judger reads its own fused cache or another question's.
     with FaultServer(model="fake") as server:
-        module = build_module(_cfg("hybrid", server.base_url, "fake", "max_new_tokens=6"))
+        module = build_module(_cfg("hybrid", server.base_url, "fake", "rollout.max_new_tokens=6"))
         checks = len(server.chat_requests())  # the start-up check
         module.evaluate_batch(examples)
         matched = [r.body["messages"] for r in server.chat_requests()][checks:]
@@ -136,6 +143,147 @@ def test_api_only_baselines_run_through_the_evaluator(llama_server, tmp_path):
     # Four agents and a judger make five API calls per question against one for the single agent.
     assert text["prompt_tokens_per_question"] > 3 * single["prompt_tokens_per_question"]
     assert 0 < single["decoded_tokens_per_question"] <= 8
+
+
+# ---- API-only baselines: the local text method's plan and prompts ------------------------------------
+
+N = 4
+KEEPER_QUESTIONS = ["What is the platform of the brown train?", "What is the code of the red door?"]
+KEEPER_FACTS = [
+    ("The code of the blue door is 540.", "The combination of the yellow locker is 635.",
+     "The platform of the brown train is 612.", "The floor of the brown room is 342."),
+    ("The code of the red door is 118.", "The combination of the red locker is 907.",
+     "The platform of the green train is 455.", "The floor of the white room is 276."),
+]
+
+
+def _graph(edges, judger) -> torch.Tensor:
+    """(N+1, N+1) from agent edges and the agents sending to the judger (node N)."""
+    a = torch.zeros(N + 1, N + 1, dtype=torch.bool)
+    for i, j in edges:
+        a[i, j] = True
+    for i in judger:
+        a[i, N] = True
+    return a
+
+
+GRAPHS = {
+    # Only the last agent reaches the judger directly: the judger reads it alone.
+    "chain": _graph([(0, 1), (1, 2), (2, 3)], judger=[3]),
+    "mesh": _graph([(i, j) for i in range(N) for j in range(N) if i < j], judger=range(N)),
+    # Agent 3 reads agents 1 and 2, which are in different waves: 2 comes first (topological order).
+    "skewed": _graph([(0, 1), (1, 3), (2, 3)], judger=range(N)),
+    # Agent 2 reaches nobody: it is not run.
+    "pruned": _graph([(0, 1), (2, 3)], judger=[1]),
+}
+
+
+class ScriptedClient:
+    """Stands in for `gcache.llm.api.ApiClient`: records each `chat_many_sync` batch and answers with
+    `reply(messages)`; usage: the prompt's and the reply's characters."""
+
+    def __init__(self, reply) -> None:
+        self.reply = reply
+        self.batches: list[list[list[dict]]] = []
+
+    def chat_many_sync(self, requests, **kwargs):
+        self.batches.append([list(m) for m in requests])
+        replies = []
+        for messages in requests:
+            text = self.reply(messages)
+            replies.append(ApiReply(text, prompt_tokens=sum(len(m["content"]) for m in messages),
+                                    completion_tokens=len(text), seconds=0.0, attempts=1))
+        return replies
+
+
+@pytest.fixture(scope="module")
+def tiny_llm():
+    return LocalLM.tiny_random(seed=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(GRAPHS))
+def test_api_text_mas_sends_what_the_local_text_method_reads(tiny_llm, monkeypatch, name):
+    roster = build_roster("keepers")
+    adjacency = GRAPHS[name].expand(2, -1, -1)  # one row per question
+    rendered: list[list[dict]] = []  # every prompt the local engine builds, in order
+    chat_text = tiny_llm.chat_text
+    monkeypatch.setattr(tiny_llm, "chat_text", lambda messages, **kw: rendered.append(messages) or chat_text(messages, **kw))
+    config = RolloutConfig(method="text", agent_max_new_tokens=4, max_new_tokens=3)
+    local = RolloutEngine(tiny_llm, roster, config).run(
+        KEEPER_QUESTIONS, adjacency, [0, 1], answer_format="Reply with a number.", agent_facts=KEEPER_FACTS)
+
+    # The API model answers each agent with the local agent's message: the same texts travel.
+    agent_of = {role.prompt: i for i, role in enumerate(roster.roles)}
+
+    def reply(messages):
+        q = next(q for q, text in enumerate(KEEPER_QUESTIONS) if f"Question:\n{text}\n" in messages[1]["content"])
+        agent = agent_of.get(messages[0]["content"])
+        return f"answer {q}" if agent is None else local.rollouts[q].messages[agent]
+
+    client = ScriptedClient(reply)
+    results = api_text_mas(client, roster, KEEPER_QUESTIONS, adjacency, [0, 1], "Reply with a number.",
+                           agent_facts=KEEPER_FACTS)
+    # Exactly the local prompts, in the same order: one batch per level of the plan, then the judgers.
+    plan = plan_rollouts(adjacency, [0, 1], reads="senders")
+    assert [len(batch) for batch in client.batches] == [
+        *[sum(node.level == level for node in plan.nodes) for level in range(plan.levels)], 2]
+    assert [m for batch in client.batches for m in batch] == rendered
+    for q, (result, rollout) in enumerate(zip(results, local.rollouts, strict=True)):
+        assert result["answer"] == f"answer {q}"
+        assert result["judger_senders"] == rollout.judger_senders
+        # Usage: the row's agents' and judger's replies, summed.
+        mine = [m for batch in client.batches for m in batch if KEEPER_QUESTIONS[q] in m[1]["content"]]
+        assert len(mine) == rollout.agents_run + 1
+        assert result["prompt_tokens"] == sum(len(x["content"]) for m in mine for x in m)
+        assert result["completion_tokens"] == sum(len(reply(m)) for m in mine)
+
+
+def test_api_single_sends_the_judger_alone():
+    roster = build_roster("keepers")
+    client = ScriptedClient(lambda messages: "612")
+    results = api_text_mas(client, roster, KEEPER_QUESTIONS[:1], torch.zeros(1, N + 1, N + 1, dtype=torch.bool),
+                           [0], "Fmt.", agent_facts=KEEPER_FACTS[:1])
+    assert client.batches == [[judger_messages(roster.judger, KEEPER_QUESTIONS[0], "Fmt.", reads_others=False)]]
+    assert results == [{"answer": "612", "prompt_tokens": sum(len(m["content"]) for m in client.batches[0][0]),
+                        "completion_tokens": 3, "judger_senders": []}]
+    with pytest.raises(ValueError, match=r"\(R, 5, 5\)"):
+        api_text_mas(client, roster, KEEPER_QUESTIONS[:1], torch.zeros(1, N, N, dtype=torch.bool), [0], "Fmt.")
+
+
+@pytest.mark.parametrize("method", ["api_text_mas", "api_single"])
+def test_the_evaluators_api_baselines_send_the_text_methods_requests(examples, method):
+    # Through a real HTTP client: on a chain every agent reads its predecessor's reply, the judger
+    # reads all four; each row's usage is the sum of its requests' usage.
+    with FaultServer(model="fake") as server:
+        module = build_module(_cfg("hybrid", server.base_url, "fake"))
+        checks = len(server.chat_requests())  # the start-up check
+        records = Evaluator(module, baseline_topology="chain").run(method, examples)
+        sent = [r.body["messages"] for r in server.chat_requests()][checks:]
+    roster, answer_format = module.roster, module.task.answer_format
+    n = roster.num_agents
+
+    def echo(messages):  # what the fake server answers
+        return f"echo: {messages[-1]['content']}"
+
+    expected = []
+    for ex in examples:
+        received = []
+        if method == "api_text_mas":
+            for role in roster.roles:
+                messages = agent_messages(role, ex.question, received=received[-1:])
+                expected.append(messages)
+                received.append((role.name, echo(messages)))
+        expected.append(judger_messages(roster.judger, ex.question, answer_format, reads_others=bool(received),
+                                        received=received))
+    key = repr
+    assert sorted(map(key, sent)) == sorted(map(key, expected))  # the levels' requests run concurrently
+    calls = len(expected) // len(examples)
+    for record in records:
+        assert record["prompt_tokens"] == 11 * calls and record["decoded_tokens"] == 3 * calls  # ok()'s usage
+        assert record["judger_senders"] == (list(range(n)) if method == "api_text_mas" else [])
+        assert record["edges"] == (2 * n - 1 if method == "api_text_mas" else 0)  # chain + every agent -> judger
+        assert record["answer"].startswith("echo: ")
 
 
 def _hybrid_step(server, examples):

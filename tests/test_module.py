@@ -10,12 +10,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from gcache import kv
+from gcache.build import CONF_DIR, build_module, build_task
 from gcache.evaluate import CONF_DIR as EVAL_CONF_DIR
 from gcache.evaluate import evaluate, read_results
-from gcache.train import CONF_DIR, build_module, build_task
 
-TINY = ["model=tiny-random", "logger=csv", "task=gsm8k", "batch_size=2", "graphs_per_question=3",
-        "latent_steps=2", "max_new_tokens=4"]
+TINY = ["model=tiny-random", "logger=csv", "task=gsm8k", "batch_size=2", "policy.graphs_per_question=3",
+        "rollout.latent_steps=2", "rollout.max_new_tokens=4"]
 
 
 def _module(*extra, llm=None):
@@ -66,7 +66,7 @@ def _rollout_nll(module, batch, logits) -> torch.Tensor:
 
 
 def test_fuser_gradient_equals_a_finite_difference_of_the_whole_rollout():
-    task, module = _module("retention=full")
+    task, module = _module("rollout.retention=full")
     _nontrivial(module)
     batch = task.splits()["train"][:2]
     n = module.roster.num_agents
@@ -99,7 +99,7 @@ def test_fuser_gradient_equals_a_finite_difference_of_the_whole_rollout():
 
 @pytest.mark.parametrize("trains_policy", [False, True])
 def test_fuser_nll_reaches_the_policy_only_when_switched_on(trains_policy):
-    task, module = _module(f"fuser_trains_policy={str(trains_policy).lower()}", "judger_edges=all")
+    task, module = _module(f"policy.fuser_trains_policy={str(trains_policy).lower()}", "policy.judger_edges=all")
     _nontrivial(module)
     batch = task.splits()["train"][:2]
     logits = module.edge_logits([ex.question for ex in batch])
@@ -157,8 +157,8 @@ def test_training_step_with_nonzero_advantages_changes_every_parameter_and_no_lm
 
 @pytest.fixture(scope="module")
 def both_dtypes():
-    _, fp32 = _module("model.dtype=float32", "retention=role_latent")
-    _, bf16 = _module("model.dtype=bfloat16", "retention=role_latent")
+    _, fp32 = _module("model.dtype=float32", "rollout.retention=role_latent")
+    _, bf16 = _module("model.dtype=bfloat16", "rollout.retention=role_latent")
     assert next(fp32.llm.model.parameters()).dtype == torch.float32
     assert next(bf16.llm.model.parameters()).dtype == torch.bfloat16  # tiny-random honours model.dtype
     for module in (fp32, bf16):
@@ -210,7 +210,7 @@ def test_evaluate_in_bfloat16_runs_the_same_graphs_as_float32(tmp_path):
         with initialize_config_dir(config_dir=EVAL_CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="evaluate", overrides=[
                 "model=tiny-random", f"model.dtype={dtype}", "task=gsm8k", "limit=2", "batch_size=2",
-                "latent_steps=2", "max_new_tokens=3", "methods=[single,fixed-star,mismatched,zeroed]"])
+                "rollout.latent_steps=2", "rollout.max_new_tokens=3", "methods=[single,fixed-star,mismatched,zeroed]"])
         with open_dict(cfg):
             cfg.output_dir = str(tmp_path / dtype)
         evaluate(cfg)

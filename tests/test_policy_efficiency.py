@@ -15,7 +15,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from gcache.policy import edge_entropy, expected_edges, reinforce_loss, sample_dags
+from gcache.policy.loss import reinforce_loss
+from gcache.policy.sampling import edge_entropy, expected_edges, sample_dags
 from gcache.policy.simulate import (
     config_settings,
     load_policy_config,

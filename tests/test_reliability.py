@@ -17,19 +17,20 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
+from gcache.build import CONF_DIR, ConfigError, build_module, build_task
 from gcache.datamodule import ShardSampler, TaskDataModule
 from gcache.llm.api import ApiError
-from gcache.train import CONF_DIR, ConfigError, build_module, build_task, run
+from gcache.train import run
 
 # Six one-question steps, a checkpoint after each. Policy dropout draws from the global torch
 # RNG, so a resume that did not restore it would train differently.
 RESUMABLE = [
-    "model=tiny-random", "logger=csv", "task=gsm8k", "limit_train=6", "batch_size=1", "graphs_per_question=2",
-    "latent_steps=1", "max_new_tokens=2", "limit_val=1", "limit_test=1", "run_test=false", "ckpt_every_n_steps=1",
+    "model=tiny-random", "logger=csv", "task=gsm8k", "limit_train=6", "batch_size=1", "policy.graphs_per_question=2",
+    "rollout.latent_steps=1", "rollout.max_new_tokens=2", "limit_val=1", "limit_test=1", "run_test=false", "ckpt_every_n_steps=1",
     "policy.net.dropout=0.2", "seed=7",
 ]
 TINY = ["model=tiny-random", "logger=csv", "task=gsm8k", "limit_train=2", "limit_val=1", "limit_test=1",
-        "batch_size=2", "graphs_per_question=2", "latent_steps=1", "max_new_tokens=2", "run_test=false"]
+        "batch_size=2", "policy.graphs_per_question=2", "rollout.latent_steps=1", "rollout.max_new_tokens=2", "run_test=false"]
 
 # Runs gcache.train as `python -m` would, with every training step 0.5 s slower (and a marker
 # file touched when a step starts), so a test can signal it mid-run. Results are unchanged.
@@ -115,7 +116,7 @@ def test_a_killed_run_resumed_ends_with_the_same_steps_parameters_and_optimiser_
 
 KILL_MID_WRITE = """
 import os, signal, sys, torch
-from gcache.train import AtomicCheckpointIO
+from gcache.checkpoints import AtomicCheckpointIO
 path = sys.argv[1]
 io = AtomicCheckpointIO()
 io.save_checkpoint({"step": 1, "w": torch.arange(100_000)}, path)
@@ -138,7 +139,7 @@ def test_a_kill_in_the_middle_of_writing_a_checkpoint_leaves_the_previous_one_wh
     assert _load(path)["step"] == 1
     assert (tmp_path / "checkpoints" / "last.ckpt.partial").exists()  # the torn write, never renamed
     # The next save replaces both.
-    from gcache.train import AtomicCheckpointIO
+    from gcache.checkpoints import AtomicCheckpointIO
 
     AtomicCheckpointIO().save_checkpoint({"step": 3}, path)
     assert _load(path)["step"] == 3 and not (tmp_path / "checkpoints" / "last.ckpt.partial").exists()
@@ -200,7 +201,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was reported")
 
-    monkeypatch.setattr("gcache.train.LocalLM.load", refuse)
+    monkeypatch.setattr("gcache.build.LocalLM.load", refuse)
 
 
 def _jsonl_dir(tmp_path: Path, lines: list[str]) -> Path:
@@ -213,12 +214,12 @@ GOOD_LINE = '{"question": "1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}'
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["latent_steps=-1"], "latent_steps must be an integer >= 0, got -1"),
-    (["latent_steps=abc"], "latent_steps must be an integer >= 0, got 'abc'"),
+    (["rollout.latent_steps=-1"], "rollout.latent_steps must be an integer >= 0, got -1"),
+    (["rollout.latent_steps=abc"], "rollout.latent_steps must be an integer >= 0, got 'abc'"),
     (["agents.num_agents=0"], "agents.num_agents must be an integer >= 1 or null, got 0"),
-    (["graphs_per_question=0"], "graphs_per_question must be an integer >= 1, got 0"),
+    (["policy.graphs_per_question=0"], "policy.graphs_per_question must be an integer >= 1, got 0"),
     (["limit_train=0"], "limit_train must be an integer >= 1 or null, got 0"),
-    (["retention=none"], "retention='none' is not one of ['full', 'role_latent', 'latent_only']"),
+    (["rollout.retention=none"], "rollout.retention='none' is not one of ['full', 'role_latent', 'latent_only']"),
     (["model.name=/no/such/model"], "model.name='/no/such/model': that model directory does not exist"),
     (["ckpt_path=/no/such.ckpt"], "ckpt_path='/no/such.ckpt' does not exist"),
     (["trainer.accelerator=gpu"], "torch sees no CUDA GPU; use trainer=cpu"),
@@ -255,7 +256,7 @@ def test_an_api_mode_without_an_endpoint_fails_before_the_model_loads(tmp_path, 
 
 
 @pytest.mark.parametrize(("args", "exit_code", "message"), [
-    (["latent_steps=-1"], 2, "error: latent_steps must be an integer >= 0, got -1"),
+    (["rollout.latent_steps=-1"], 2, "error: rollout.latent_steps must be an integer >= 0, got -1"),
     (["task.data_dir=/no/such/dir", "task.source=local"], 2, "error: task 'gsm8k': /no/such/dir/gsm8k/test.jsonl does not exist"),
     (["mode=hybrid"], 2, "error: no endpoint: set mode.api.base_url or OPENAI_BASE_URL"),
 ])

@@ -10,12 +10,11 @@ from gcache import kv
 from gcache.agents import build_roster
 from gcache.llm.local import LocalLM
 from gcache.policy.cache_fuser import CacheFuser
+from gcache.policy.topology import fixed_adjacency, judger_senders_all
 from gcache.prompts import agent_messages, judger_messages
 from gcache.rollout import (
     RolloutConfig,
     RolloutEngine,
-    chain_adjacency,
-    judger_senders_all,
     plan_rollouts,
     run_latent_chain,
 )
@@ -189,7 +188,7 @@ def _reference_chain(llm, roster, question, steps) -> tuple[torch.Tensor, str]:
 @pytest.mark.parametrize("judger", ["last", "all"])
 def test_chain_with_full_retention_is_the_latentmas_chain(llm, roster, judger):
     engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=3, retention="full", max_new_tokens=6))
-    chain = chain_adjacency(N).expand(2, -1, -1)
+    chain = fixed_adjacency("chain", N).expand(2, -1, -1)
     adjacency = judger_senders_all(chain, [N - 1] if judger == "last" else None)
     batch = engine.run(QUESTIONS, adjacency, [0, 1], answer_format=FORMAT, keep_judger_inputs=True)
     for q, question in enumerate(QUESTIONS):
@@ -294,7 +293,7 @@ def test_sharing_with_nontrivial_gates_changes_nothing(llm, roster):
 @torch.no_grad()
 def test_text_method_passes_messages_and_counts_their_tokens(llm, roster):
     config = RolloutConfig(method="text", agent_max_new_tokens=4, max_new_tokens=3)
-    adjacency = judger_senders_all(chain_adjacency(N)[None])
+    adjacency = judger_senders_all(fixed_adjacency("chain", N)[None])
     batch = RolloutEngine(llm, roster, config).run(QUESTIONS[:1], adjacency, [0], answer_format=FORMAT)
     rollout = batch.rollouts[0]
     assert set(rollout.messages) == {0, 1, 2, 3}
@@ -321,7 +320,7 @@ def test_a_graph_without_judger_edges_is_the_judger_alone(llm, roster):
 
 @torch.no_grad()
 def test_mismatched_control_reads_another_questions_segments(llm, roster):
-    adjacency = judger_senders_all(chain_adjacency(N).expand(2, -1, -1))
+    adjacency = judger_senders_all(fixed_adjacency("chain", N).expand(2, -1, -1))
     config = RolloutConfig(latent_steps=2, judger_cache="mismatched", max_new_tokens=3)
     batch = RolloutEngine(llm, roster, config).run(QUESTIONS, adjacency, [0, 1], answer_format=FORMAT,
                                                    keep_judger_inputs=True)
@@ -338,7 +337,7 @@ def test_mismatched_control_reads_another_questions_segments(llm, roster):
 
 @torch.no_grad()
 def test_zeroed_and_shuffled_controls_change_what_the_judger_reads_as_named(llm, roster):
-    adjacency = judger_senders_all(chain_adjacency(N)[None])
+    adjacency = judger_senders_all(fixed_adjacency("chain", N)[None])
     runs = {}
     for control in ("fused", "zeroed", "shuffled"):
         config = RolloutConfig(latent_steps=2, judger_cache=control, max_new_tokens=2)
@@ -356,12 +355,12 @@ def test_zeroed_and_shuffled_controls_change_what_the_judger_reads_as_named(llm,
 def test_bad_configs_and_graphs_are_refused_with_the_allowed_values(llm, roster):
     with pytest.raises(ValueError, match="retention='everything'.*full"):
         RolloutConfig(retention="everything")
-    with pytest.raises(ValueError, match="latent_steps must be >= 0"):
+    with pytest.raises(ValueError, match="latent_steps must be an integer >= 0, got -1"):
         RolloutConfig(latent_steps=-1)
     with pytest.raises(ValueError, match="latent_only"):
         RolloutConfig(retention="latent_only", latent_steps=0)
     with pytest.raises(ValueError, match="realign='yes'.*ridge"):
         RolloutConfig(realign="yes")
     with pytest.raises(ValueError, match="judger_senders_all"):
-        RolloutEngine(llm, roster, RolloutConfig()).run(QUESTIONS[:1], chain_adjacency(N)[None], [0],
+        RolloutEngine(llm, roster, RolloutConfig()).run(QUESTIONS[:1], fixed_adjacency("chain", N)[None], [0],
                                                         answer_format=FORMAT)

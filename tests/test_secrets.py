@@ -20,7 +20,7 @@ from gcache.secrets import (
 
 PLANTED = "sk-test-PLANTED-9f4c2e7a1b"
 TINY = ["model=tiny-random", "task=gsm8k", "limit_train=2", "limit_val=1", "limit_test=1", "batch_size=2",
-        "graphs_per_question=2", "latent_steps=1", "max_new_tokens=2", "run_test=false"]
+        "policy.graphs_per_question=2", "rollout.latent_steps=1", "rollout.max_new_tokens=2", "run_test=false"]
 
 
 def test_redacted_config_hides_keys_tokens_and_passwords_but_not_token_counts_or_flags():
@@ -32,7 +32,7 @@ def test_redacted_config_hides_keys_tokens_and_passwords_but_not_token_counts_or
 
 
 def test_secret_overrides_finds_keys_on_the_command_line():
-    argv = ["+mode.api.api_key=sk-1", "max_new_tokens=4", "++logger.token=t", "hydra.run.dir=x", "-m", "mode.api.require_key=false"]
+    argv = ["+mode.api.api_key=sk-1", "rollout.max_new_tokens=4", "++logger.token=t", "hydra.run.dir=x", "-m", "mode.api.require_key=false"]
     assert secret_overrides(argv) == ["mode.api.api_key", "logger.token"]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny-random", "logger=csv", "task=lookup", "limit_train=4", "limit_val=2", "limit_test=3",
-        "batch_size=2", "eval_batch_size=3", "graphs_per_question=2", "latent_steps=1", "max_new_tokens=3",
+        "batch_size=2", "eval_batch_size=3", "policy.graphs_per_question=2", "rollout.latent_steps=1", "rollout.max_new_tokens=3",
         "val_every_n_steps=1", "study.methods=[gcache,single,fixed-full,oracle,mismatched,zeroed]"]
 
 

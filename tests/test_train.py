@@ -13,7 +13,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from gcache.train import CONF_DIR, build_module, build_task, run
+from gcache.build import CONF_DIR, build_module, build_task
+from gcache.train import run
 
 TASKS = ["arith", "gsm8k", "gpqa", "medqa", "humaneval", "mbppplus"]
 TOPOLOGIES = ["full", "chain", "star", "layered", "mesh", "random", "debate", "direct"]
@@ -25,9 +26,9 @@ TINY = [
     "limit_val=2",
     "limit_test=2",
     "batch_size=2",
-    "graphs_per_question=2",
-    "latent_steps=2",
-    "max_new_tokens=4",
+    "policy.graphs_per_question=2",
+    "rollout.latent_steps=2",
+    "rollout.max_new_tokens=4",
 ]
 
 

@@ -53,9 +53,13 @@ import hydra
 import torch
 from omegaconf import DictConfig, open_dict
 
-from gcache.policy.graph_policy import TOPOLOGIES, deterministic_dag, topology_mask
-from gcache.rollout import RolloutConfig, RolloutEngine, judger_senders_all
-from gcache.stats import wilson_interval  # re-exported: the one Wilson interval of gcache
+from gcache.build import build_module, build_task, validate
+from gcache.checkpoints import load_trained
+from gcache.cli import CONF_DIR, config_errors, refuse_secret_overrides, run_job
+from gcache.policy.sampling import deterministic_dag
+from gcache.policy.topology import TOPOLOGIES, fixed_adjacency, judger_senders_all, oracle_adjacency
+from gcache.rollout import RolloutConfig, RolloutEngine
+from gcache.stats import mcnemar_exact, wilson_interval
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +69,6 @@ CONTROLS = ("mismatched", "zeroed", "shuffled", "realign-identity", "realign-ran
 API_METHODS = ("api_single", "api_text_mas")
 METHODS = ("single", "single_budget", "text_mas", "latent_mas", *FIXED_METHODS, "oracle", *TRAINED_METHODS,
            *CONTROLS, *API_METHODS)
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 # ---- statistics ----------------------------------------------------------------------------
@@ -198,23 +201,6 @@ def write_report(out: Path, title: str = "") -> dict:
 # ---- running methods -----------------------------------------------------------------------
 
 
-def fixed_adjacency(topology: str, n: int, seed: int = 0) -> torch.Tensor:
-    """A deterministic DAG from a topology mask: every allowed edge i -> j with i < j. (N, N)"""
-    mask = topology_mask(topology, n, seed=seed)
-    return mask & torch.ones(n, n, dtype=torch.bool).triu(1)
-
-
-def oracle_adjacency(examples, n: int) -> torch.Tensor:
-    """The tasks' oracle graphs (R, N+1, N+1) from `Example.oracle_edges` (-1 = the judger)."""
-    out = torch.zeros(len(examples), n + 1, n + 1, dtype=torch.bool)
-    for r, ex in enumerate(examples):
-        if not ex.oracle_edges:
-            raise ValueError(f"method 'oracle': question {ex.id!r} of this task has no oracle graph")
-        for src, dst in ex.oracle_edges:
-            out[r, src, n if dst == -1 else dst] = True
-    return out
-
-
 def _record(example, method: str, answer: str, detail: dict, config: dict, **costs) -> dict:
     """One line of results.jsonl: the answer, its score, what it cost and what ran."""
     return {
@@ -232,12 +218,10 @@ def _record(example, method: str, answer: str, detail: dict, config: dict, **cos
 class Evaluator:
     """Runs the methods on batches of examples with one module's LM, roster, task and prompts."""
 
-    def __init__(self, module, *, baseline_topology: str = "chain", ckpt_path: str | None = None,
-                 agent_max_new_tokens: int = 128) -> None:
+    def __init__(self, module, *, baseline_topology: str = "chain", ckpt_path: str | None = None) -> None:
         self.module = module
         self.baseline_topology = baseline_topology
         self.ckpt_path = ckpt_path
-        self.agent_max_new_tokens = agent_max_new_tokens
 
     @property
     def subject(self) -> str:
@@ -314,7 +298,6 @@ class Evaluator:
                 "latent_steps": base.latent_steps if config["latent_steps"] is None else config["latent_steps"],
                 "realign": config["realign"] or base.realign,
                 "judger_cache": config["judger_cache"], "judger_latent_steps": config["judger_latent_steps"],
-                "agent_max_new_tokens": self.agent_max_new_tokens,
             })
             fuser = self.module.fuser if config["fuser"] == "trained" else None
             engine = RolloutEngine(self.module.llm, self.module.roster, rollout, fuser=fuser)
@@ -341,33 +324,31 @@ class Evaluator:
         ]
 
     def _run_api(self, method: str, batch, start: float, config: dict) -> list[dict]:
-        from gcache.modes import api_text_mas
+        """`api_single` / `api_text_mas`: the graph of `single` / `text_mas` (`_graph`), every agent
+        and the judger played by the API model (`gcache.rollout.api_text_mas`)."""
+        from gcache.rollout import api_text_mas
 
         if self.module.generator_mode is None:
             raise ValueError(f"method {method!r} needs an API endpoint: use mode=hybrid or mode=api_hint")
-        n = self.module.roster.num_agents
-        adjacency = fixed_adjacency(self.baseline_topology, n).expand(len(batch), -1, -1)
+        adjacency, _ = self._graph(config, batch)  # (R, N+1, N+1); no edges for api_single
         results = api_text_mas(
             self.module.generator_mode.client, self.module.roster, [ex.question for ex in batch], adjacency,
             list(range(len(batch))), self.module.task.answer_format,
-            active=[] if method == "api_single" else self.module.active,
+            agent_facts=[ex.agent_facts for ex in batch],
         )
         details = self.module.task.score_details([r["answer"] for r in results], list(batch))
         seconds = (time.perf_counter() - start) / len(batch)
-        edges = 0 if method == "api_single" else int(adjacency[0].sum())
         return [
             _record(ex, method, r["answer"], d, config, decoded_tokens=r["completion_tokens"],
-                    prompt_tokens=r["prompt_tokens"], seconds=seconds, peak_cache_bytes=0, edges=edges,
-                    judger_senders=[] if method == "api_single" else list(self.module.active), agents_run=0)
-            for ex, r, d in zip(batch, results, details, strict=True)
+                    prompt_tokens=r["prompt_tokens"], seconds=seconds, peak_cache_bytes=0,
+                    edges=int(adjacency[row].sum()), judger_senders=r["judger_senders"], agents_run=0)
+            for row, (ex, r, d) in enumerate(zip(batch, results, details, strict=True))
         ]
 
 
 def evaluate(cfg: DictConfig, *, module=None) -> dict:
     """Run every method on the split's first `limit` questions; resumable; returns the report."""
     from tqdm.auto import tqdm
-
-    from gcache.train import build_module, build_task, validate
 
     validate(cfg)
     methods = list(cfg.methods)
@@ -387,19 +368,9 @@ def evaluate(cfg: DictConfig, *, module=None) -> dict:
         examples = examples[: cfg.limit]
     if module is None:
         module = build_module(cfg, task=task)
-    ckpt_path = None
-    if cfg.ckpt_path:
-        path = Path(cfg.ckpt_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path} does not exist")
-        from gcache.train import check_checkpoint
-
-        state = check_checkpoint(path, module)
-        module.load_state_dict(state.get("state_dict", state))
-        ckpt_path = str(path.resolve())
+    ckpt_path = load_trained(cfg.ckpt_path, module) if cfg.ckpt_path else None
     module.eval()
-    evaluator = Evaluator(module, baseline_topology=cfg.baseline_topology, ckpt_path=ckpt_path,
-                          agent_max_new_tokens=cfg.agent_max_new_tokens)
+    evaluator = Evaluator(module, baseline_topology=cfg.baseline_topology, ckpt_path=ckpt_path)
     results = out / "results.jsonl"
     done = {(r["id"], r["method"]) for r in repair_results(results)}
     todo = [(m, ex) for m in methods for ex in examples if (ex.id, m) not in done]
@@ -424,31 +395,56 @@ def evaluate(cfg: DictConfig, *, module=None) -> dict:
     return report
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
-def main(cfg: DictConfig) -> None:
-    import sys
+def compare_on_test(module, methods: list[str], examples: list, out: Path, *, batch_size: int) -> dict | None:
+    """A training run's trained policy (its test predictions, `module.test_records`) next to baseline
+    `methods` on the same test questions, with paired exact McNemar tests; the baselines' records
+    are written to `out/comparison.jsonl`. `oracle` is left out for tasks without oracle graphs."""
+    methods = [m for m in methods if m != "oracle" or all(ex.oracle_edges for ex in examples)]
+    if not methods:
+        return None
+    evaluator = Evaluator(module, ckpt_path=str(out / "checkpoints" / "last.ckpt"))
+    trained = {r["id"]: r["reward"] for r in module.test_records}
+    rewards = {"gcache": [trained[ex.id] for ex in examples]}
+    records = []
+    was_training = module.training
+    module.eval()
+    try:
+        for method in methods:
+            rows = []
+            for start in range(0, len(examples), batch_size):
+                rows += evaluator.run(method, examples[start : start + batch_size])
+            records += rows
+            rewards[method] = [r["reward"] for r in rows]
+    finally:
+        module.train(was_training)
+    with open(out / "comparison.jsonl", "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for r in records)
+    result = {"questions": len(examples), "methods": {}}
+    for method, values in rewards.items():
+        scored = [v for v in values if v is not None]
+        entry = {"accuracy": sum(scored) / max(len(scored), 1), "ci95": list(wilson_interval(sum(scored), len(scored)))}
+        if method != "gcache":
+            pairs = [(a, b) for a, b in zip(rewards["gcache"], values, strict=True) if a is not None and b is not None]
+            entry["mcnemar_p_vs_gcache"] = mcnemar_exact([a > 0.5 for a, _ in pairs], [b > 0.5 for _, b in pairs])[
+                "p_value"]
+        result["methods"][method] = entry
+    return result
 
-    from gcache.llm.api import ApiError
-    from gcache.secrets import env_secrets, install_secret_filter, load_dotenv
-    from gcache.train import (
-        EXIT_BAD_INPUT,
-        ConfigError,
-        quiet_third_party_output,
-        setup_errors_as_config_errors,
-    )
 
-    load_dotenv()
-    install_secret_filter(env_secrets())
-    logging.captureWarnings(True)
-    quiet_third_party_output()
+def comparison_table(comparison: dict) -> str:
+    lines = ["| method | accuracy | 95% CI | McNemar p vs gcache |", "|---|---|---|---|"]
+    for method, entry in comparison["methods"].items():
+        p = entry.get("mcnemar_p_vs_gcache")
+        lines.append(f"| {method} | {entry['accuracy']:.3f} | {entry['ci95'][0]:.2f}–{entry['ci95'][1]:.2f} | "
+                     f"{'—' if p is None else f'{p:.3g}'} |")
+    return "\n".join(lines)
+
+
+def _evaluate_command(cfg: DictConfig) -> dict:
     with open_dict(cfg):
         cfg.output_dir = cfg.get("output_dir") or os.getcwd()
-    try:
-        with setup_errors_as_config_errors():
-            report = evaluate(cfg)
-    except (ConfigError, ApiError) as exc:  # the message says what to fix; a traceback would bury it
-        log.error("error: %s", exc)
-        sys.exit(EXIT_BAD_INPUT)
+    with config_errors():
+        report = evaluate(cfg)
     if cfg.logger and cfg.logger.get("_target_", "").endswith("WandbLogger"):
         import wandb
 
@@ -462,14 +458,16 @@ def main(cfg: DictConfig) -> None:
             table.add_data(name, *[json.dumps(v) if isinstance(v, (list, dict)) else v for v in stats.values()])
         run.log({"evaluation": table})
         run.finish()
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    run_job(_evaluate_command, cfg)
 
 
 if __name__ == "__main__":
     import sys
 
-    from gcache.secrets import KEY_SOURCES, secret_overrides
-
-    if keys := secret_overrides(sys.argv[1:]):
-        print(f"error: {', '.join(keys)}: {KEY_SOURCES}", file=sys.stderr)
-        sys.exit(2)
+    refuse_secret_overrides(sys.argv[1:])
     main()

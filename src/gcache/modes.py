@@ -7,7 +7,9 @@
   the API model answers from the question and the hint.
 
 In both API modes what the API receives is text decoded *from the fused cache*, so a
-different cache gives a different request (never a metadata string about the cache).
+different cache gives a different request (never a metadata string about the cache). The
+messages are `gcache.prompts.hybrid_messages` / `hint_messages`; the API-only baselines
+(`api_single`, `api_text_mas`) run in `gcache.rollout.api_text_mas`.
 """
 
 from __future__ import annotations
@@ -17,25 +19,11 @@ from collections.abc import Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from gcache.prompts import hint_messages, hybrid_messages
+
 log = logging.getLogger(__name__)
 
 MODES = ("local", "hybrid", "api_hint")
-
-SYSTEM = "You are an expert problem solver. Answer accurately and follow the requested answer format."
-
-
-def hybrid_messages(question: str, draft: str, answer_format: str) -> list[dict]:
-    user = (
-        f"Question:\n{question}\n\n"
-        f"A team of smaller models worked on this question together and wrote this draft:\n{draft}\n\n"
-        f"Check the draft, correct it if it is wrong, and give the final answer. {answer_format}"
-    )
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
-
-
-def hint_messages(question: str, hint: str, answer_format: str) -> list[dict]:
-    user = f"Question:\n{question}\n\nHint from a collaborating model:\n{hint}\n\n{answer_format}"
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
 
 class ApiMode:
@@ -96,50 +84,3 @@ def build_mode(cfg: DictConfig | dict | None):
     client.check_sync()  # fail before training, naming the endpoint
     return ApiMode(name, client, local_tokens=local_tokens)
 
-
-def api_text_mas(
-    client,
-    roster,
-    questions: Sequence[str],
-    adjacency,
-    question_index: Sequence[int],
-    answer_format: str,
-    *,
-    active: Sequence[int] | None = None,
-) -> list[dict]:
-    """The API-only baselines: every agent is the API model and passes text along the graph
-    (no active agents = the API single agent). Prompts are the local text MAS's prompts.
-    adjacency (R, N, N) bool. Returns per row: answer, prompt_tokens, completion_tokens."""
-    from gcache.prompts import agent_messages, judger_messages
-    from gcache.rollout import agent_depths
-
-    n = roster.num_agents
-    active = list(range(n)) if active is None else list(active)
-    rows = range(adjacency.shape[0])
-    depth = [agent_depths(adjacency[r].cpu(), active) for r in rows]
-    texts: list[dict[int, str]] = [{} for _ in rows]
-    usage = [[0, 0] for _ in rows]
-    levels = max((max(d.values(), default=-1) for d in depth), default=-1) + 1
-    for level in range(levels):
-        todo = [(r, j) for r in rows for j in active if depth[r][j] == level]
-        requests = []
-        for r, j in todo:
-            received = [(roster.roles[i].name, texts[r][i]) for i in active if bool(adjacency[r, i, j])]
-            requests.append(agent_messages(roster.roles[j], questions[question_index[r]], received=received))
-        for (r, j), reply in zip(todo, client.chat_many_sync(requests), strict=True):
-            texts[r][j] = reply.text
-            usage[r][0] += reply.prompt_tokens
-            usage[r][1] += reply.completion_tokens
-    requests = [
-        judger_messages(roster.judger, questions[question_index[r]], answer_format, reads_others=bool(active),
-                        received=[(roster.roles[i].name, texts[r][i]) for i in active])
-        for r in rows
-    ]
-    results = []
-    for r, reply in zip(rows, client.chat_many_sync(requests), strict=True):
-        results.append({
-            "answer": reply.text,
-            "prompt_tokens": usage[r][0] + reply.prompt_tokens,
-            "completion_tokens": usage[r][1] + reply.completion_tokens,
-        })
-    return results

@@ -4,7 +4,8 @@ Its only parameters are the `GraphPolicy` (GCN + MLP) and the `CacheFuser`. The 
 LM and the sentence embedder are held outside the module's parameters (plain
 attributes, built in `setup`) and never written into checkpoints.
 
-`training_step` for a batch of B questions:
+`training_step` for a batch of B questions reads sample -> rollout -> score (`collect`, one
+`Trajectory` record) -> `losses` -> `step_metrics`:
 
 1. edge logits (B, N+1, N+1) from the policy over the N agents and the judger (node N);
 2. G DAGs per question over the agents and the judger: agent -> agent edges under the
@@ -45,34 +46,31 @@ import dataclasses
 import hashlib
 import logging
 import math
-import random
 import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 
-from gcache import kv
 from gcache.agents import Roster
+from gcache.checkpoints import rng_states, set_rng_states
 from gcache.embeddings import TextEmbedder
 from gcache.llm.local import LocalLM
 from gcache.policy.cache_fuser import CacheFuser
-from gcache.policy.graph_policy import (
+from gcache.policy.loss import reinforce_loss
+from gcache.policy.network import GraphPolicy
+from gcache.policy.sampling import (
     DagSample,
-    GraphPolicy,
-    active_agents,
     deterministic_dag,
     edge_entropy,
     edge_probabilities,
     expected_edges,
-    reinforce_loss,
     sample_dags,
-    topology_mask,
 )
-from gcache.rollout import RolloutConfig, RolloutEngine
+from gcache.policy.topology import active_agents, edge_mask, with_judger_edges
+from gcache.rollout import RolloutBatch, RolloutConfig, RolloutEngine
 from gcache.tasks.base import Example, Task
 
 log = logging.getLogger(__name__)
@@ -82,31 +80,41 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device`")
 
 
-JUDGER_EDGES = ("sampled", "all")
-
-
-def edge_mask(topology: str, n: int, *, judger_edges: str = "sampled", seed: int = 0) -> torch.Tensor:
-    """Edges the policy samples over N agents and the judger (node N). # (N+1, N+1) bool
-
-    Agent -> agent edges follow the topology among the agents that run under it; agent ->
-    judger edges are sampled for every running agent when `judger_edges="sampled"`, and
-    left out (added to every graph instead, `add_fixed_edges`) when `"all"`."""
-    if judger_edges not in JUDGER_EDGES:
-        raise ValueError(f"judger_edges={judger_edges!r} is not one of {JUDGER_EDGES}")
-    mask = torch.zeros(n + 1, n + 1, dtype=torch.bool)
-    agents = active_agents(topology, n)
-    mask[:n, :n] = topology_mask(topology, n, seed=seed)
-    if judger_edges == "sampled":
-        mask[agents, n] = True
-    return mask
-
-
 @dataclass(frozen=True)
 class LossConfig:
     edge_cost: float = 0.01
     entropy_coef: float = 0.01
     fuser_weight: float = 1.0
     fuser_rows_per_question: int = 1  # sampled graphs per question used in the fuser loss
+
+
+@dataclass
+class Trajectory:
+    """One training step's experience: what the policy sampled, what ran, and what it scored."""
+
+    batch: list[Example]  # B questions
+    logits: torch.Tensor  # (B, N+1, N+1) edge logits (with their graph: the losses differentiate them)
+    sample: DagSample  # G sampled graphs per question and their log-probabilities (B, G)
+    adjacency: torch.Tensor  # (B·G, N+1, N+1) the graphs that ran: sampled plus fixed edges
+    question_index: list[int]  # (B·G,) each row's question
+    rows: RolloutBatch  # the rollouts (answers, costs) and what each judger read
+    answers: list[str | None]  # (B·G,) final answers; None = an API request that failed
+    scores: list[float | None]  # (B·G,) task rewards; None = unscorable
+    api_stats: dict[str, float]  # API usage of the final answers (hybrid, api_hint)
+    rollout_s: float  # seconds spent in rollouts and final answers
+
+    def rewards(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, G) rewards; NaN = unscorable."""
+        values = [math.nan if r is None else float(r) for r in self.scores]
+        return torch.tensor(values, device=device).view(len(self.batch), -1)
+
+
+@dataclass
+class StepLosses:
+    total: torch.Tensor  # policy + fuser_weight * fuser
+    policy: torch.Tensor  # REINFORCE + edge cost - entropy bonus
+    fuser: torch.Tensor  # the judger's answer NLL on its fused cache
+    stats: dict[str, torch.Tensor]  # the REINFORCE loss's statistics (advantages, entropy, ...)
 
 
 class GCacheModule(L.LightningModule):
@@ -210,10 +218,7 @@ class GCacheModule(L.LightningModule):
     def add_fixed_edges(self, adjacency: torch.Tensor) -> torch.Tensor:
         """Graphs (R, N+1, N+1) plus the edges that are not sampled: every running agent ->
         judger under `judger_edges="all"`."""
-        adjacency = adjacency.detach().cpu().bool().clone()
-        if self.judger_edges == "all":
-            adjacency[:, self.active, self.roster.num_agents] = True
-        return adjacency
+        return with_judger_edges(adjacency, self.active, self.judger_edges)
 
     def edge_logits(self, questions: list[str]) -> torch.Tensor:
         """(B, N+1, N+1) policy logits; column N scores agent -> judger edges."""
@@ -235,74 +240,95 @@ class GCacheModule(L.LightningModule):
         questions = [batch[r.question_index].question for r in rows.rollouts]
         return self.generator_mode.finalize(questions, answers, self.task.answer_format)
 
+    # ---- training: sample -> rollout -> score -> trajectory -> losses -> metrics ------------------
     def training_step(self, batch: list[Example], batch_idx: int):
-        cfg = self.loss_config
         start = time.perf_counter()
-        questions = [ex.question for ex in batch]
+        trajectory = self.collect(batch)
+        losses = self.losses(trajectory)
+        # Forward parts of the update (the backward and optimiser step follow in Lightning).
+        self.last_step_timings = {"rollout_s": trajectory.rollout_s,
+                                  "update_forward_s": time.perf_counter() - start - trajectory.rollout_s}
+        self._skip_update = not self._on_every_rank(losses is not None)
+        if self._skip_update:
+            if losses is not None:
+                log.warning("step %d skipped: another rank had a non-finite reward or loss", self.global_step)
+            return sum(p.sum() for p in self.parameters()) * 0.0  # zero gradients; optimizer_step drops them
+        metrics = self.step_metrics(trajectory, losses, start)
+        self.log_dict(metrics, batch_size=len(batch), prog_bar=False)
+        self.log("reward", metrics["train/reward"], prog_bar=True, batch_size=len(batch), logger=False)
+        return losses.total
+
+    def collect(self, batch: list[Example]) -> Trajectory:
+        """Sample G graphs per question, run them all, and score the answers."""
         b, g, n = len(batch), self.graphs_per_question, self.roster.num_agents
-        logits = self.edge_logits(questions)  # (B, N+1, N+1)
-        mask = self.edge_mask
-        sample = self.sample_graphs(batch, logits)
-        adjacency = self.add_fixed_edges(sample.adjacency.reshape(b * g, n + 1, n + 1))
+        logits = self.edge_logits([ex.question for ex in batch])  # (B, N+1, N+1)
+        sample = self.sample_graphs(batch, logits)  # (B, G, N+1, N+1)
+        adjacency = self.add_fixed_edges(sample.adjacency.reshape(b * g, n + 1, n + 1))  # (B·G, N+1, N+1)
         index = [q for q in range(b) for _ in range(g)]
-        policy_s = time.perf_counter() - start
         rollout_start = time.perf_counter()
         rows = self.engine.run(
-            questions, adjacency, index, answer_format=self.task.answer_format, active=self.active,
-            agent_facts=[ex.agent_facts for ex in batch], edge_logits=logits.detach(), keep_judger_inputs=True,
+            [ex.question for ex in batch], adjacency, index, answer_format=self.task.answer_format,
+            active=self.active, agent_facts=[ex.agent_facts for ex in batch], edge_logits=logits.detach(),
+            keep_judger_inputs=True,
         )
         answers, api_stats = self._answers(batch, rows)
         rollout_s = time.perf_counter() - rollout_start
-        update_start = time.perf_counter()
-        scored = self.score(answers, [batch[q] for q in index])
+        return Trajectory(batch=batch, logits=logits, sample=sample, adjacency=adjacency, question_index=index,
+                          rows=rows, answers=answers, scores=self.score(answers, [batch[q] for q in index]),
+                          api_stats=api_stats, rollout_s=rollout_s)
+
+    def losses(self, trajectory: Trajectory) -> StepLosses | None:
+        """REINFORCE on the sampled graphs plus the fuser's answer NLL; None (with a warning naming the
+        questions) when a reward or the loss is not finite: the step is skipped."""
+        cfg = self.loss_config
+        batch, logits, mask = trajectory.batch, trajectory.logits, self.edge_mask
         # None = unscorable (left out of baselines); a NaN or inf the task returned is a bug to report.
-        bad = sorted({batch[q].id for q, r in zip(index, scored, strict=True) if r is not None and not math.isfinite(r)})
-        rewards = torch.tensor([math.nan if r is None else float(r) for r in scored], device=self.device).view(b, g)
-        finite = not bad
+        bad = sorted({batch[q].id for q, r in zip(trajectory.question_index, trajectory.scores, strict=True)
+                      if r is not None and not math.isfinite(r)})
         if bad:
             log.warning("non-finite reward for question(s) %s at step %d: step skipped", bad, self.global_step)
-        else:
-            temp = self.policy.temperature
-            policy_loss, stats = reinforce_loss(
-                sample.log_prob, rewards, expected_edges(logits, mask, temp),
-                edge_entropy(logits, mask, temp), edge_cost=cfg.edge_cost, entropy_coef=cfg.entropy_coef,
-            )
-            fuser_loss = self.fuser_loss(batch, rows, logits)
-            loss = policy_loss + cfg.fuser_weight * fuser_loss
-            finite = bool(torch.isfinite(loss))
-            if not finite:
-                log.warning("non-finite loss (policy %s, fuser %s) for question(s) %s at step %d: step skipped",
-                            float(policy_loss.detach()), float(fuser_loss.detach()), [ex.id for ex in batch], self.global_step)
-        # Forward parts of the update (the backward and optimiser step follow in Lightning).
-        self.last_step_timings = {"rollout_s": rollout_s, "update_forward_s": policy_s + time.perf_counter() - update_start}
-        self._skip_update = not self._on_every_rank(finite)
-        if self._skip_update:
-            if finite:
-                log.warning("step %d skipped: another rank had a non-finite reward or loss", self.global_step)
-            return sum(p.sum() for p in self.parameters()) * 0.0  # zero gradients; optimizer_step drops them
+            return None
+        temp = self.policy.temperature
+        rewards = trajectory.rewards(self.device)  # (B, G)
+        policy_loss, stats = reinforce_loss(
+            trajectory.sample.log_prob, rewards, expected_edges(logits, mask, temp),
+            edge_entropy(logits, mask, temp), edge_cost=cfg.edge_cost, entropy_coef=cfg.entropy_coef,
+        )
+        fuser_loss = self.fuser_loss(batch, trajectory.rows, logits)
+        total = policy_loss + cfg.fuser_weight * fuser_loss
+        if not bool(torch.isfinite(total)):
+            log.warning("non-finite loss (policy %s, fuser %s) for question(s) %s at step %d: step skipped",
+                        float(policy_loss.detach()), float(fuser_loss.detach()), [ex.id for ex in batch],
+                        self.global_step)
+            return None
+        return StepLosses(total=total, policy=policy_loss, fuser=fuser_loss, stats=stats)
+
+    def step_metrics(self, trajectory: Trajectory, losses: StepLosses, start: float) -> dict[str, torch.Tensor]:
+        """`train/*`: reward, losses, edge statistics, costs and the judger's gate per sender."""
+        logits, mask, adjacency, rows = trajectory.logits, self.edge_mask, trajectory.adjacency, trajectory.rows
+        n = self.roster.num_agents
+        rewards = trajectory.rewards(self.device)
         scorable = rewards[~rewards.isnan()]
         metrics = {
             "train/reward": scorable.mean() if scorable.numel() else torch.tensor(0.0),
-            "train/policy_loss": policy_loss.detach(),
-            "train/fuser_loss": fuser_loss.detach(),
+            "train/policy_loss": losses.policy.detach(),
+            "train/fuser_loss": losses.fuser.detach(),
             "train/edge_prob": edge_probabilities(logits, mask)[:, mask].mean().detach()
             if bool(mask.any()) else torch.tensor(0.0),
             "train/edges_per_graph": adjacency.float().sum((-1, -2)).mean(),
             "train/judger_senders": adjacency[:, :, n].float().sum(-1).mean(),
             "train/agents_run_share": torch.tensor(
                 sum(r.agents_run for r in rows.rollouts) / max(len(rows.rollouts) * len(self.active), 1)),
-            **self._rollout_metrics("train", rows, start, b),
-            **{f"train/{k}": v for k, v in api_stats.items()},
+            **self._rollout_metrics("train", rows, start, len(trajectory.batch)),
+            **{f"train/{k}": v for k, v in trajectory.api_stats.items()},
         }
-        metrics.update({f"train/{k}": v for k, v in stats.items() if torch.is_tensor(v) and v.numel() == 1})
+        metrics.update({f"train/{k}": v for k, v in losses.stats.items() if torch.is_tensor(v) and v.numel() == 1})
         with torch.no_grad():  # the judger's gate for each sender, averaged over layers and questions
             judger_gates = self.fuser.gates(logits[:, :n, n].T).mean((1, 2))  # (N,)
         for role, gate in zip(self.roster.roles, judger_gates, strict=True):
             metrics[f"train/gate/{role.name}"] = gate
         metrics["train/gate_slope"] = self.fuser.logit_slope.detach()
-        self.log_dict(metrics, batch_size=b, prog_bar=False)
-        self.log("reward", metrics["train/reward"], prog_bar=True, batch_size=b, logger=False)
-        return loss
+        return metrics
 
     def _on_every_rank(self, decision: bool) -> bool:
         """`decision` and-ed over DDP ranks (one collective; the decision itself without a trainer)."""
@@ -327,13 +353,7 @@ class GCacheModule(L.LightningModule):
             targets.append(self.task.target_text(batch[inp.question_index]))
         if not fused:
             return sum(p.sum() for p in self.fuser.parameters()) * 0.0
-        tok = self.llm.tokenizer
-        prompt_ids, prompt_mask = self.llm.encode(prompts)
-        target = tok(targets, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-        target_ids = target["input_ids"].to(self.llm.device)
-        target_mask = target["attention_mask"].to(self.llm.device)
-        nll = kv.answer_nll(self.llm.model, kv.stack(fused), prompt_ids, prompt_mask, target_ids, target_mask)
-        return nll.mean().to(self.device)
+        return self.llm.answer_nll(fused, prompts, targets).mean().to(self.device)
 
     def _rollout_metrics(self, stage: str, rows, start: float, num_questions: int) -> dict[str, torch.Tensor]:
         rs = rows.rollouts
@@ -483,25 +503,3 @@ class GCacheModule(L.LightningModule):
         graph = self.add_fixed_edges(deterministic_dag(logits, self.edge_mask))[0]
         fixed = graph & ~self.edge_mask.cpu()
         return torch.where(fixed, torch.ones_like(probs), probs), graph
-
-
-def rng_states() -> dict[str, Any]:
-    """The global torch, CUDA, numpy and Python generator states, as types `torch.load` accepts
-    with `weights_only=True` (numpy's key array becomes a tensor)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
-        "python": random.getstate(),
-    }
-
-
-def set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-    kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = states["python"]
-    random.setstate((version, tuple(internal), gauss_next))

@@ -4,7 +4,12 @@
 - `judger_messages`: the decision agent. It is told that other agents' work is in its
   context only when it actually reads senders; alone (the single-agent baseline, or a
   sampled graph without judger edges) it gets the same prompt minus that sentence.
-- `hybrid_messages` / `hint_messages` live in `gcache.modes` (the API hand-off).
+- `hybrid_messages` / `hint_messages`: the API hand-off (`gcache.modes`): the API model
+  writes the final answer from the question and the judger's draft, or its hint.
+
+The API text-MAS baselines (`gcache.rollout.api_text_mas`) send `agent_messages` and
+`judger_messages`, exactly as the local text method does. `tests/golden/prompts.txt` shows
+every one of these prompts rendered for one question (`tests/test_prompts.py` keeps it current).
 
 Role prompts (what each agent is) live with the rosters in `gcache.agents`; task answer
 formats with the tasks.
@@ -16,6 +21,8 @@ from collections.abc import Sequence
 
 from gcache.agents import Role
 
+# System prompt of the API model in the hand-off modes.
+SYSTEM = "You are an expert problem solver. Answer accurately and follow the requested answer format."
 # One instruction for latent and text agents, so the two methods differ only in the channel.
 AGENT_INSTRUCTION = "Work on the question in your role, step by step, and be concise."
 # Added to the judger's system prompt only when it reads other agents' work (cache or text).
@@ -55,3 +62,19 @@ def judger_messages(
     parts += [f"{name} wrote:\n{text}" for name, text in received]
     parts.append(answer_format)
     return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
+
+
+def hybrid_messages(question: str, draft: str, answer_format: str) -> list[dict]:
+    """Chat messages of the API model in `hybrid` mode: the question and the judger's draft."""
+    user = (
+        f"Question:\n{question}\n\n"
+        f"A team of smaller models worked on this question together and wrote this draft:\n{draft}\n\n"
+        f"Check the draft, correct it if it is wrong, and give the final answer. {answer_format}"
+    )
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+
+
+def hint_messages(question: str, hint: str, answer_format: str) -> list[dict]:
+    """Chat messages of the API model in `api_hint` mode: the question and the judger's hint."""
+    user = f"Question:\n{question}\n\nHint from a collaborating model:\n{hint}\n\n{answer_format}"
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]

@@ -42,6 +42,7 @@ positions: content kept, order destroyed).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -52,7 +53,8 @@ from gcache import kv
 from gcache.agents import Roster
 from gcache.llm.local import REALIGNMENTS, LocalLM
 from gcache.policy.cache_fuser import CacheFuser
-from gcache.policy.graph_policy import topological_waves
+from gcache.policy.sampling import topological_waves
+from gcache.policy.topology import fixed_adjacency, judger_senders_all
 from gcache.prompts import agent_messages, judger_messages
 
 log = logging.getLogger(__name__)
@@ -78,22 +80,27 @@ class RolloutConfig:
     max_batch: int = 32  # rows per forward
 
     def __post_init__(self) -> None:
+        """Every check of these values, in one place. Each message starts with the field's name (the CLI
+        shows it as `error: rollout.<message>`)."""
+        for name, minimum in (("latent_steps", 0), ("judger_latent_steps", 0), ("max_new_tokens", 1),
+                              ("agent_max_new_tokens", 1), ("max_batch", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        for name, low, high in (("temperature", 0.0, math.inf), ("top_p", 0.0, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"{name} must be a number in [{low}, {high}], got {value!r}")
         if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {METHODS}")
+            raise ValueError(f"method={self.method!r} is not one of {list(METHODS)}")
         if self.retention not in RETENTIONS:
-            raise ValueError(f"retention={self.retention!r} is not one of {RETENTIONS}")
+            raise ValueError(f"retention={self.retention!r} is not one of {list(RETENTIONS)}")
         if self.judger_cache not in JUDGER_CACHES:
-            raise ValueError(f"judger_cache={self.judger_cache!r} is not one of {JUDGER_CACHES}")
+            raise ValueError(f"judger_cache={self.judger_cache!r} is not one of {list(JUDGER_CACHES)}")
         if self.realign not in REALIGNMENTS:
-            raise ValueError(f"realign={self.realign!r} is not one of {REALIGNMENTS}")
-        if self.latent_steps < 0 or self.judger_latent_steps < 0:
-            raise ValueError(f"latent_steps must be >= 0, got {self.latent_steps} / {self.judger_latent_steps}")
+            raise ValueError(f"realign={self.realign!r} is not one of {list(REALIGNMENTS)}")
         if self.retention == "latent_only" and self.latent_steps == 0 and self.method == "latent":
             raise ValueError("retention='latent_only' with latent_steps=0 hands on nothing; use latent_steps > 0")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
 
 
 # ---- planning (pure) ----------------------------------------------------------------------------
@@ -119,24 +126,6 @@ class Plan:
     @property
     def levels(self) -> int:
         return max((node.level for node in self.nodes), default=-1) + 1
-
-
-def agent_depths(adjacency: torch.Tensor, active: Sequence[int]) -> dict[int, int]:
-    """Wave (longest-path depth) of each active agent in a DAG (N, N) restricted to `active`."""
-    index = torch.as_tensor(list(active), dtype=torch.long)
-    waves = topological_waves(adjacency[index][:, index])  # raises on a cycle
-    return {int(index[j]): d for d, wave in enumerate(waves) for j in wave}
-
-
-def judger_senders_all(adjacency: torch.Tensor, active: Sequence[int] | None = None) -> torch.Tensor:
-    """Agent graphs (R, N, N) -> (R, N+1, N+1) with every (active) agent sending to the judger:
-    the judger rule of fixed topologies."""
-    r, n, _ = adjacency.shape
-    out = torch.zeros(r, n + 1, n + 1, dtype=torch.bool)
-    out[:, :n, :n] = adjacency.bool().cpu()
-    agents = list(range(n)) if active is None else list(active)
-    out[:, agents, n] = True
-    return out
 
 
 def _inputs(j: int, a: list[list[bool]], order: list[int], position: dict[int, int],
@@ -491,12 +480,6 @@ class RolloutEngine:
         return rollouts, judger_inputs, len(unique)
 
 
-def chain_adjacency(n: int) -> torch.Tensor:
-    """(N, N) bool: 0 -> 1 -> … -> N-1."""
-    idx = torch.arange(n)
-    return idx[None, :] == idx[:, None] + 1
-
-
 def run_latent_chain(
     llm: LocalLM,
     roster: Roster,
@@ -511,5 +494,74 @@ def run_latent_chain(
     reads all of it. A special case of the engine (chain graph, `full` retention, plain concatenation)."""
     config = RolloutConfig(latent_steps=latent_steps, retention="full", max_new_tokens=max_new_tokens, realign=realign)
     engine = RolloutEngine(llm, roster, config)
-    adjacency = judger_senders_all(chain_adjacency(roster.num_agents).expand(len(questions), -1, -1))
+    adjacency = judger_senders_all(fixed_adjacency("chain", roster.num_agents).expand(len(questions), -1, -1))
     return engine.run(questions, adjacency, list(range(len(questions))), answer_format=answer_format)
+
+
+# ---- API-only baselines ---------------------------------------------------------------------------
+
+
+def api_text_mas(
+    client,
+    roster: Roster,
+    questions: Sequence[str],
+    adjacency: torch.Tensor,
+    question_index: Sequence[int],
+    answer_format: str,
+    *,
+    active: Sequence[int] | None = None,
+    agent_facts: Sequence[Sequence[str]] | None = None,
+    reuse: bool = True,
+) -> list[dict]:
+    """The API-only baselines: the local text method (`RolloutEngine` with method="text") with
+    every agent and the judger played by the API model. No agent sends to the judger: the API
+    single agent.
+
+    adjacency (R, N+1, N+1) bool (node N = the judger), question_index (R,) into `questions`,
+    agent_facts[q][i] and `active` as in `RolloutEngine.run`. The plan is `plan_rollouts` with
+    direct senders, as the local text method's: the same agents run (those with a path to the
+    judger, shared between rows of a question with `reuse`) and every agent and the judger receive
+    the same messages, in the same order, with the same prompts (`gcache.prompts`). One batched
+    `client.chat_many_sync` per level, then one for the judgers (one request per row).
+
+    Returns per row: answer, prompt_tokens and completion_tokens (the server's usage of the row's
+    agents and its judger; an agent shared by rows counts in each, as in `Rollout`), and
+    judger_senders (the agents whose messages the judger read, in order)."""
+    n = roster.num_agents
+    if adjacency.dim() != 3 or adjacency.shape[1:] != (n + 1, n + 1):
+        raise ValueError(
+            f"adjacency must be (R, {n + 1}, {n + 1}) over {n} agents and the judger (node {n}), got "
+            f"{tuple(adjacency.shape)}; `judger_senders_all` adds every agent -> judger to an (R, N, N) graph"
+        )
+    if agent_facts is not None and any(len(f) not in (0, n) for f in agent_facts):
+        raise ValueError(f"agent_facts must hold {n} texts (or none) per question")
+    plan = plan_rollouts(adjacency, question_index, reads="senders", active=active, reuse=reuse)
+    texts: dict[int, str] = {}
+    usage: dict[int, tuple[int, int]] = {}  # node -> (prompt tokens, completion tokens)
+    for level in range(plan.levels):
+        pending = [x for x, node in enumerate(plan.nodes) if node.level == level]
+        requests = []
+        for x in pending:
+            node = plan.nodes[x]
+            facts = agent_facts[node.question] if agent_facts is not None else ()
+            received = [(roster.roles[plan.nodes[i].agent].name, texts[i]) for i in node.reads]
+            requests.append(agent_messages(roster.roles[node.agent], questions[node.question],
+                                           facts=facts[node.agent] if facts else "", received=received))
+        for x, reply in zip(pending, client.chat_many_sync(requests), strict=True):
+            texts[x] = reply.text
+            usage[x] = (reply.prompt_tokens, reply.completion_tokens)
+    requests = [
+        judger_messages(roster.judger, questions[question_index[r]], answer_format, reads_others=bool(reads),
+                        received=[(roster.roles[plan.nodes[x].agent].name, texts[x]) for x in reads])
+        for r, reads in enumerate(plan.judger_reads)
+    ]
+    replies = client.chat_many_sync(requests) if requests else []
+    return [
+        {
+            "answer": reply.text,
+            "prompt_tokens": reply.prompt_tokens + sum(usage[x][0] for x in plan.row_nodes[r]),
+            "completion_tokens": reply.completion_tokens + sum(usage[x][1] for x in plan.row_nodes[r]),
+            "judger_senders": [plan.nodes[x].agent for x in plan.judger_reads[r]],
+        }
+        for r, reply in enumerate(replies)
+    ]

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +31,16 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gcache.train import (
-    CONF_DIR,
-    EXIT_BAD_INPUT,
-    ConfigError,
-    quiet_third_party_output,
-    setup_errors_as_config_errors,
-)
+from gcache.cli import CONF_DIR, ConfigError, config_errors, refuse_secret_overrides, run_job
 
 log = logging.getLogger(__name__)
 
 
 def run_seed(cfg: DictConfig) -> dict[str, Any]:
     """Train (unless this seed's run finished) and evaluate one seed in `cfg.output_dir`."""
+    from gcache.build import build_task
     from gcache.evaluate import evaluate
-    from gcache.train import build_task, run
+    from gcache.train import run
 
     out = Path(cfg.output_dir)
     summary_path = out / "summary.json"
@@ -69,7 +63,6 @@ def run_seed(cfg: DictConfig) -> dict[str, Any]:
         eval_cfg.batch_size = cfg.eval_batch_size
         eval_cfg.ckpt_path = str(out / "checkpoints" / "last.ckpt")
         eval_cfg.baseline_topology = cfg.study.baseline_topology
-        eval_cfg.agent_max_new_tokens = cfg.study.agent_max_new_tokens
         eval_cfg.output_dir = str(out / "eval")
     report = evaluate(eval_cfg)
     return {"summary": summary, "report": report}
@@ -138,25 +131,21 @@ def _seeds(directory: Path) -> list[int]:
     return [int(p.name.removeprefix("seed")) for p in directory.glob("seed*") if p.name[4:].isdigit()]
 
 
+def _study_command(cfg: DictConfig) -> dict[str, Any]:
+    with config_errors():
+        if cfg.study.reference not in cfg.study.methods:
+            raise ConfigError(f"study.reference={cfg.study.reference!r} is not among study.methods "
+                              f"{list(cfg.study.methods)}")
+    return run_seed(cfg)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="study")
 def main(cfg: DictConfig) -> None:
-    from gcache.llm.api import ApiError
-    from gcache.secrets import env_secrets, install_secret_filter, load_dotenv
-
-    load_dotenv()
-    install_secret_filter(env_secrets())
-    logging.captureWarnings(True)
-    quiet_third_party_output()
-    try:
-        with setup_errors_as_config_errors():
-            if cfg.study.reference not in cfg.study.methods:
-                raise ConfigError(f"study.reference={cfg.study.reference!r} is not among study.methods "
-                                  f"{list(cfg.study.methods)}")
-        run_seed(cfg)
-    except (ConfigError, ApiError) as exc:
-        log.error("error: %s", exc)
-        sys.exit(EXIT_BAD_INPUT)
+    run_job(_study_command, cfg)
 
 
 if __name__ == "__main__":
+    import sys
+
+    refuse_secret_overrides(sys.argv[1:])
     main()

@@ -300,6 +300,16 @@ class LocalLM:
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
+    def answer_nll(self, caches: list[kv.KV], prompts: list[str], targets: list[str]) -> torch.Tensor:
+        """Teacher-forced mean NLL per row (R,) of each target text after its prompt, each pair on
+        its own cache (R caches, stacked; differentiable w.r.t. their tensors)."""
+        prompt_ids, prompt_mask = self.encode(prompts)
+        target = self.tokenizer(targets, return_tensors="pt", padding=True, padding_side="right",
+                                add_special_tokens=False)
+        target_ids = target["input_ids"].to(self.device)
+        target_mask = target["attention_mask"].to(self.device)
+        return kv.answer_nll(self.model, kv.stack(caches), prompt_ids, prompt_mask, target_ids, target_mask)
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 

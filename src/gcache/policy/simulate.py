@@ -38,13 +38,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from gcache.policy.graph_policy import (
-    edge_entropy,
-    edge_probabilities,
-    expected_edges,
-    reinforce_loss,
-    sample_dags,
-)
+from gcache.policy.loss import reinforce_loss
+from gcache.policy.sampling import edge_entropy, edge_probabilities, expected_edges, sample_dags
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,210 @@
+"""The composition root: a composed config in, checked and wired objects out.
+
+`gcache.train`, `gcache.evaluate` and `gcache.study` are thin commands over these builders, so a
+config key means the same thing in all three:
+
+- `validate(cfg)`: every early check that needs no data, model or network (`ConfigError`);
+- `build_rollout` (`cfg.rollout`, checked by `RolloutConfig` itself), `build_task`,
+  `build_roster`, `build_module` (LM, embedder, policy, fuser, generation mode);
+- `build_datamodule`, `build_logger`, `build_trainer` (callbacks, checkpointing, validation
+  schedule) for training.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from gcache.agents import DEFAULT_ROSTER, Roster
+from gcache.agents import build_roster as roster_from_names
+from gcache.callbacks import Completions, History, ProgressLog, StopOnSignal, TopologyPictures
+from gcache.checkpoints import AtomicCheckpointIO
+from gcache.cli import CONF_DIR, ConfigError
+from gcache.datamodule import TaskDataModule
+from gcache.embeddings import TextEmbedder
+from gcache.llm.local import LocalLM, embedded_missing
+from gcache.module import GCacheModule, LossConfig
+from gcache.policy.cache_fuser import CacheFuser
+from gcache.policy.topology import JUDGER_EDGES
+from gcache.rollout import RolloutConfig
+from gcache.secrets import KEY_SOURCES, is_secret_key
+
+__all__ = ["CONF_DIR", "ConfigError", "build_datamodule", "build_logger", "build_module", "build_roster",
+           "build_rollout", "build_task", "build_trainer", "validate"]
+
+# key: smallest allowed value; keys a config does not have (evaluate.yaml has no training keys) are skipped.
+INTEGERS = {"policy.graphs_per_question": 1, "batch_size": 1, "eval_batch_size": 1, "ckpt_every_n_steps": 1}
+OPTIONAL_INTEGERS = {"agents.num_agents": 1, "limit_train": 1, "limit_val": 1, "limit_test": 1}
+
+
+# ---- checks ------------------------------------------------------------------------------------
+def validate(cfg: DictConfig) -> None:
+    """Early, clear errors for values Hydra's group choices cannot catch (no data, model or network needed)."""
+    for key, minimum in [*INTEGERS.items(), *OPTIONAL_INTEGERS.items()]:
+        value = OmegaConf.select(cfg, key, default="<absent>")
+        if value == "<absent>" or (value is None and key in OPTIONAL_INTEGERS):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            allowed = f"an integer >= {minimum}" + (" or null" if key in OPTIONAL_INTEGERS else "")
+            raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+    build_rollout(cfg)
+    judger_edges = cfg.policy.judger_edges
+    if judger_edges not in JUDGER_EDGES:
+        raise ConfigError(f"policy.judger_edges={judger_edges!r} is not one of {list(JUDGER_EDGES)}")
+    name = str(cfg.model.name)
+    is_path = name.startswith((".", "/", "~"))  # else `embedded`, `tiny-random` or a hub id
+    if is_path and not Path(name).expanduser().exists():
+        raise ConfigError(f"model.name={name!r}: that model directory does not exist")
+    if name in ("embedded", "tiny-random") and (why := embedded_missing()):
+        raise ConfigError(why)
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator}, but torch sees no CUDA GPU; "
+                          "use trainer=cpu (or trainer=ddp on CPU)")
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path not in (None, "last") and not Path(str(ckpt_path)).is_file():
+        raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist "
+                          "(resume=true continues the run in hydra.run.dir)")
+    secrets = [key for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False))
+               if value and is_secret_key(key)]
+    if secrets:
+        raise ConfigError(f"{', '.join(secrets)}: {KEY_SOURCES}")
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+# ---- the parts ---------------------------------------------------------------------------------
+def build_rollout(cfg: DictConfig) -> RolloutConfig:
+    """`cfg.rollout` as a `RolloutConfig`; its checks become `error: rollout.<key> ...`."""
+    try:
+        return instantiate(cfg.rollout)
+    except Exception as exc:  # Hydra wraps the dataclass's ValueError / TypeError
+        cause = exc.__cause__ or exc
+        raise ConfigError(f"rollout.{cause}") from exc
+
+
+def build_task(cfg: DictConfig):
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k != "name"}
+    return instantiate(kwargs)
+
+
+def build_roster(cfg: DictConfig, task) -> Roster:
+    """The agents. A task whose facts are held by agents (lookup) fixes the roster's size: one agent
+    per holder."""
+    holders = len(task.load_examples()[0].agent_facts)
+    roster = roster_from_names(cfg.agents.roster or DEFAULT_ROSTER[task.domain],
+                               cfg.agents.num_agents or holders or None)
+    if holders and roster.num_agents != holders:
+        raise ValueError(
+            f"task {task.name!r} gives its facts to {holders} agents but agents.num_agents="
+            f"{roster.num_agents}; set agents.num_agents={holders} (or null)"
+        )
+    return roster
+
+
+def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> GCacheModule:
+    """Task, roster, generation mode (its endpoint checked before the LM loads), LM, embedder,
+    policy and fuser, wired into a `GCacheModule`."""
+    from gcache.modes import build_mode
+
+    task = task or build_task(cfg)
+    roster = build_roster(cfg, task)
+    generator_mode = build_mode(cfg.mode)  # checks the endpoint: before the LM loads
+    llm = llm or LocalLM.load(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.seed)
+    embedder = TextEmbedder(cfg.policy.embedder) if cfg.policy.embedder else TextEmbedder()
+    policy = cfg.policy
+    return GCacheModule(
+        task=task,
+        roster=roster,
+        policy=instantiate(policy.net),
+        fuser=CacheFuser(llm.num_layers),
+        llm=llm,
+        embedder=embedder,
+        rollout=build_rollout(cfg),
+        topology=cfg.topology.name,
+        topology_seed=cfg.topology.seed,
+        graphs_per_question=policy.graphs_per_question,
+        policy_lr=policy.policy_lr,
+        fuser_lr=policy.fuser_lr,
+        loss=LossConfig(
+            edge_cost=policy.edge_cost, entropy_coef=policy.entropy_coef,
+            fuser_weight=policy.fuser_weight, fuser_rows_per_question=policy.fuser_rows_per_question,
+        ),
+        judger_edges=policy.judger_edges,
+        fuser_trains_policy=bool(policy.fuser_trains_policy),
+        generator_mode=generator_mode,
+        seed=cfg.seed,
+    )
+
+
+def build_datamodule(cfg: DictConfig, task) -> TaskDataModule:
+    """The task's splits, read once here: missing files, malformed lines and empty splits fail now."""
+    datamodule = TaskDataModule(
+        task, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        limit_train=cfg.limit_train, limit_val=cfg.limit_val, limit_test=cfg.limit_test, seed=cfg.seed,
+    )
+    for split in ("train", "val", "test"):
+        datamodule.split(split)
+    return datamodule
+
+
+def build_logger(cfg: DictConfig):
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    if isinstance(logger, WandbLogger):
+        # Lightning 2.6 always hands wandb.init `anonymous=None`, which wandb 0.2x answers with "The
+        # anonymous setting has no effect and will be removed"; leaving it out means the same.
+        logger._wandb_init.pop("anonymous", None)
+    return logger
+
+
+def build_trainer(cfg: DictConfig, datamodule: TaskDataModule, out: Path) -> tuple[L.Trainer, StopOnSignal]:
+    """The Lightning Trainer of a training run, with its callbacks, logger and atomic checkpoints,
+    and the callback that turns Ctrl-C / SIGTERM into a clean stop."""
+    stop = StopOnSignal()
+    callbacks = [
+        stop,
+        L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=out / "checkpoints", filename="step{step}", save_last=True, save_top_k=-1,
+            every_n_train_steps=cfg.ckpt_every_n_steps, save_on_train_epoch_end=True,
+            auto_insert_metric_name=False, save_on_exception=True,
+        ),
+        TopologyPictures(out / "topology", question=datamodule.split("val")[0].question),
+        Completions(out / "completions"),
+        History(out),
+    ]
+    tty = sys.stderr.isatty()
+    if not tty:  # nohup, Slurm: log lines instead of a progress bar
+        callbacks.append(ProgressLog(every_n_steps=cfg.get("progress_every_n_steps", 5)))
+    extra = {} if "enable_progress_bar" in cfg.trainer else {"enable_progress_bar": tty}
+    if cfg.get("val_every_n_steps"):
+        steps_per_epoch = math.ceil(len(datamodule.split("train")) / cfg.batch_size)
+        extra["val_check_interval"] = min(cfg.val_every_n_steps, steps_per_epoch)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_logger(cfg),
+                          plugins=[AtomicCheckpointIO()], **extra)
+    return trainer, stop
+
+
+def use_this_ranks_gpu() -> None:
+    """Each DDP process loads the LM onto its own GPU (Lightning selects the device only inside
+    `fit`, after the model is built). LOCAL_RANK is set by torchrun and Lightning's launcher,
+    SLURM_LOCALID by srun."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0)
+        if local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)

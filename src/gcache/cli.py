@@ -1,0 +1,126 @@
+"""What every command (`gcache.train`, `gcache.evaluate`, `gcache.study`) does around its job.
+
+- Before Hydra runs: `refuse_secret_overrides` stops a command line that would put an API key
+  into the config (Hydra writes every override to `.hydra/overrides.yaml` and `config.yaml`).
+- Around the job (`run_job`): keys from `.env` and the environment, redacted from every log
+  line; warnings through the log handlers; known-benign third-party output silenced
+  (`quiet_third_party_output`); and one exit-code contract:
+
+  | what happened | console | exit code |
+  |---|---|---|
+  | bad input: `ConfigError` (config values, data files, a missing model) or `ApiError` | `error: <message>` | 2 |
+  | training stopped by a signal after saving a checkpoint (`Interrupted`) | how to resume | 128 + signal |
+  | Ctrl-C outside training | `interrupted` | 130 |
+  | anything else | the traceback | 1 |
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from hydra.errors import InstantiationException
+
+from gcache.secrets import (
+    KEY_SOURCES,
+    env_secrets,
+    install_secret_filter,
+    load_dotenv,
+    secret_overrides,
+)
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+EXIT_BAD_INPUT = 2
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A bad value in the composed config (or data, model, endpoint it names): the user's to fix."""
+
+
+class Interrupted(Exception):
+    """The job stopped on SIGINT / SIGTERM after saving what it had; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+@contextmanager
+def config_errors() -> Iterator[None]:
+    """Errors while reading the config, data, endpoint and model are the user's to fix: one line
+    (`ConfigError`), no traceback. That includes a missing optional package (`datasets` for hub
+    data). `ApiError`s already say what to check and keep their type."""
+    from gcache.llm.api import ApiError
+
+    try:
+        yield
+    except (ConfigError, ApiError):
+        raise
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError, InstantiationException) as exc:
+        cause = exc.__cause__ if isinstance(exc, InstantiationException) and exc.__cause__ else exc
+        raise ConfigError(str(cause)) from exc
+
+
+def refuse_secret_overrides(argv: list[str]) -> None:
+    """Exit 2 before Hydra runs when an override would put a secret into the config."""
+    if keys := secret_overrides(argv):
+        print(f"error: {', '.join(keys)}: {KEY_SOURCES}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def quiet_third_party_output() -> None:
+    """Keep the console to our lines and real warnings, silencing known-benign output at its source.
+
+    - Lightning's info lines (the "Tip: ... litlogger" banner, "GPU available", "`Trainer.fit`
+      stopped"): its rank-zero logger shows warnings only. Its warnings use `warnings` and still show.
+    - W&B's info lines (version banner, offline hints, end-of-run panel; we log where the run is) and
+      its Weave suggestion whenever `openai` is imported: `WANDB_SHOW_INFO=false` and
+      `WANDB_DISABLE_WEAVE=true` unless set. W&B's warnings still show.
+    - transformers' "Loading weights" bars: off (hub download bars stay: a first download is long).
+    - Lightning's own use of a torch API torch deprecated (`_pytree.py`: "`isinstance(treespec,
+      LeafSpec)` is deprecated"): that one message from that module only.
+    """
+    import huggingface_hub
+    import transformers
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    os.environ.setdefault("WANDB_SHOW_INFO", "false")
+    os.environ.setdefault("WANDB_DISABLE_WEAVE", "true")
+    transformers.utils.logging.disable_progress_bar()  # also turns the hub's bars off: back on
+    huggingface_hub.utils.enable_progress_bars()
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+
+
+def run_job(job: Callable[..., T], *args: Any) -> T:
+    """Run a command's job under the exit-code contract of the module docstring. The job decides
+    which of its errors are bad input (`config_errors` around its setup): an error while training
+    keeps its traceback."""
+    from gcache.llm.api import ApiError
+
+    load_dotenv()  # from the directory the command runs in (Hydra does not chdir)
+    install_secret_filter(env_secrets())
+    logging.captureWarnings(True)  # warnings go through the (filtered) log handlers too
+    quiet_third_party_output()
+    try:
+        return job(*args)
+    except (ConfigError, ApiError) as exc:  # the message says what to fix; a traceback would bury it
+        log.error("error: %s", exc)
+        sys.exit(EXIT_BAD_INPUT)
+    except Interrupted as exc:
+        log.error("%s", exc)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        sys.exit(128 + signal.SIGINT)
