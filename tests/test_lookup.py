@@ -160,37 +160,25 @@ def test_bad_knobs_raise_with_value_and_allowed(kwargs, message):
 def test_config_builds_the_task_and_a_matching_roster(monkeypatch):
     from hydra import compose, initialize_config_dir
 
-    import gcache.modes
-    import gcache.train as train
+    import gcache.build as build
 
     def compose_train(overrides):
-        with initialize_config_dir(config_dir=train.CONF_DIR, version_base="1.3"):
+        with initialize_config_dir(config_dir=build.CONF_DIR, version_base="1.3"):
             return compose(config_name="train", overrides=overrides)
 
     cfg = compose_train(["task=lookup", "task.num_agents=6", "task.hops=2"])
-    task = train.build_task(cfg)
+    task = build.build_task(cfg)
     assert isinstance(task, Lookup)
     assert (task.num_agents, task.hops, task.facts_per_agent) == (6, 2, 1)
+    roster = build.build_roster(cfg, task)  # agents.roster=auto: the keepers, one per holder
+    assert roster.name == "keepers" and roster.num_agents == 6
 
-    built = []
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model loaded before the roster was checked")
 
-    def record(*args):
-        built.append(build_roster(*args))
-        return built[-1]
-
-    class Stop(Exception):
-        pass
-
-    def stop(_):
-        raise Stop
-
-    monkeypatch.setattr(train, "build_roster", record)
-    monkeypatch.setattr(gcache.modes, "build_mode", stop)  # stop before any model loads
-    with pytest.raises(Stop):
-        train.build_module(cfg, task=task)
-    assert built[0].name == "keepers" and built[0].num_agents == 6
+    monkeypatch.setattr(build.LocalLM, "load", refuse)
     with pytest.raises(ValueError, match="gives its facts to 6 agents but agents.num_agents=5"):
-        train.build_module(compose_train(["task=lookup", "agents.num_agents=5"]), task=task)
+        build.build_module(compose_train(["task=lookup", "agents.num_agents=5"]), task=task)
 
 
 @pytest.mark.slow
