@@ -9,13 +9,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from gcache.evaluate import (
-    CONF_DIR,
-    evaluate,
-    read_results,
-    summarize,
-    wilson_interval,
-)
+from gcache.cli import CONF_DIR
+from gcache.evaluate import evaluate
+from gcache.report import read_results, summarize
+from gcache.stats import wilson_interval
 
 # Untrained methods and controls (trained ones: test_trained_checkpoint_…; API ones: tests/test_modes.py).
 METHODS = ["single", "single_budget", "text_mas", "latent_mas", "fixed-full", "fixed-star", "mismatched", "zeroed",

@@ -12,7 +12,8 @@ from omegaconf import open_dict
 from gcache import kv
 from gcache.build import CONF_DIR, build_module, build_task
 from gcache.evaluate import CONF_DIR as EVAL_CONF_DIR
-from gcache.evaluate import evaluate, read_results
+from gcache.evaluate import evaluate
+from gcache.report import read_results
 
 TINY = ["model=tiny-random", "logger=csv", "task=gsm8k", "batch_size=2", "policy.graphs_per_question=3",
         "rollout.latent_steps=2", "rollout.max_new_tokens=4"]

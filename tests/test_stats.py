@@ -34,13 +34,14 @@ def pairs(b11: int, b10: int, b01: int, b00: int) -> tuple[list[bool], list[bool
 # ---- wilson, imports ----
 
 
-def test_wilson_matches_evaluate():
-    from gcache.evaluate import wilson_interval as reference
-
-    for successes, n in [(0, 0), (0, 5), (5, 5), (3, 10), (17, 40), (199, 200)]:
-        assert wilson_interval(successes, n) == pytest.approx(reference(successes, n))
-    # Hand value: 5/10 -> centre 0.5, half = 1.96*sqrt(0.025 + 0.0096)/1.38416
+def test_wilson_interval_equals_hand_values():
+    # 5/10: centre (0.5 + 1.96²/20) / (1 + 1.96²/10) = 0.5, half 1.96·sqrt(0.025 + 0.0096)/1.38416
     assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    # 0/10 and 10/10: the bound away from the edge is z²/(n + z²) = 3.8416/13.8416 from it
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27755), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.72245, 1.0), abs=1e-4)
+    # 17/40: centre (0.425 + 0.04802) / 1.09604 = 0.43157, half 1.96·sqrt(0.0061094 + 0.0006003)/1.09604
+    assert wilson_interval(17, 40) == pytest.approx((0.28509, 0.57805), abs=1e-4)
 
 
 def test_stats_does_not_import_torch_or_hydra():

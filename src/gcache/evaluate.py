@@ -45,9 +45,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import hydra
 import torch
@@ -58,6 +56,7 @@ from gcache.checkpoints import load_trained
 from gcache.cli import CONF_DIR, config_errors, refuse_secret_overrides, run_job
 from gcache.policy.sampling import deterministic_dag
 from gcache.policy.topology import TOPOLOGIES, fixed_adjacency, judger_senders_all, oracle_adjacency
+from gcache.report import repair_results, report_markdown, write_report
 from gcache.rollout import RolloutConfig, RolloutEngine
 from gcache.stats import mcnemar_exact, wilson_interval
 
@@ -69,133 +68,6 @@ CONTROLS = ("mismatched", "zeroed", "shuffled", "realign-identity", "realign-ran
 API_METHODS = ("api_single", "api_text_mas")
 METHODS = ("single", "single_budget", "text_mas", "latent_mas", *FIXED_METHODS, "oracle", *TRAINED_METHODS,
            *CONTROLS, *API_METHODS)
-
-
-# ---- statistics ----------------------------------------------------------------------------
-
-
-def read_results(path: Path) -> list[dict]:
-    """Records of results.jsonl; a torn last line (a crash mid-write) is ignored."""
-    if not path.exists():
-        return []
-    records = []
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                log.warning("%s: ignoring a torn last line (interrupted write)", path)
-                continue
-            raise ValueError(f"{path}:{number}: malformed JSON line") from None
-    return records
-
-
-def repair_results(path: Path) -> list[dict]:
-    """Read results.jsonl and, if its last line was torn by a crash, rewrite it without that line
-    (atomically) so appended records start on a line of their own."""
-    records = read_results(path)
-    if path.exists():
-        text = path.read_text()
-        if text and (not text.endswith("\n") or len(records) != len([x for x in text.splitlines() if x.strip()])):
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-            tmp.replace(path)
-    return records
-
-
-def summarize(records: Sequence[dict]) -> dict[str, Any]:
-    """Per-method accuracy (95% CI) and costs, and ratios against text_mas."""
-    methods: dict[str, dict] = {}
-    for name in dict.fromkeys(r["method"] for r in records):
-        rows = [r for r in records if r["method"] == name]
-        scored = [r["reward"] for r in rows if r["reward"] is not None]
-        n = len(rows)
-        acc = sum(scored) / len(scored) if scored else 0.0
-        low, high = wilson_interval(sum(scored), len(scored))
-        methods[name] = {
-            "questions": n,
-            "scored": len(scored),
-            "accuracy": acc,
-            "ci95": [low, high],
-            "decoded_tokens_per_question": sum(r["decoded_tokens"] for r in rows) / n,
-            "prompt_tokens_per_question": sum(r["prompt_tokens"] for r in rows) / n,
-            "seconds_per_question": sum(r["seconds"] for r in rows) / n,
-            "peak_cache_bytes": max(r["peak_cache_bytes"] for r in rows),
-            "judger_senders_per_question": sum(len(r.get("judger_senders", [])) for r in rows) / n,
-            "agents_run_per_question": sum(r.get("agents_run", 0) for r in rows) / n,  # pruned agents cost nothing
-            "config": rows[0].get("config", {}),
-        }
-    base = methods.get("text_mas")
-    if base:
-        for stats in methods.values():
-            stats["speedup_vs_text_mas"] = base["seconds_per_question"] / max(stats["seconds_per_question"], 1e-9)
-            stats["decoded_tokens_vs_text_mas"] = stats["decoded_tokens_per_question"] / max(
-                base["decoded_tokens_per_question"], 1e-9
-            )
-    return {"methods": methods}
-
-
-def report_markdown(report: dict, title: str = "") -> str:
-    cols = ["method", "n", "accuracy", "95% CI", "decoded tok/q", "prompt tok/q", "agents run/q", "s/q",
-            "peak KV MB", "speed× vs text", "decoded vs text"]
-    lines = [f"# {title}".rstrip(), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    def ratio(value):
-        return "—" if value is None else f"{value:.2f}"
-
-    for name, s in report["methods"].items():
-        lines.append(
-            f"| {name} | {s['questions']} | {s['accuracy']:.3f} | {s['ci95'][0]:.2f}–{s['ci95'][1]:.2f} | "
-            f"{s['decoded_tokens_per_question']:.1f} | {s['prompt_tokens_per_question']:.1f} | "
-            f"{s.get('agents_run_per_question', 0):.2f} | {s['seconds_per_question']:.2f} | "
-            f"{s['peak_cache_bytes'] / 2**20:.1f} | "
-            f"{ratio(s.get('speedup_vs_text_mas'))} | {ratio(s.get('decoded_tokens_vs_text_mas'))} |"
-        )
-    configs = [(name, s["config"]) for name, s in report["methods"].items() if s.get("config")]
-    if configs:
-        lines += ["", "What each method ran:", ""]
-        lines += [f"- `{name}`: " + ", ".join(f"{k}={v}" for k, v in config.items() if v is not None)
-                  for name, config in configs]
-    return "\n".join(lines) + "\n"
-
-
-def report_figure(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(report["methods"])
-    stats = report["methods"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    acc = [stats[m]["accuracy"] for m in names]
-    pairs = list(zip(names, acc, strict=True))
-    err = [[a - stats[m]["ci95"][0] for m, a in pairs], [stats[m]["ci95"][1] - a for m, a in pairs]]
-    axes[0].bar(names, acc, yerr=err, capsize=4, color="#4c72b0")
-    axes[0].set_title("accuracy (95% CI)")
-    axes[1].bar(names, [stats[m]["seconds_per_question"] for m in names], color="#dd8452")
-    axes[1].set_title("seconds per question")
-    axes[2].bar(names, [stats[m]["decoded_tokens_per_question"] for m in names], color="#55a868")
-    axes[2].set_title("decoded tokens per question")
-    for ax in axes:
-        ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def write_report(out: Path, title: str = "") -> dict:
-    """Recompute the report from results.jsonl and write report.json / .md / .png (atomically)."""
-    report = summarize(read_results(out / "results.jsonl"))
-    for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", report_markdown(report, title))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
-    if report["methods"]:
-        report_figure(report, out / "report.png")
-    return report
 
 
 # ---- running methods -----------------------------------------------------------------------

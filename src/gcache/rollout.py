@@ -140,6 +140,18 @@ def _inputs(j: int, a: list[list[bool]], order: list[int], position: dict[int, i
     return sorted(found, key=position.__getitem__)
 
 
+def check_inputs(adjacency: torch.Tensor, n: int, agent_facts: Sequence[Sequence[str]] | None) -> None:
+    """What every executor checks first: graphs (R, N+1, N+1) over n agents and the judger, and
+    n facts (or none) per question."""
+    if adjacency.dim() != 3 or adjacency.shape[1:] != (n + 1, n + 1):
+        raise ValueError(
+            f"adjacency must be (R, {n + 1}, {n + 1}) over {n} agents and the judger (node {n}), got "
+            f"{tuple(adjacency.shape)}; `judger_senders_all` adds every agent -> judger to an (R, N, N) graph"
+        )
+    if agent_facts is not None and any(len(f) not in (0, n) for f in agent_facts):
+        raise ValueError(f"agent_facts must hold {n} texts (or none) per question")
+
+
 def plan_rollouts(
     adjacency: torch.Tensor,
     question_index: Sequence[int],
@@ -310,14 +322,7 @@ class RolloutEngine:
         into `questions`; agent_facts[q][i]: what agent i holds for question q (or None);
         edge_logits (Q, N+1, N+1) per question (the judger's gates) or None."""
         started = time.perf_counter()
-        n = self.roster.num_agents
-        if adjacency.dim() != 3 or adjacency.shape[1:] != (n + 1, n + 1):
-            raise ValueError(
-                f"adjacency must be (R, {n + 1}, {n + 1}) over {n} agents and the judger (node {n}), got "
-                f"{tuple(adjacency.shape)}; `judger_senders_all` adds every agent -> judger to an (R, N, N) graph"
-            )
-        if agent_facts is not None and any(len(f) not in (0, n) for f in agent_facts):
-            raise ValueError(f"agent_facts must hold {n} texts (or none) per question")
+        check_inputs(adjacency, self.roster.num_agents, agent_facts)
         adjacency = adjacency.detach().cpu().bool()
         plan = self.plan(adjacency, question_index, active)
         done: dict[int, _Done] = {}
@@ -527,14 +532,7 @@ def api_text_mas(
     Returns per row: answer, prompt_tokens and completion_tokens (the server's usage of the row's
     agents and its judger; an agent shared by rows counts in each, as in `Rollout`), and
     judger_senders (the agents whose messages the judger read, in order)."""
-    n = roster.num_agents
-    if adjacency.dim() != 3 or adjacency.shape[1:] != (n + 1, n + 1):
-        raise ValueError(
-            f"adjacency must be (R, {n + 1}, {n + 1}) over {n} agents and the judger (node {n}), got "
-            f"{tuple(adjacency.shape)}; `judger_senders_all` adds every agent -> judger to an (R, N, N) graph"
-        )
-    if agent_facts is not None and any(len(f) not in (0, n) for f in agent_facts):
-        raise ValueError(f"agent_facts must hold {n} texts (or none) per question")
+    check_inputs(adjacency, roster.num_agents, agent_facts)
     plan = plan_rollouts(adjacency, question_index, reads="senders", active=active, reuse=reuse)
     texts: dict[int, str] = {}
     usage: dict[int, tuple[int, int]] = {}  # node -> (prompt tokens, completion tokens)

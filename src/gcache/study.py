@@ -70,7 +70,7 @@ def run_seed(cfg: DictConfig) -> dict[str, Any]:
 
 def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: str = "") -> dict:
     """Aggregate every `seed*/` of a study directory into study.json, study.md and pictures."""
-    from gcache.evaluate import read_results
+    from gcache.report import read_results
     from gcache.stats import aggregate, study_figures, study_markdown
 
     directory = Path(directory)
