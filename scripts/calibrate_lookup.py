@@ -62,17 +62,7 @@ def segment(llm: LocalLM, messages: list[dict], latent_steps: int) -> kv.KV:
 @torch.no_grad()
 def judge(llm: LocalLM, senders: list[kv.KV], messages: list[dict], max_new_tokens: int) -> str:
     past = kv.concat(senders, llm.rotary) if senders else None
-    ids, mask = llm.encode([llm.chat_text(messages)])
-    step = kv.prefill(llm.model, ids, mask, past=past)
-    tokens, counts = kv.decode(
-        llm.model,
-        step.kv,
-        step.logits,
-        max_new_tokens=max_new_tokens,
-        eos_token_ids=llm.eos_token_ids,
-        pad_token_id=llm.tokenizer.pad_token_id,
-    )
-    return llm.decode_ids(tokens, counts)[0]
+    return llm.generate([llm.chat_text(messages)], past=past, max_new_tokens=max_new_tokens).texts[0]
 
 
 def main() -> None:

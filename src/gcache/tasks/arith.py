@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import random
 
-from .base import Example, Task
-from .extract import extract_number, score_number
+from .base import Example, NumberTask
 
 NAMES = [
     ("Tom", "he"),
@@ -243,7 +242,7 @@ def generate_problem(rng: random.Random, steps: int) -> tuple[str, int, dict]:
     )
 
 
-class Arith(Task):
+class Arith(NumberTask):
     name = "arith"
     domain = "math"
     # Small models answer best when asked for the bare number (DESIGN §6); extraction still
@@ -300,12 +299,3 @@ class Arith(Task):
                 f"num_examples={self.num_examples}"
             )
         return examples
-
-    def extract_answer(self, completion: str) -> str | None:
-        return extract_number(completion)
-
-    def score_one(self, completion: str, example: Example) -> dict:
-        return score_number(completion, example.answer)
-
-    def target_text(self, example: Example) -> str:
-        return example.answer

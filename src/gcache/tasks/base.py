@@ -2,7 +2,10 @@
 
 A task is a subclass of :class:`Task` that sets ``name``, ``domain`` and
 ``answer_format`` and implements ``_load`` (records -> Examples), ``extract_answer``,
-``score_one`` (or ``score_details`` for batched scoring) and ``target_text``::
+``score_one`` (or ``score_details`` for batched scoring) and ``target_text``. Tasks of one
+answer kind subclass it through :class:`NumberTask` (the final number), :class:`ChoiceTask`
+(an option letter) or ``code_eval.CodeTask`` (a program run against tests), which implement
+the scoring::
 
     task = build_task("gsm8k", seed=0)          # from gcache.tasks
     splits = task.splits()                      # {"train": [...], "val": [...], "test": [...]}
@@ -26,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .extract import extract_choice, extract_number, score_choice, score_number
+
 __all__ = [
     "Example",
     "Task",
@@ -36,6 +41,7 @@ __all__ = [
     "check_pairs",
 ]
 
+LETTERS = "ABCD"  # the options of multiple-choice tasks
 log = logging.getLogger(__name__)
 
 DATA_DIR_ENV = "GCACHE_DATA_DIR"
@@ -119,7 +125,8 @@ def _split_count(size: Any, n: int, which: str, task: str) -> int:
 
 
 class Task(ABC):
-    """Base class of the benchmark tasks (one level of inheritance at most)."""
+    """Base class of the benchmark tasks (directly, or through one answer kind: NumberTask, ChoiceTask,
+    CodeTask)."""
 
     name: str = ""
     domain: str = ""  # "math" | "science" | "medical" | "code" | "lookup": chooses the default agent roster
@@ -283,6 +290,33 @@ class Task(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(source={self.source!r}, data_dir={str(self.data_dir)!r}, seed={self.seed})"
+
+
+
+class NumberTask(Task):
+    """A task answered with a number: the reply's final number, compared as a value."""
+
+    def extract_answer(self, completion: str) -> str | None:
+        return extract_number(completion)
+
+    def score_one(self, completion: str, example: Example) -> dict:
+        return score_number(completion, example.answer)
+
+    def target_text(self, example: Example) -> str:
+        return example.answer
+
+
+class ChoiceTask(Task):
+    """A multiple-choice task (options A-D): the letter the reply commits to."""
+
+    def extract_answer(self, completion: str) -> str | None:
+        return extract_choice(completion, LETTERS)
+
+    def score_one(self, completion: str, example: Example) -> dict:
+        return score_choice(completion, example.answer, LETTERS)
+
+    def target_text(self, example: Example) -> str:
+        return f"\\boxed{{{example.answer}}}"
 
 
 def check_pairs(completions: list, examples: list) -> None:

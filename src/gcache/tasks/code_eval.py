@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .base import Example, check_pairs
+from .base import Example, Task, check_pairs
 from .extract import extract_code
 from .sandbox import run_many
 
@@ -196,3 +196,28 @@ def score_replies(
     return score_programs(
         programs, examples, codes, timeout=timeout, memory_mb=memory_mb, max_workers=max_workers
     )
+
+
+class CodeTask(Task):
+    """A task answered with a Python program: the reply's code block, assembled with the task's
+    tests (`assemble_program`) and run in the sandbox; the reward is 1.0 iff every test passes."""
+
+    domain = "code"
+    answer_format = "Give the complete Python function in a single ```python code block."
+
+    def __init__(self, *, timeout: float = 20.0, memory_mb: int = 1024, max_workers: int | None = None,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.timeout, self.memory_mb, self.max_workers = timeout, memory_mb, max_workers  # per program
+
+    @staticmethod
+    def assemble_program(code: str, example: Example) -> str:
+        raise NotImplementedError
+
+    def extract_answer(self, completion: str) -> str | None:
+        return extract_code(completion) if isinstance(completion, str) else None
+
+    def score_details(self, completions: list[str], examples: list[Example]) -> list[dict]:
+        """Per reply: extracted code, passed, fraction of test inputs passed, sandbox status."""
+        return score_replies(completions, examples, self.assemble_program, timeout=self.timeout,
+                             memory_mb=self.memory_mb, max_workers=self.max_workers)

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import random
 
-from .base import Example, Task, format_choices
-from .extract import extract_choice, score_choice
-
-LETTERS = "ABCD"
+from .base import LETTERS, ChoiceTask, Example, format_choices
 
 
 def _from_csv_row(row: dict) -> dict:
@@ -36,7 +33,7 @@ def _from_csv_row(row: dict) -> dict:
     }
 
 
-class GPQA(Task):
+class GPQA(ChoiceTask):
     name = "gpqa"
     domain = "science"
     answer_format = "Give the final answer as \\boxed{X}, where X is the letter (A, B, C or D) of the correct option."
@@ -72,12 +69,3 @@ class GPQA(Task):
                 )
             )
         return examples
-
-    def extract_answer(self, completion: str) -> str | None:
-        return extract_choice(completion, LETTERS)
-
-    def score_one(self, completion: str, example: Example) -> dict:
-        return score_choice(completion, example.answer, LETTERS)
-
-    def target_text(self, example: Example) -> str:
-        return f"\\boxed{{{example.answer}}}"

@@ -10,11 +10,11 @@ worked solution is kept in ``meta["solution"]``.
 
 from __future__ import annotations
 
-from .base import Example, Task
-from .extract import extract_number, parse_number, score_number
+from .base import Example, NumberTask
+from .extract import parse_number
 
 
-class GSM8K(Task):
+class GSM8K(NumberTask):
     name = "gsm8k"
     domain = "math"
     answer_format = "Give the final answer as \\boxed{number}."
@@ -43,12 +43,6 @@ class GSM8K(Task):
                 )
             )
         return examples
-
-    def extract_answer(self, completion: str) -> str | None:
-        return extract_number(completion)
-
-    def score_one(self, completion: str, example: Example) -> dict:
-        return score_number(completion, example.answer)
 
     def target_text(self, example: Example) -> str:
         return f"\\boxed{{{example.answer}}}"

@@ -23,9 +23,8 @@ import logging
 import re
 import textwrap
 
-from .base import Example, Task
-from .code_eval import FOOTER, HEADER, instrument_test, score_replies
-from .extract import extract_code
+from .base import Example
+from .code_eval import FOOTER, HEADER, CodeTask, instrument_test
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +58,12 @@ def assemble_program(code: str, example: Example) -> str:
     return HEADER + solution + "\n\n" + example.meta["test"] + f"\n\ncheck({entry})\n" + FOOTER
 
 
-class HumanEvalPlus(Task):
+class HumanEvalPlus(CodeTask):
     name = "humaneval"
-    domain = "code"
-    answer_format = "Give the complete Python function in a single ```python code block."
+    assemble_program = staticmethod(assemble_program)
 
-    def __init__(
-        self,
-        *,
-        timeout: float = 20.0,
-        memory_mb: int = 1024,
-        max_workers: int | None = None,
-        hub_id: str = "evalplus/humanevalplus",
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.timeout, self.memory_mb, self.max_workers = timeout, memory_mb, max_workers
+    def __init__(self, *, hub_id: str = "evalplus/humanevalplus", **kwargs):
+        super().__init__(**kwargs)  # timeout, memory_mb, max_workers: see CodeTask
         self.hub_id = hub_id
 
     def _load(self) -> list[Example]:
@@ -112,14 +101,6 @@ class HumanEvalPlus(Task):
                 )
             )
         return examples
-
-    def extract_answer(self, completion: str) -> str | None:
-        return extract_code(completion) if isinstance(completion, str) else None
-
-    def score_details(self, completions: list[str], examples: list[Example]) -> list[dict]:
-        """Per reply: extracted code, passed, fraction of test inputs passed, sandbox status."""
-        return score_replies(completions, examples, assemble_program, timeout=self.timeout,
-                             memory_mb=self.memory_mb, max_workers=self.max_workers)
 
     def target_text(self, example: Example) -> str:
         return f"```python\n{example.answer.strip(chr(10))}\n```"

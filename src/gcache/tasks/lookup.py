@@ -36,8 +36,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from .base import Example, Task
-from .extract import extract_number, score_number
+from .base import Example, NumberTask
 
 __all__ = ["COLOURS", "DOMAINS", "Domain", "Lookup"]
 
@@ -120,7 +119,7 @@ def generate_question(
     return domain.question(colour), answer, facts, oracle, meta
 
 
-class Lookup(Task):
+class Lookup(NumberTask):
     name = "lookup"
     domain = "lookup"
     answer_format = "Reply with only the final number."
@@ -175,12 +174,3 @@ class Lookup(Task):
                 )
             )
         return examples
-
-    def extract_answer(self, completion: str) -> str | None:
-        return extract_number(completion)
-
-    def score_one(self, completion: str, example: Example) -> dict:
-        return score_number(completion, example.answer)
-
-    def target_text(self, example: Example) -> str:
-        return example.answer

@@ -19,9 +19,8 @@ from __future__ import annotations
 import logging
 import re
 
-from .base import Example, Task
-from .code_eval import FOOTER, HEADER, instrument_test, score_replies
-from .extract import extract_code
+from .base import Example
+from .code_eval import FOOTER, HEADER, CodeTask, instrument_test
 
 log = logging.getLogger(__name__)
 
@@ -52,23 +51,12 @@ def assemble_program(code: str, example: Example) -> str:
     return HEADER + imports + "\n\n" + code + "\n\n" + example.meta["test"] + FOOTER
 
 
-class MbppPlus(Task):
+class MbppPlus(CodeTask):
     name = "mbppplus"
-    domain = "code"
-    answer_format = "Give the complete Python function in a single ```python code block."
+    assemble_program = staticmethod(assemble_program)
 
-    def __init__(
-        self,
-        *,
-        timeout: float = 20.0,
-        memory_mb: int = 1024,
-        max_workers: int | None = None,
-        num_shown_tests: int = 3,
-        hub_id: str = "evalplus/mbppplus",
-        **kwargs,
-    ):
-        super().__init__(**kwargs)
-        self.timeout, self.memory_mb, self.max_workers = timeout, memory_mb, max_workers
+    def __init__(self, *, num_shown_tests: int = 3, hub_id: str = "evalplus/mbppplus", **kwargs):
+        super().__init__(**kwargs)  # timeout, memory_mb, max_workers: see CodeTask
         self.num_shown_tests, self.hub_id = num_shown_tests, hub_id
 
     def _load(self) -> list[Example]:
@@ -98,14 +86,6 @@ class MbppPlus(Task):
                 )
             )
         return examples
-
-    def extract_answer(self, completion: str) -> str | None:
-        return extract_code(completion) if isinstance(completion, str) else None
-
-    def score_details(self, completions: list[str], examples: list[Example]) -> list[dict]:
-        """Per reply: extracted code, passed, fraction of test inputs passed, sandbox status."""
-        return score_replies(completions, examples, assemble_program, timeout=self.timeout,
-                             memory_mb=self.memory_mb, max_workers=self.max_workers)
 
     def target_text(self, example: Example) -> str:
         return f"```python\n{example.answer}\n```"

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 
-from .base import Example, Task, format_choices, read_jsonl
-from .extract import extract_choice, score_choice
+from .base import LETTERS, ChoiceTask, Example, format_choices, read_jsonl
 
-LETTERS = "ABCD"
 SUBSETS = {
     "latentmas300": "medqa/medqa.json",
     "us1273": "medqa/US_4_options_phrases_no_exclude_test.jsonl",
@@ -49,7 +47,7 @@ def _latentmas_record(i: int, row: dict) -> tuple[str, list[str], str]:
     return row["query"][: -len(listing)], options, matches[0]
 
 
-class MedQA(Task):
+class MedQA(ChoiceTask):
     name = "medqa"
     domain = "medical"
     answer_format = "Give the final answer as \\boxed{X}, where X is the letter (A, B, C or D) of the correct option."
@@ -112,12 +110,3 @@ class MedQA(Task):
             answer=letter,
             meta={**meta, "options": options, "subset": self.subset},
         )
-
-    def extract_answer(self, completion: str) -> str | None:
-        return extract_choice(completion, LETTERS)
-
-    def score_one(self, completion: str, example: Example) -> dict:
-        return score_choice(completion, example.answer, LETTERS)
-
-    def target_text(self, example: Example) -> str:
-        return f"\\boxed{{{example.answer}}}"
