@@ -117,6 +117,36 @@ def test_an_offline_wandb_run_holds_completions_tables_edge_series_and_the_compa
     table = json.loads(table_file.read_text())
     assert [row[0] for row in table["data"]] == list(comparison["methods"])
 
+    # gcache starts the run (not Lightning): Lightning's x-axis is still every metric's step.
+    records = list(wandb_records(next(run_dir.glob("run-*.wandb"))))
+    metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
+    assert any(m.glob_name == "*" and m.step_metric == "trainer/global_step" for m in metrics)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.project == "gcache"
+
+
+def test_evaluate_logs_its_report_to_an_offline_wandb_run(tmp_path):
+    from gcache.evaluate import _evaluate_command
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            "model=tiny-random", "task=lookup", "limit=2", "batch_size=2", "rollout.latent_steps=1",
+            "rollout.max_new_tokens=2", "methods=[single,fixed-full]", "logger=wandb"])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+    report = _evaluate_command(cfg)
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    for _ in range(40):  # W&B's service process may still be writing the file (see above)
+        runs = [r.run for r in wandb_records(next(run_dir.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "run"]
+        if runs:
+            break
+        time.sleep(0.5)
+    (run,) = runs
+    assert (run.project, run.job_type) == ("gcache", "evaluate")
+    (table_file,) = (run_dir / "files" / "media" / "table").glob("evaluation_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert [row[0] for row in table["data"]] == list(report["methods"]) == ["single", "fixed-full"]
+
 
 def test_a_csv_run_holds_completions_files_edge_series_and_the_comparison(tmp_path):
     summary = _run(tmp_path, "csv")

@@ -22,7 +22,6 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from gcache.agents import DEFAULT_ROSTER, Roster
@@ -165,12 +164,52 @@ def build_datamodule(cfg: DictConfig, task) -> TaskDataModule:
 
 
 def build_logger(cfg: DictConfig):
-    logger = instantiate(cfg.logger) if cfg.logger else False
-    if isinstance(logger, WandbLogger):
-        # Lightning 2.6 always hands wandb.init `anonymous=None`, which wandb 0.2x answers with "The
-        # anonymous setting has no effect and will be removed"; leaving it out means the same.
-        logger._wandb_init.pop("anonymous", None)
-    return logger
+    """`cfg.logger` (False for none). W&B: the run is started here (`start_wandb_run`) and handed to
+    Lightning's `WandbLogger` as its experiment."""
+    if not cfg.logger:
+        return False
+    if not is_wandb(cfg.logger):
+        return instantiate(cfg.logger)
+    return instantiate(cfg.logger, experiment=start_wandb_run(cfg.logger, define_step=True))
+
+
+def is_wandb(logger_cfg) -> bool:
+    return bool(logger_cfg) and str(logger_cfg.get("_target_", "")).endswith("WandbLogger")
+
+
+# WandbLogger arguments that are Lightning's own; the others are wandb.init's (group, tags, entity, ...).
+_LIGHTNING_WANDB_ARGS = {"_target_", "name", "save_dir", "version", "offline", "dir", "id", "anonymous",
+                         "project", "log_model", "experiment", "prefix", "checkpoint_name", "add_file_policy"}
+
+
+def start_wandb_run(logger_cfg, *, directory: str | Path | None = None, define_step: bool = False, **init):
+    """A W&B run as `conf/logger/wandb.yaml` describes it (project, name, group, offline, save_dir),
+    on global rank 0 only (None elsewhere). `directory` overrides `save_dir`; `init` adds
+    `wandb.init` arguments (job_type, config). `define_step`: metrics use Lightning's
+    `trainer/global_step` as their x-axis, as `WandbLogger` does for the runs it starts.
+
+    gcache starts the run itself because Lightning 2.6 hands `wandb.init` `anonymous=None`, which
+    wandb 0.2x answers with "The anonymous setting has no effect and will be removed"."""
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    if rank_zero_only.rank != 0:
+        return None
+    import wandb
+
+    def get(key: str):  # resolves only what is read (save_dir points into Hydra's run directory)
+        value = OmegaConf.select(logger_cfg, key)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+    extra = {k: get(k) for k in logger_cfg if k not in _LIGHTNING_WANDB_ARGS}
+    run = wandb.init(
+        project=get("project"), name=get("name"), dir=str(directory or get("save_dir") or "."),
+        id=get("version") or get("id"), resume="allow", mode="offline" if get("offline") else None,
+        **{**extra, **init},
+    )
+    if define_step:
+        run.define_metric("trainer/global_step")
+        run.define_metric("*", step_metric="trainer/global_step", step_sync=True)
+    return run
 
 
 def build_trainer(cfg: DictConfig, datamodule: TaskDataModule, out: Path) -> tuple[L.Trainer, StopOnSignal]:

@@ -51,13 +51,14 @@ import hydra
 import torch
 from omegaconf import DictConfig, open_dict
 
-from gcache.build import build_module, build_task, validate
+from gcache.build import build_module, build_task, is_wandb, start_wandb_run, validate
 from gcache.checkpoints import load_trained
 from gcache.cli import CONF_DIR, config_errors, refuse_secret_overrides, run_job
 from gcache.policy.sampling import deterministic_dag
 from gcache.policy.topology import TOPOLOGIES, fixed_adjacency, judger_senders_all, oracle_adjacency
 from gcache.report import repair_results, report_markdown, write_report
 from gcache.rollout import RolloutConfig, RolloutEngine
+from gcache.secrets import redacted_config
 from gcache.stats import mcnemar_exact, wilson_interval
 
 log = logging.getLogger(__name__)
@@ -317,13 +318,10 @@ def _evaluate_command(cfg: DictConfig) -> dict:
         cfg.output_dir = cfg.get("output_dir") or os.getcwd()
     with config_errors():
         report = evaluate(cfg)
-    if cfg.logger and cfg.logger.get("_target_", "").endswith("WandbLogger"):
+    if is_wandb(cfg.logger):
         import wandb
 
-        from gcache.secrets import redacted_config
-
-        run = wandb.init(project=cfg.logger.get("project", "gcache"), dir=cfg.output_dir, mode="offline",
-                         config=redacted_config(cfg))
+        run = start_wandb_run(cfg.logger, directory=cfg.output_dir, job_type="evaluate", config=redacted_config(cfg))
         columns = ["method", *next(iter(report["methods"].values())).keys()]
         table = wandb.Table(columns=columns)
         for name, stats in report["methods"].items():

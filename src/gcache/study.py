@@ -31,6 +31,7 @@ import hydra
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from gcache.build import is_wandb, start_wandb_run
 from gcache.cli import CONF_DIR, ConfigError, config_errors, refuse_secret_overrides, run_job
 
 log = logging.getLogger(__name__)
@@ -111,14 +112,13 @@ class Aggregate(Callback):
         summary = aggregate_study(directory, reference=config.study.reference,
                                   title=f"{config.task.name}: {config.model.name}, seeds "
                                         f"{', '.join(str(s) for s in sorted(_seeds(directory)))}")
-        logger = config.get("logger") or {}
-        if str(logger.get("_target_", "")).endswith("WandbLogger"):
+        if is_wandb(config.get("logger")):
             import wandb
 
             from gcache.secrets import redacted_config
 
-            run = wandb.init(project=logger.get("project", "gcache"), dir=str(directory), mode="offline",
-                             job_type="study", config=redacted_config(config))
+            run = start_wandb_run(config.logger, directory=directory, job_type="study",
+                                  config=redacted_config(config))
             table = wandb.Table(columns=["method", "accuracy", "ci_low", "ci_high"])
             for name, stats in summary["methods"].items():
                 low, high = stats["ci95"] if stats.get("ci95") else (None, None)
