@@ -9,7 +9,7 @@ held-out mean p(relevant -> judger) > 0.9 and mean p(distractor -> judger) < 0.1
 never within --steps), how many seeds got there and their median, and the two
 probabilities after the last step, averaged over seeds.
 Settings: the previous defaults (no query-role affinity, lr 3e-3), the same network at
-the new lr and at 3e-2, and conf/policy/default.yaml (plus its network at two other rates).
+the new lr and at 3e-2, and src/gcache/conf/policy/default.yaml (plus its network at two other rates).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
     settings = [
         ("no affinity (previous defaults)", {**default, "policy_factory": old_policy, "lr": 3e-3}),
         ("no affinity", {**default, "policy_factory": old_policy}),
-        ("conf/policy/default.yaml", default),
+        ("gcache/conf/policy/default.yaml", default),
         ("default network", {**default, "lr": 3e-3}),
         ("default network", {**default, "lr": 3e-2}),
         ("no affinity", {**default, "policy_factory": old_policy, "lr": 3e-2}),

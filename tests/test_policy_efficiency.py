@@ -1,6 +1,6 @@
 """Sample efficiency of the default graph policy on the policy-only lookup routing simulation.
 
-The simulation (``gcache.policy.simulate``) trains the policy of conf/policy/default.yaml
+The simulation (``gcache.policy.simulate``) trains the policy of gcache/conf/policy/default.yaml
 with the lr, edge cost and entropy bonus read from that file, on MiniLM embeddings of the
 keepers and the lookup questions, with Bernoulli rewards from the measured calibration
 table. Measured (``scripts/policy_sim.py``, 8 seeds, first evaluation every 5 steps with

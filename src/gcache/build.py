@@ -183,7 +183,7 @@ _LIGHTNING_WANDB_ARGS = {"_target_", "name", "save_dir", "version", "offline", "
 
 
 def start_wandb_run(logger_cfg, *, directory: str | Path | None = None, define_step: bool = False, **init):
-    """A W&B run as `conf/logger/wandb.yaml` describes it (project, name, group, offline, save_dir),
+    """A W&B run as `gcache/conf/logger/wandb.yaml` describes it (project, name, group, offline, save_dir),
     on global rank 0 only (None elsewhere). `directory` overrides `save_dir`; `init` adds
     `wandb.init` arguments (job_type, config). `define_step`: metrics use Lightning's
     `trainer/global_step` as their x-axis, as `WandbLogger` does for the runs it starts.

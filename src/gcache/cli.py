@@ -38,7 +38,7 @@ from gcache.secrets import (
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")  # packaged with gcache (package data)
 EXIT_BAD_INPUT = 2
 
 T = TypeVar("T")

@@ -1,7 +1,7 @@
 """Does it help? Train gcache for several seeds, evaluate it next to baselines and controls on the
 same held-out questions, and aggregate with intervals and paired tests.
 
-    python -m gcache.study                                 # lookup, seeds 0,1,2 (conf/study.yaml)
+    python -m gcache.study                                 # lookup, seeds 0,1,2 (gcache/conf/study.yaml)
     python -m gcache.study task=arith seed=0,1,2,3,4       # another task, five seeds
     python -m gcache.study task=gsm8k study.limit=20 limit_train=16 topology=full
 

@@ -17,7 +17,7 @@ Usage::
 
     data = lookup_data()                      # embeds once with TextEmbedder
     history = simulate(GraphPolicy, data, steps=150, lr=1e-2, seed=0)
-    settings = config_settings(load_policy_config())   # conf/policy/default.yaml
+    settings = config_settings(load_policy_config())   # gcache/conf/policy/default.yaml
     history = simulate(data=data, steps=150, seed=0, **settings)
     history.steps_to(p_rel=0.9, p_dis=0.1)    # first evaluated step meeting both, or None
 
@@ -43,7 +43,7 @@ from gcache.policy.sampling import edge_entropy, edge_probabilities, expected_ed
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_POLICY_CONFIG = Path(__file__).resolve().parents[3] / "conf" / "policy" / "default.yaml"
+DEFAULT_POLICY_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "policy" / "default.yaml"
 
 # Judger reward by the number of distractors read next to the relevant keeper (calibration
 # on the embedded LM); any graph without the relevant keeper scores 0, so does the empty one.
