@@ -369,15 +369,20 @@ class RolloutEngine:
                                 int(full_lengths[b]) * self.bytes_per_position)
             return
         step = kv.prefill(self.llm.model, ids, mask)
-        tokens, counts = kv.decode(
-            self.llm.model, step.kv, step.logits, max_new_tokens=cfg.agent_max_new_tokens,
-            eos_token_ids=self.llm.eos_token_ids, pad_token_id=self.llm.tokenizer.pad_token_id,
-            temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
-        )
-        texts = self.llm.decode_ids(tokens, counts)
+        texts, counts = self._decode(step, cfg.agent_max_new_tokens, generator)
         for b, x in enumerate(chunk):
             done[x] = _Done(None, texts[b], int(prompt_tokens[b]), int(counts[b]),
                             (int(prompt_tokens[b]) + int(counts[b])) * self.bytes_per_position)
+
+    def _decode(self, step: kv.Step, max_new_tokens: int, generator) -> tuple[list[str], torch.Tensor]:
+        """Texts and token counts (B,) decoded from a prefilled batch with the config's sampling."""
+        cfg = self.config
+        tokens, counts = kv.decode(
+            self.llm.model, step.kv, step.logits, max_new_tokens=max_new_tokens,
+            eos_token_ids=self.llm.eos_token_ids, pad_token_id=self.llm.tokenizer.pad_token_id,
+            temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
+        )
+        return self.llm.decode_ids(tokens, counts), counts
 
     def _concat(self, segments: list[kv.KV]) -> kv.KV:
         return kv.concat(segments, self.llm.rotary) if segments else kv.empty(1, self.llm.device)
@@ -399,29 +404,58 @@ class RolloutEngine:
 
     def _run_judger(self, plan, questions, question_index, adjacency, done, edge_logits, answer_format,
                     keep_inputs, realign, generator):
-        cfg = self.config
-        latent = cfg.method == "latent"
+        """Every row's judger: its input built once per distinct input, decoded in batches, and the
+        row's `Rollout` (with its `JudgerInput` for the fuser loss when `keep_inputs`)."""
+        latent = self.config.method == "latent"
         rows = list(range(adjacency.shape[0]))
-        n = self.roster.num_agents
-        # Which row's inputs each row's judger reads (the mismatched control swaps questions).
-        source = list(rows)
-        if latent and cfg.judger_cache == "mismatched":
-            others = {r: [s for s in rows if question_index[s] != question_index[r]] for r in rows}
-            if any(not o for o in others.values()):
-                raise ValueError("judger_cache='mismatched' needs rows of at least two different questions")
-            source = [others[r][r % len(others[r])] for r in rows]
-        shuffle_gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        source = self._judger_sources(question_index)
 
         def key(r: int):  # rows whose judgers read the same inputs decode once
             s = source[r]
-            return (question_index[r], question_index[s], plan.judger_reads[s]) if cfg.reuse else r
+            return (question_index[r], question_index[s], plan.judger_reads[s]) if self.config.reuse else r
 
         unique: dict = {}
         for r in rows:
             unique.setdefault(key(r), r)
+        prompts, caches = self._judger_inputs(plan, list(unique.values()), source, questions, question_index, done,
+                                              edge_logits, answer_format, generator)
+        outputs = self._decode_judgers(list(unique.values()), prompts, caches, realign, generator)
+        rollouts, judger_inputs = [], []
+        for r in rows:
+            u = unique[key(r)]
+            reads = plan.judger_reads[source[r]]
+            rollouts.append(self._rollout(plan, r, question_index[r], adjacency[r], reads, done, *outputs[u]))
+            if latent and keep_inputs:
+                judger_inputs.append(JudgerInput(
+                    question_index=question_index[r],
+                    source_question=question_index[source[r]],
+                    senders=[plan.nodes[x].agent for x in reads],
+                    sender_kvs=[done[x].kv for x in reads],
+                    prompt=prompts[u],
+                    cache=caches[u],
+                ))
+        return rollouts, judger_inputs, len(unique)
+
+    def _judger_sources(self, question_index: Sequence[int]) -> list[int]:
+        """Which row's inputs each row's judger reads: its own, or under the mismatched control
+        another question's."""
+        rows = range(len(question_index))
+        if self.config.method != "latent" or self.config.judger_cache != "mismatched":
+            return list(rows)
+        others = {r: [s for s in rows if question_index[s] != question_index[r]] for r in rows}
+        if any(not o for o in others.values()):
+            raise ValueError("judger_cache='mismatched' needs rows of at least two different questions")
+        return [others[r][r % len(others[r])] for r in rows]
+
+    def _judger_inputs(self, plan, rows, source, questions, question_index, done, edge_logits, answer_format,
+                       generator) -> tuple[dict[int, str], dict[int, kv.KV]]:
+        """The judger's prompt (chat text) and cache of each of `rows`."""
+        latent = self.config.method == "latent"
+        n = self.roster.num_agents
+        shuffle_gen = generator if generator is not None else torch.Generator().manual_seed(0)
         prompts: dict[int, str] = {}
         caches: dict[int, kv.KV] = {}
-        for r in unique.values():
+        for r in rows:
             s = source[r]
             reads = plan.judger_reads[s]
             received = [] if latent else [(self.roster.roles[plan.nodes[x].agent].name, done[x].text) for x in reads]
@@ -434,55 +468,46 @@ class RolloutEngine:
                 caches[r] = self.judger_cache([done[x].kv for x in reads], logits, shuffle_gen)
             else:
                 caches[r] = kv.empty(1, self.llm.device)
-        outputs: dict[int, tuple[str, int, int, int]] = {}  # row -> (answer, decoded, prompt, cache len)
-        for chunk in _chunks(list(unique.values()), cfg.max_batch):
+        return prompts, caches
+
+    def _decode_judgers(self, rows, prompts, caches, realign, generator) -> dict[int, tuple[str, int, int, int]]:
+        """row -> (answer, decoded tokens, prompt tokens, cache length), `max_batch` rows per forward."""
+        cfg = self.config
+        outputs = {}
+        for chunk in _chunks(rows, cfg.max_batch):
             ids, mask = self.llm.encode([prompts[r] for r in chunk])
             past = kv.stack([caches[r] for r in chunk])
             step = kv.prefill(self.llm.model, ids, mask, past=past)
             if cfg.judger_latent_steps:
                 step = kv.latent_steps(self.llm.model, step, cfg.judger_latent_steps, realign).step
-            tokens, counts = kv.decode(
-                self.llm.model, step.kv, step.logits, max_new_tokens=cfg.max_new_tokens,
-                eos_token_ids=self.llm.eos_token_ids, pad_token_id=self.llm.tokenizer.pad_token_id,
-                temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
-            )
-            answers = self.llm.decode_ids(tokens, counts)
+            answers, counts = self._decode(step, cfg.max_new_tokens, generator)
             for b, r in enumerate(chunk):
                 outputs[r] = (answers[b], int(counts[b]), int(mask[b].sum()), int(past.lengths[b]))
-        rollouts, judger_inputs = [], []
-        for r in rows:
-            u = unique[key(r)]
-            answer, decoded, prompt_len, cache_len = outputs[u]
-            computed = [done[x] for x in plan.row_nodes[r]]
-            reads = plan.judger_reads[source[r]]
-            judger_bytes = (cache_len + prompt_len + cfg.judger_latent_steps + decoded) * self.bytes_per_position
-            rollouts.append(Rollout(
-                question_index=question_index[r],
-                adjacency=adjacency[r],
-                answer=answer,
-                decoded_tokens=decoded + sum(x.decoded_tokens for x in computed),
-                prompt_tokens=prompt_len + sum(x.prompt_tokens for x in computed),
-                agent_cache_lengths={
-                    plan.nodes[x].agent: (done[x].kv.lengths.item() if done[x].kv is not None else 0)
-                    for x in plan.row_nodes[r]
-                },
-                judger_senders=[plan.nodes[x].agent for x in reads],
-                judger_cache_length=cache_len,
-                agents_run=len(plan.row_nodes[r]),
-                peak_cache_bytes=max([judger_bytes] + [x.peak_bytes for x in computed]),
-                seconds=0.0,  # set by `run`: the batch's wall time spread over its rows
-                messages={plan.nodes[x].agent: done[x].text for x in plan.row_nodes[r]} if not latent else {},
-            ))
-            if latent and keep_inputs:
-                judger_inputs.append(JudgerInput(
-                    question_index=question_index[r],
-                    source_question=question_index[source[r]],
-                    senders=[plan.nodes[x].agent for x in reads],
-                    sender_kvs=[done[x].kv for x in reads],
-                    prompt=prompts[u],
-                    cache=caches[u],
-                ))
-        return rollouts, judger_inputs, len(unique)
+        return outputs
+
+    def _rollout(self, plan, r: int, question: int, adjacency: torch.Tensor, reads, done, answer: str,
+                 decoded: int, prompt_len: int, cache_len: int) -> Rollout:
+        """Row r's result: its judger's answer and what the row cost (its agents and its judger)."""
+        computed = [done[x] for x in plan.row_nodes[r]]
+        judger_bytes = (cache_len + prompt_len + self.config.judger_latent_steps + decoded) * self.bytes_per_position
+        return Rollout(
+            question_index=question,
+            adjacency=adjacency,
+            answer=answer,
+            decoded_tokens=decoded + sum(x.decoded_tokens for x in computed),
+            prompt_tokens=prompt_len + sum(x.prompt_tokens for x in computed),
+            agent_cache_lengths={
+                plan.nodes[x].agent: (done[x].kv.lengths.item() if done[x].kv is not None else 0)
+                for x in plan.row_nodes[r]
+            },
+            judger_senders=[plan.nodes[x].agent for x in reads],
+            judger_cache_length=cache_len,
+            agents_run=len(plan.row_nodes[r]),
+            peak_cache_bytes=max([judger_bytes] + [x.peak_bytes for x in computed]),
+            seconds=0.0,  # set by `run`: the batch's wall time spread over its rows
+            messages={plan.nodes[x].agent: done[x].text for x in plan.row_nodes[r]}
+            if self.config.method != "latent" else {},
+        )
 
 
 def run_latent_chain(
