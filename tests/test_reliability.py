@@ -259,6 +259,8 @@ def test_an_api_mode_without_an_endpoint_fails_before_the_model_loads(tmp_path, 
     (["rollout.latent_steps=-1"], 2, "error: rollout.latent_steps must be an integer >= 0, got -1"),
     (["task.data_dir=/no/such/dir", "task.source=local"], 2, "error: task 'gsm8k': /no/such/dir/gsm8k/test.jsonl does not exist"),
     (["mode=hybrid"], 2, "error: no endpoint: set mode.api.base_url or OPENAI_BASE_URL"),
+    (["latent_steps=3", "judger_edges=all"], 2,
+     "error: latent_steps is now rollout.latent_steps, judger_edges is now policy.judger_edges"),
 ])
 def test_the_cli_prints_one_error_line_and_exits_non_zero_without_a_traceback(tmp_path, args, exit_code, message):
     env = {k: v for k, v in _env().items() if k != "OPENAI_BASE_URL"}

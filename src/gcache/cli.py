@@ -1,7 +1,8 @@
 """What every command (`gcache.train`, `gcache.evaluate`, `gcache.study`) does around its job.
 
-- Before Hydra runs: `refuse_secret_overrides` stops a command line that would put an API key
-  into the config (Hydra writes every override to `.hydra/overrides.yaml` and `config.yaml`).
+- Before Hydra runs: `check_command_line` stops a command line that would put an API key into
+  the config (Hydra writes every override to `.hydra/overrides.yaml` and `config.yaml`), and one
+  that sets a key by its name before it moved into the `rollout` or `policy` group.
 - Around the job (`run_job`): keys from `.env` and the environment, redacted from every log
   line; warnings through the log handlers; known-benign third-party output silenced
   (`quiet_third_party_output`); and one exit-code contract:
@@ -72,10 +73,30 @@ def config_errors() -> Iterator[None]:
         raise ConfigError(str(cause)) from exc
 
 
-def refuse_secret_overrides(argv: list[str]) -> None:
-    """Exit 2 before Hydra runs when an override would put a secret into the config."""
+# Top-level keys that moved into a config group: an old command line is told the new name instead
+# of Hydra's "Could not override" message.
+MOVED_KEYS = {
+    **{key: f"rollout.{key}" for key in ("latent_steps", "retention", "realign", "judger_cache", "max_new_tokens",
+                                         "agent_max_new_tokens", "temperature")},
+    **{key: f"policy.{key}" for key in ("graphs_per_question", "judger_edges", "fuser_trains_policy")},
+}
+
+
+def moved_overrides(argv: list[str]) -> list[tuple[str, str]]:
+    """(old key, new key) for each override of `argv` that names a moved key."""
+    keys = [arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg and not arg.startswith("-")]
+    return [(key, MOVED_KEYS[key]) for key in keys if key in MOVED_KEYS]
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Exit 2 before Hydra runs when an override would put a secret into the config or names a
+    key that moved into a config group."""
     if keys := secret_overrides(argv):
         print(f"error: {', '.join(keys)}: {KEY_SOURCES}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    if moved := moved_overrides(argv):
+        names = ", ".join(f"{old} is now {new}" for old, new in moved)
+        print(f"error: {names} (the rollout and policy config groups); use {moved[0][1]}=...", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
 

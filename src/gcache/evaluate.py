@@ -53,7 +53,7 @@ from omegaconf import DictConfig, open_dict
 
 from gcache.build import build_module, build_task, is_wandb, start_wandb_run, validate
 from gcache.checkpoints import load_trained
-from gcache.cli import CONF_DIR, config_errors, refuse_secret_overrides, run_job
+from gcache.cli import CONF_DIR, check_command_line, config_errors, run_job
 from gcache.policy.sampling import deterministic_dag
 from gcache.policy.topology import TOPOLOGIES, fixed_adjacency, judger_senders_all, oracle_adjacency
 from gcache.report import repair_results, report_markdown, write_report
@@ -339,5 +339,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
-    refuse_secret_overrides(sys.argv[1:])
+    check_command_line(sys.argv[1:])
     main()

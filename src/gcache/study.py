@@ -32,7 +32,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gcache.build import is_wandb, start_wandb_run
-from gcache.cli import CONF_DIR, ConfigError, config_errors, refuse_secret_overrides, run_job
+from gcache.cli import CONF_DIR, ConfigError, check_command_line, config_errors, run_job
 
 log = logging.getLogger(__name__)
 
@@ -147,5 +147,5 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
-    refuse_secret_overrides(sys.argv[1:])
+    check_command_line(sys.argv[1:])
     main()

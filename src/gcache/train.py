@@ -53,7 +53,7 @@ from gcache.build import (
     validate,
 )
 from gcache.checkpoints import check_checkpoint, resume_path
-from gcache.cli import CONF_DIR, Interrupted, config_errors, refuse_secret_overrides, run_job
+from gcache.cli import CONF_DIR, Interrupted, check_command_line, config_errors, run_job
 from gcache.evaluate import compare_on_test, comparison_table
 from gcache.secrets import redacted_config
 
@@ -185,6 +185,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    refuse_secret_overrides(sys.argv[1:])  # before Hydra writes them to .hydra/
+    check_command_line(sys.argv[1:])  # before Hydra writes overrides to .hydra/
     torch.set_float32_matmul_precision("high")
     main()
