@@ -7,7 +7,7 @@ config key means the same thing in all three:
 - `build_rollout` (`cfg.rollout`, checked by `RolloutConfig` itself), `build_task`,
   `build_roster`, `build_module` (LM, embedder, policy, fuser, generation mode);
 - `build_datamodule`, `build_logger`, `build_trainer` (callbacks, checkpointing, validation
-  schedule) for training.
+  schedule) for training; `start_wandb_run` for every command that logs to W&B.
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from gcache.rollout import RolloutConfig
 from gcache.secrets import KEY_SOURCES, is_secret_key
 
 __all__ = ["CONF_DIR", "ConfigError", "build_datamodule", "build_logger", "build_module", "build_roster",
-           "build_rollout", "build_task", "build_trainer", "validate"]
+           "build_rollout", "build_task", "build_trainer", "is_wandb", "start_wandb_run", "use_this_ranks_gpu",
+           "validate"]
 
 # key: smallest allowed value; keys a config does not have (evaluate.yaml has no training keys) are skipped.
 INTEGERS = {"policy.graphs_per_question": 1, "batch_size": 1, "eval_batch_size": 1, "ckpt_every_n_steps": 1}
