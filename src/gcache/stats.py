@@ -168,83 +168,86 @@ def aggregate(
     seeds = list(records_by_seed)
     tables = {s: _by_method(records_by_seed[s]) for s in seeds}
     names = list(dict.fromkeys(r["method"] for s in seeds for r in records_by_seed[s]))
-
-    methods: dict[str, dict] = {}
-    for name in names:
-        per_seed, score_lists, rows_all = [], [], []
-        for s in seeds:
-            rows = list(tables[s].get(name, {}).values())
-            if not rows:
-                continue
-            rows_all += rows
-            scores = [float(r["reward"]) for r in rows if r.get("reward") is not None]
-            score_lists.append(scores)
-            acc = sum(scores) / len(scores) if scores else None
-            per_seed.append({
-                "seed": s,
-                "questions": len(rows),
-                "scored": len(scores),
-                "accuracy": float(acc) if acc is not None else None,
-                "ci95": list(wilson_interval(sum(scores), len(scores))) if scores else None,
-            })
-        interval = seed_question_interval(score_lists, iterations=iterations, seed=seed)
-        methods[name] = {
-            "accuracy": interval["mean"],
-            "ci95": interval["ci95"],
-            "interval": interval["method"],
-            "seeds": [p["seed"] for p in per_seed],
-            "per_seed": per_seed,
-            "questions": len(rows_all),
-            "scored": sum(len(x) for x in score_lists),
-            "decoded_tokens_per_question": _mean_of(rows_all, "decoded_tokens"),
-            "prompt_tokens_per_question": _mean_of(rows_all, "prompt_tokens"),
-            "seconds_per_question": _mean_of(rows_all, "seconds"),
-        }
-
+    methods = {name: _method_summary([tables[s].get(name, {}) for s in seeds], seeds, iterations, seed)
+               for name in names}
     comparisons: dict[str, dict] = {}
     if reference in methods:
         for name in names:
-            if name == reference:
-                continue
-            per_seed, pooled_ref, pooled_other = [], [], []
-            for s in seeds:
-                ref_rows = tables[s].get(reference, {})
-                other_rows = tables[s].get(name, {})
-                ids = [
-                    q for q in ref_rows
-                    if q in other_rows
-                    and ref_rows[q].get("reward") is not None
-                    and other_rows[q].get("reward") is not None
-                ]
-                ref = [float(ref_rows[q]["reward"]) for q in ids]
-                other = [float(other_rows[q]["reward"]) for q in ids]
-                pooled_ref += ref
-                pooled_other += other
-                per_seed.append({
-                    "seed": s,
-                    "mcnemar": mcnemar_exact([_correct(x) for x in ref], [_correct(x) for x in other]),
-                    "bootstrap": paired_bootstrap(ref, other, iterations=iterations, seed=seed),
-                })
-            significant = bool(per_seed) and all(
-                p["mcnemar"]["n"] > 0
-                and p["mcnemar"]["p_value"] < ALPHA
-                and p["mcnemar"]["b10"] > p["mcnemar"]["b01"]
-                for p in per_seed
-            )
-            comparisons[name] = {
-                "reference": reference,
-                "per_seed": per_seed,
-                "pooled": {
-                    "mcnemar": mcnemar_exact(
-                        [_correct(x) for x in pooled_ref], [_correct(x) for x in pooled_other]
-                    ),
-                    "bootstrap": paired_bootstrap(
-                        pooled_ref, pooled_other, iterations=iterations, seed=seed
-                    ),
-                },
-                "significant_every_seed": significant,
-            }
+            if name != reference:
+                comparisons[name] = _comparison(
+                    [(s, tables[s].get(reference, {}), tables[s].get(name, {})) for s in seeds], reference,
+                    iterations, seed)
     return {"reference": reference, "seeds": seeds, "methods": methods, "comparisons": comparisons}
+
+
+def _method_summary(rows_by_seed: list[dict], seeds: list[int], iterations: int, seed: int) -> dict[str, Any]:
+    """One method of `aggregate`: its records by seed ({question: record} per seed)."""
+    per_seed, score_lists, rows_all = [], [], []
+    for s, table in zip(seeds, rows_by_seed, strict=True):
+        rows = list(table.values())
+        if not rows:
+            continue
+        rows_all += rows
+        scores = [float(r["reward"]) for r in rows if r.get("reward") is not None]
+        score_lists.append(scores)
+        acc = sum(scores) / len(scores) if scores else None
+        per_seed.append({
+            "seed": s,
+            "questions": len(rows),
+            "scored": len(scores),
+            "accuracy": float(acc) if acc is not None else None,
+            "ci95": list(wilson_interval(sum(scores), len(scores))) if scores else None,
+        })
+    interval = seed_question_interval(score_lists, iterations=iterations, seed=seed)
+    return {
+        "accuracy": interval["mean"],
+        "ci95": interval["ci95"],
+        "interval": interval["method"],
+        "seeds": [p["seed"] for p in per_seed],
+        "per_seed": per_seed,
+        "questions": len(rows_all),
+        "scored": sum(len(x) for x in score_lists),
+        "decoded_tokens_per_question": _mean_of(rows_all, "decoded_tokens"),
+        "prompt_tokens_per_question": _mean_of(rows_all, "prompt_tokens"),
+        "seconds_per_question": _mean_of(rows_all, "seconds"),
+    }
+
+
+def _comparison(pairs: list[tuple[int, dict, dict]], reference: str, iterations: int, seed: int) -> dict[str, Any]:
+    """The reference against one method of `aggregate`: (seed, reference's {question: record}, the
+    method's) per seed; questions both scored."""
+    per_seed, pooled_ref, pooled_other = [], [], []
+    for s, ref_rows, other_rows in pairs:
+        ids = [
+            q for q in ref_rows
+            if q in other_rows
+            and ref_rows[q].get("reward") is not None
+            and other_rows[q].get("reward") is not None
+        ]
+        ref = [float(ref_rows[q]["reward"]) for q in ids]
+        other = [float(other_rows[q]["reward"]) for q in ids]
+        pooled_ref += ref
+        pooled_other += other
+        per_seed.append({
+            "seed": s,
+            "mcnemar": mcnemar_exact([_correct(x) for x in ref], [_correct(x) for x in other]),
+            "bootstrap": paired_bootstrap(ref, other, iterations=iterations, seed=seed),
+        })
+    significant = bool(per_seed) and all(
+        p["mcnemar"]["n"] > 0
+        and p["mcnemar"]["p_value"] < ALPHA
+        and p["mcnemar"]["b10"] > p["mcnemar"]["b01"]
+        for p in per_seed
+    )
+    return {
+        "reference": reference,
+        "per_seed": per_seed,
+        "pooled": {
+            "mcnemar": mcnemar_exact([_correct(x) for x in pooled_ref], [_correct(x) for x in pooled_other]),
+            "bootstrap": paired_bootstrap(pooled_ref, pooled_other, iterations=iterations, seed=seed),
+        },
+        "significant_every_seed": significant,
+    }
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
