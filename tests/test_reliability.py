@@ -252,7 +252,8 @@ def test_an_empty_data_file_is_reported_as_an_empty_split(tmp_path, no_model_loa
 def test_an_api_mode_without_an_endpoint_fails_before_the_model_loads(tmp_path, no_model_load, monkeypatch):
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(ApiError, match="set mode.api.base_url or OPENAI_BASE_URL"):
-        run(_compose([*TINY, "mode=hybrid", "mode.api.model=any"], tmp_path))
+        run(_compose([*TINY, "mode=hybrid", "mode.api.model=any", "logger=wandb"], tmp_path))
+    assert not (tmp_path / "wandb").exists()  # no W&B run is started for a run that never began
 
 
 @pytest.mark.parametrize(("args", "exit_code", "message"), [

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gcache.tasks.code_eval import instrument_test, tally_lines
+from gcache.tasks.code_eval import CodeTask, instrument_test, tally_lines
 from gcache.tasks.humaneval import KNOWN_BROKEN as HE_BROKEN
 from gcache.tasks.humaneval import TEST_FIXES, HumanEvalPlus
 from gcache.tasks.humaneval import assemble_program as assemble_humaneval
@@ -43,6 +43,21 @@ def test_every_record_has_an_instrumented_test_loop(humaneval, mbpp):
     for ex in humaneval.load_examples() + mbpp.load_examples():
         assert 'SANDBOX_TALLY("total", len(inputs))' in ex.meta["test"], ex.id
         assert ex.meta["entry_point"], ex.id
+
+
+def test_a_code_task_must_say_how_its_program_is_assembled(humaneval):
+    class NoHarness(CodeTask):
+        name = "no-harness"
+
+        def _load(self):
+            return []
+
+        def target_text(self, example):
+            return example.answer
+
+    with pytest.raises(TypeError, match="assemble_program"):
+        NoHarness()
+    assert humaneval.assemble_program is assemble_humaneval  # the task's own harness scores its replies
 
 
 def test_instrument_test_leaves_unknown_formats_alone():

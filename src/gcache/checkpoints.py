@@ -61,7 +61,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def check_checkpoint(path: str | Path, module) -> dict:
     """Load a checkpoint, refusing (ConfigError naming the differing keys) one trained with
     another task, model, roster, topology or policy shape than `module`'s."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    # Memory-mapped: a resume reads only the config here (Lightning loads the checkpoint itself).
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     saved = state.get("gcache_config")
     if saved is not None and saved != module.run_identity:
         current = module.run_identity

@@ -69,16 +69,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         validate(cfg)
         task = build_task(cfg)
         datamodule = build_datamodule(cfg, task)
-        out.mkdir(parents=True, exist_ok=True)
-        trainer, stop = build_trainer(cfg, datamodule, out)
         use_this_ranks_gpu()
         module = build_module(cfg, task=task)  # the API endpoint is checked before the LM loads
-    if trainer.logger:
-        trainer.logger.log_hyperparams(redacted_config(cfg))
     ckpt_path = resume_path(cfg.ckpt_path, cfg.resume, out / "checkpoints")
     if ckpt_path not in (None, "last"):
         check_checkpoint(ckpt_path, module)
+    out.mkdir(parents=True, exist_ok=True)
+    with config_errors():  # last: its logger starts the W&B run, which the `finally` below ends
+        trainer, stop = build_trainer(cfg, datamodule, out)
     try:
+        if trainer.logger:
+            trainer.logger.log_hyperparams(redacted_config(cfg))
         try:
             val, test, comparison = _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out)
         except SIGTERMException:

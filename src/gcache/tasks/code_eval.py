@@ -23,6 +23,7 @@ protected from (they share the reply's interpreter) is listed in ``sandbox``.
 from __future__ import annotations
 
 import re
+from abc import abstractmethod
 from collections.abc import Callable
 
 from .base import Example, Task, check_pairs
@@ -211,8 +212,9 @@ class CodeTask(Task):
         self.timeout, self.memory_mb, self.max_workers = timeout, memory_mb, max_workers  # per program
 
     @staticmethod
+    @abstractmethod
     def assemble_program(code: str, example: Example) -> str:
-        raise NotImplementedError
+        """The program the sandbox runs: the reply's code, the task's tests and the harness."""
 
     def extract_answer(self, completion: str) -> str | None:
         return extract_code(completion) if isinstance(completion, str) else None
