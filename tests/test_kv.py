@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gcache import kv
+from gcache import kv, kv_static
 from gcache.llm.local import LocalLM
 
 ATOL = 1e-4
@@ -275,3 +275,108 @@ def test_nbytes_counts_keys_and_values(llm, model):
     expected = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * 10 * head_dim * 4
     assert kv.nbytes(step.kv) == expected
     assert kv.nbytes(kv.empty(1)) == 0
+
+
+# ---- token loops: static buffers, no host syncs --------------------------------------------------
+
+
+class _HostReads:
+    """Counts tensor -> host conversions (what synchronises with a GPU) while active."""
+
+    NAMES = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(self_, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(self_, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@torch.no_grad()
+def test_token_loops_read_the_device_at_most_once_per_k_tokens(llm, model, monkeypatch):
+    step = kv.prefill(model, *_left_pad(_ids(5, 9, 7, seed=20)))
+    realign = llm.realignment("ridge")
+    reads = _HostReads(monkeypatch)
+    kv.latent_steps(model, step, 12, realign)
+    assert reads.count == 0, f"{reads.count} host reads in 12 latent steps"
+    tokens, k = 40, 8
+    kv.decode(model, step.kv, step.logits, max_new_tokens=tokens, eos_token_ids=[-1], pad_token_id=0, check_every=k)
+    # one "have all rows ended?" every k tokens, one to cut trailing padding at the end
+    assert reads.count <= tokens // k + 1, f"{reads.count} host reads in {tokens} decoded tokens"
+
+
+@torch.no_grad()
+def test_decode_checking_for_the_end_every_k_tokens_returns_the_same_tokens(model):
+    # rows end at different steps (EOS = a token greedy decoding produces), trailing padding is cut
+    step = kv.prefill(model, *_left_pad(_ids(6, 10, 4, seed=21)))
+    kwargs = dict(max_new_tokens=12, eos_token_ids=[-1], pad_token_id=0)
+    free, _ = kv.decode(model, step.kv, step.logits, **kwargs)
+    eos = int(free[1, 3])  # row 1 ends at its 4th token (and any row producing it earlier)
+    kwargs["eos_token_ids"] = [eos]
+    every, every_counts = kv.decode(model, step.kv, step.logits, check_every=1, **kwargs)
+    rarely, rarely_counts = kv.decode(model, step.kv, step.logits, check_every=5, **kwargs)
+    assert torch.equal(every, rarely) and torch.equal(every_counts, rarely_counts)
+    assert int(every_counts[1]) <= 4 and every.shape[1] == int(every_counts.max())
+
+
+@torch.no_grad()
+def test_latent_steps_in_buffers_equal_steps_through_forward(llm, model):
+    # the hand-built reference: each latent step as a `forward` over a DynamicCache
+    start = kv.prefill(model, *_left_pad(_ids(4, 8, seed=22)))
+    realign = llm.realignment("ridge")
+    result = kv.latent_steps(model, start, 5, realign, logits=True)
+    state, hidden = start.kv, start.hidden
+    ones = torch.ones(2, 1, dtype=torch.long)
+    for _ in range(5):
+        state, h = kv.forward(model, state, ones, inputs_embeds=realign(hidden)[:, None])
+        hidden = h[:, -1]
+    torch.testing.assert_close(result.step.hidden, hidden, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.step.logits, kv.next_token_logits(model, hidden), atol=1e-5, rtol=0)
+    assert torch.equal(result.step.kv.mask, state.mask)
+    for (k0, v0), (k1, v1) in zip(result.step.kv.layers(), state.layers(), strict=True):
+        torch.testing.assert_close(k0, k1, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v0, v1, atol=1e-5, rtol=0)
+    assert kv.latent_steps(model, start, 3, realign).step.logits is None  # the LM head only where read
+
+
+@torch.no_grad()
+def test_static_loops_equal_eager_loops(llm, model):
+    # static shapes (whole buffer attended, device write position): what CUDA graphs capture
+    pool = kv_static.LoopPool(model, capture=False)
+    realign = llm.realignment("ridge")
+    for lengths in ((5, 9, 7), (3, 12)):  # two batch buckets, workspaces reused across calls
+        start = kv.prefill(model, *_left_pad(_ids(*lengths, seed=len(lengths))))
+        eager = kv.latent_steps(model, start, 6, realign, logits=True)
+        static = kv.latent_steps(model, start, 6, realign, logits=True, pool=pool)
+        torch.testing.assert_close(static.step.hidden, eager.step.hidden, atol=1e-5, rtol=0)
+        torch.testing.assert_close(static.step.logits, eager.step.logits, atol=1e-5, rtol=0)
+        assert torch.equal(static.step.kv.mask, eager.step.kv.mask)
+        kwargs = dict(max_new_tokens=9, eos_token_ids=[-1], pad_token_id=0)
+        ids_eager, n_eager = kv.decode(model, eager.step.kv, eager.step.logits, **kwargs)
+        ids_static, n_static = kv.decode(model, static.step.kv, static.step.logits, pool=pool, **kwargs)
+        assert torch.equal(ids_eager, ids_static) and torch.equal(n_eager, n_static)
+    assert len(pool.workspaces) >= 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@torch.no_grad()
+def test_cuda_graph_loops_equal_eager_loops_on_gpu():
+    llm = LocalLM.tiny_random(seed=0, device="cuda", dtype="bfloat16")
+    model = llm.model
+    start = kv.prefill(model, *(t.cuda() for t in _left_pad(_ids(5, 9, 7, seed=23))))
+    realign = llm.realignment("ridge")
+    pool = kv_static.LoopPool(model, capture=True)
+    for _ in range(2):  # the second round replays the captured graphs
+        eager = kv.latent_steps(model, start, 6, realign, logits=True)
+        graphed = kv.latent_steps(model, start, 6, realign, logits=True, pool=pool)
+        torch.testing.assert_close(graphed.step.hidden, eager.step.hidden, atol=2e-2, rtol=2e-2)
+        kwargs = dict(max_new_tokens=9, eos_token_ids=[-1], pad_token_id=0)
+        ids_eager, _ = kv.decode(model, eager.step.kv, eager.step.logits, **kwargs)
+        ids_graphed, _ = kv.decode(model, graphed.step.kv, graphed.step.logits, pool=pool, **kwargs)
+        assert (ids_eager == ids_graphed).float().mean() > 0.9
+    assert pool.capture and pool.captures == 2

@@ -32,6 +32,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from gcache import kv_static
+
 ROPE_MODEL_TYPES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmo", "olmo2", "granite"}
 )
@@ -67,7 +69,7 @@ class Step:
 
     kv: KV
     hidden: torch.Tensor  # (B, D) final-norm hidden state at the last position
-    logits: torch.Tensor  # (B, V) next-token logits at the last position (fp32)
+    logits: torch.Tensor | None  # (B, V) next-token logits at the last position (fp32); None where not read
 
 
 # ---- construction and copying ---------------------------------------------------------------
@@ -172,29 +174,39 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def rotate_keys(keys: torch.Tensor, shift: torch.Tensor, rotary: torch.nn.Module | None) -> torch.Tensor:
-    """Keys computed at positions p re-rotated to positions p + shift (per row).
+def rotation(shift: torch.Tensor, rotary: torch.nn.Module | None, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (B, 1, 1, Dh) fp32 that move RoPE keys by `shift` (B,) positions (may be negative).
 
-    keys: (B, H, L, Dh); shift: (B,) integer position shift (may be negative).
-    """
+    Computed once per shift and applied to every layer (`rotate_with`). No host-device sync: a
+    zero shift is a rotation by 0 (cos 1, sin 0), exact in every dtype."""
     if rotary is None:
         raise ValueError(
             "shifting cache positions needs a RoPE model of a supported family "
             f"({sorted(ROPE_MODEL_TYPES)})"
         )
-    shift = shift.to(keys.device)
-    if not bool(shift.ne(0).any()):
-        return keys
-    probe = torch.zeros(1, device=keys.device, dtype=torch.float32)
+    probe = torch.zeros(1, device=shift.device, dtype=torch.float32)
     cos, sin = rotary(probe, position_ids=shift[:, None].float())  # (B, 1, Dh) each
-    if cos.shape[-1] != keys.shape[-1]:
+    if cos.shape[-1] != head_dim:
         raise ValueError(
-            f"rotary dim {cos.shape[-1]} != head dim {keys.shape[-1]}: partial RoPE is not supported"
+            f"rotary dim {cos.shape[-1]} != head dim {head_dim}: partial RoPE is not supported"
         )
     scale = float(getattr(rotary, "attention_scaling", 1.0))
-    cos, sin = (cos / scale)[:, None].float(), (sin / scale)[:, None].float()  # (B, 1, 1, Dh)
+    return (cos / scale)[:, None].float(), (sin / scale)[:, None].float()
+
+
+def rotate_with(keys: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """keys (B, H, L, Dh) rotated by a `rotation` (cos, sin), in the keys' dtype."""
+    cos, sin = rot
     k = keys.float()
-    return (k * cos + _rotate_half(k) * sin).to(keys.dtype)
+    return (k * cos.to(k.device) + _rotate_half(k) * sin.to(k.device)).to(keys.dtype)
+
+
+def rotate_keys(keys: torch.Tensor, shift: torch.Tensor, rotary: torch.nn.Module | None) -> torch.Tensor:
+    """Keys computed at positions p re-rotated to positions p + shift (per row).
+
+    keys: (B, H, L, Dh); shift: (B,) integer position shift (may be negative).
+    """
+    return rotate_with(keys, rotation(shift.to(keys.device), rotary, keys.shape[-1]))
 
 
 def _positions(past_lengths: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
@@ -218,7 +230,7 @@ def forward(
     cache the caller owns, e.g. inside a decoding loop). Returns the extended KV and the
     final-norm hidden states of the new positions (B, T, D). Padding slots of the new
     segment are zeroed in the cache so garbage (or NaN) from fully-masked pad rows never
-    reaches a later attention product."""
+    reaches a later attention product (always, so no host-device sync asks whether any is padding)."""
     batch = new_mask.shape[0]
     if past is None:
         past = empty(batch, new_mask.device)
@@ -236,14 +248,17 @@ def forward(
         use_cache=True,
     )
     cache = out.cache
-    if not bool(new_mask.all()):
-        steps = new_mask.shape[1]
-        keep = new_mask.bool()[:, None, :, None]  # (B, 1, T, 1)
-        for layer in cache.layers:
+    steps = new_mask.shape[1]
+    pad = ~new_mask.bool()[:, None, :, None]  # (B, 1, T, 1)
+    for layer in cache.layers if steps else ():
+        if torch.is_grad_enabled():  # out of place: the new slots are in the autograd graph
             k_old, k_new = layer.keys[:, :, :-steps], layer.keys[:, :, -steps:]
             v_old, v_new = layer.values[:, :, :-steps], layer.values[:, :, -steps:]
-            layer.keys = torch.cat([k_old, torch.where(keep, k_new, torch.zeros_like(k_new))], dim=2)
-            layer.values = torch.cat([v_old, torch.where(keep, v_new, torch.zeros_like(v_new))], dim=2)
+            layer.keys = torch.cat([k_old, k_new.masked_fill(pad, 0)], dim=2)
+            layer.values = torch.cat([v_old, v_new.masked_fill(pad, 0)], dim=2)
+        else:  # the layer's tensors were just made by `update`: nobody else holds them
+            layer.keys[:, :, -steps:].masked_fill_(pad, 0)
+            layer.values[:, :, -steps:].masked_fill_(pad, 0)
     return KV(cache, full_mask), out.last_hidden_state
 
 
@@ -258,11 +273,13 @@ def prefill(
     attention_mask: torch.Tensor,
     *,
     past: KV | None = None,
+    logits: bool = True,
 ) -> Step:
-    """Continue from `past` (or start) with left-padded tokens (B, T); last position is real in every row."""
+    """Continue from `past` (or start) with left-padded tokens (B, T); last position is real in every row.
+    `logits=False` skips the LM head (an agent's prefill: only its cache and hidden state are read)."""
     kv, hidden = forward(model, past, attention_mask, input_ids=input_ids)
     last = hidden[:, -1]  # (B, D)
-    return Step(kv, last, next_token_logits(model, last))
+    return Step(kv, last, next_token_logits(model, last) if logits else None)
 
 
 # ---- latent steps -----------------------------------------------------------------------------
@@ -320,22 +337,42 @@ class LatentResult:
     fed: torch.Tensor  # (B, steps, D) the embeddings fed at each latent step
 
 
-def latent_steps(model: torch.nn.Module, start: Step, steps: int, realign: Realignment) -> LatentResult:
-    """`steps` latent steps: feed realign(last hidden) back as the next input embedding."""
+def token_loop(model: torch.nn.Module, kv: KV, steps: int, kind: str, pool: kv_static.LoopPool | None = None):
+    """A loop that adds up to `steps` positions to every row of `kv` (unchanged): eager buffers,
+    or a `LoopPool`'s static workspace (CUDA graphs). kind: "ids" or "embeds"."""
+    if _is_empty(kv):
+        raise ValueError("a token loop starts from a prefilled cache")
+    if pool is None:
+        return kv_static.EagerLoop(model, kv.layers(), kv.mask, steps)
+    return pool.loop(kv.layers(), kv.mask, steps, kind)
+
+
+def _loop_kv(loop) -> KV:
+    layers, mask = loop.result()
+    return KV(cache_from_layers(layers), mask)
+
+
+def latent_steps(model: torch.nn.Module, start: Step, steps: int, realign: Realignment, *,
+                 logits: bool = False, pool: kv_static.LoopPool | None = None) -> LatentResult:
+    """`steps` latent steps: feed realign(last hidden) back as the next input embedding.
+
+    One position per step, written in place (`gcache.kv_static`); no host-device sync. The LM
+    head runs once, at the end, and only with `logits=True` (a judger about to decode)."""
     if steps < 0:
         raise ValueError(f"latent_steps must be >= 0, got {steps}")
-    step, fed = start, []
-    ones = torch.ones(start.kv.batch_size, 1, dtype=torch.long, device=start.kv.mask.device)
-    own = copy(start.kv)  # extended in place below; the caller's cache stays as it was
-    for _ in range(steps):
-        embedding = realign(step.hidden)  # (B, D)
-        fed.append(embedding)
-        kv, hidden = forward(model, own, ones, inputs_embeds=embedding[:, None, :], extend_in_place=True)
-        own = kv
-        step = Step(kv, hidden[:, -1], next_token_logits(model, hidden[:, -1]))
     width = start.hidden.shape[-1]
-    stacked = torch.stack(fed, 1) if fed else start.hidden.new_zeros(start.kv.batch_size, 0, width)
-    return LatentResult(step, stacked)
+    if steps == 0:
+        out_logits = start.logits if start.logits is not None or not logits else next_token_logits(model, start.hidden)
+        return LatentResult(Step(copy(start.kv), start.hidden, out_logits),
+                            start.hidden.new_zeros(start.kv.batch_size, 0, width))
+    loop = token_loop(model, start.kv, steps, "embeds", pool)
+    hidden, fed = start.hidden, []
+    for _ in range(steps):
+        embedding = realign(hidden)  # (B, D)
+        fed.append(embedding)
+        hidden = loop.step(inputs_embeds=embedding[:, None, :])  # (B, D)
+    out_logits = next_token_logits(model, hidden) if logits else None
+    return LatentResult(Step(_loop_kv(loop), hidden, out_logits), torch.stack(fed, 1))
 
 
 # ---- truncation and fusion --------------------------------------------------------------------
@@ -351,7 +388,8 @@ def keep_last(kv: KV, n: int, rotary: torch.nn.Module | None) -> KV:
         return empty(kv.batch_size, kv.mask.device)
     cut = kv.seq_len - n
     dropped = kv.mask[:, :cut].sum(-1)  # (B,) real positions removed before the kept ones
-    layers = [(rotate_keys(k[:, :, cut:], -dropped, rotary), v[:, :, cut:]) for k, v in kv.layers()]
+    rot = rotation(-dropped, rotary, kv.layers()[0][0].shape[-1])
+    layers = [(rotate_with(k[:, :, cut:], rot), v[:, :, cut:]) for k, v in kv.layers()]
     return KV(cache_from_layers(layers), kv.mask[:, cut:].clone())
 
 
@@ -382,12 +420,15 @@ def concat(
         offsets.append(total.clone())
         total = total + kv.lengths
     num_layers = len(parts[0][1].cache.layers)
+    head_dim = parts[0][1].cache.layers[0].keys.shape[-1]
+    # The first segment starts at 0 (host-known): no rotation. Others: one cos/sin for all layers.
+    rots = {i: rotation(offsets[i], rotary, head_dim) for i, _ in parts if i > 0}
     layers = []
     for layer_idx in range(num_layers):
         ks, vs = [], []
         for i, kv in parts:
             k, v = kv.cache.layers[layer_idx].keys, kv.cache.layers[layer_idx].values
-            ks.append(rotate_keys(k, offsets[i], rotary))
+            ks.append(rotate_with(k, rots[i]) if i > 0 else k)
             if value_scales is not None:
                 # Gates may come from a module on another device or in fp32: they follow the cache.
                 v = v * value_scales[i][layer_idx].to(device=v.device, dtype=v.dtype)[:, None, None, None]
@@ -451,33 +492,38 @@ def decode(
     temperature: float = 0.0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    check_every: int = 8,
+    pool: kv_static.LoopPool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy (temperature 0) or sampled decoding from `kv` (unchanged) and its next-token logits.
 
     Returns token ids (B, T) with `pad_token_id` after each row's end, and the number of
-    tokens generated per row (B,), the end-of-sequence token included.
+    tokens generated per row (B,), the end-of-sequence token included. Ended rows are tracked
+    on the device; the host asks whether all have ended once every `check_every` tokens (and
+    once at the end, to cut trailing padding), so a loop of n tokens syncs about n / k times.
     """
+    if check_every < 1:
+        raise ValueError(f"check_every must be >= 1, got {check_every}")
     batch = kv.batch_size
     device = logits.device
     eos = torch.tensor(list(eos_token_ids), device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     counts = torch.zeros(batch, dtype=torch.long, device=device)
-    ones = torch.ones(batch, 1, dtype=torch.long, device=device)
+    pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
     tokens = []
-    state = copy(kv)  # extended in place below; the caller's cache stays as it was
+    loop = token_loop(model, kv, max_new_tokens, "ids", pool) if max_new_tokens > 1 else None
     for t in range(max_new_tokens):
-        token = _pick(logits, temperature, top_p, generator)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        token = torch.where(finished, pad, _pick(logits, temperature, top_p, generator))
         tokens.append(token)
         counts += (~finished).long()
         finished |= torch.isin(token, eos)
-        if bool(finished.all()) or t == max_new_tokens - 1:
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
             break
-        state, hidden = forward(model, state, ones, input_ids=token[:, None], extend_in_place=True)
-        logits = next_token_logits(model, hidden[:, -1])
+        logits = next_token_logits(model, loop.step(input_ids=token[:, None]))
     if not tokens:
         return torch.zeros(batch, 0, dtype=torch.long, device=device), counts
-    return torch.stack(tokens, 1), counts
+    ids = torch.stack(tokens, 1)  # (B, steps run)
+    return ids[:, : int(counts.max())], counts
 
 
 def answer_nll(

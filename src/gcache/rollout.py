@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 RETENTIONS = ("full", "role_latent", "latent_only")
 METHODS = ("latent", "text")
 JUDGER_CACHES = ("fused", "mismatched", "zeroed", "shuffled")
+CUDA_GRAPHS = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class RolloutConfig:
     judger_cache: str = "fused"  # fused | mismatched | zeroed | shuffled (controls)
     judger_latent_steps: int = 0  # latent steps of the judger before it answers (equal-budget single agent)
     max_batch: int = 32  # rows per forward
+    cuda_graphs: str = "auto"  # auto (on for CUDA, off for CPU) | on | off: decode and latent steps as CUDA graphs
 
     def __post_init__(self) -> None:
         """Every check of these values, in one place. Each message starts with the field's name (the CLI
@@ -99,8 +101,17 @@ class RolloutConfig:
             raise ValueError(f"judger_cache={self.judger_cache!r} is not one of {list(JUDGER_CACHES)}")
         if self.realign not in REALIGNMENTS:
             raise ValueError(f"realign={self.realign!r} is not one of {list(REALIGNMENTS)}")
+        if self.cuda_graphs not in CUDA_GRAPHS:
+            raise ValueError(f"cuda_graphs={self.cuda_graphs!r} is not one of {list(CUDA_GRAPHS)}")
         if self.retention == "latent_only" and self.latent_steps == 0 and self.method == "latent":
             raise ValueError("retention='latent_only' with latent_steps=0 hands on nothing; use latent_steps > 0")
+
+
+    def uses_cuda_graphs(self, device: torch.device) -> bool:
+        """Whether token loops on `device` run as CUDA graphs: `auto` = on CUDA devices."""
+        if self.cuda_graphs == "on" and device.type != "cuda":
+            raise ValueError(f"cuda_graphs='on' needs the model on a CUDA device, it is on {device}; use auto or off")
+        return self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and device.type == "cuda")
 
 
 # ---- planning (pure) ----------------------------------------------------------------------------
@@ -297,6 +308,7 @@ class RolloutEngine:
         kv_heads = getattr(model_cfg, "num_key_value_heads", None) or model_cfg.num_attention_heads
         # Bytes of keys + values that one position costs across all layers.
         self.bytes_per_position = 2 * model_cfg.num_hidden_layers * kv_heads * head_dim * elem
+        self.pool = llm.loop_pool() if config.uses_cuda_graphs(llm.device) else None
 
     def plan(self, adjacency: torch.Tensor, question_index: Sequence[int], active: Sequence[int] | None) -> Plan:
         cfg = self.config
@@ -359,8 +371,8 @@ class RolloutEngine:
         if cfg.method == "latent":
             pasts = [self._concat([done[x].kv for x in node.reads]) for node in nodes]
             past = kv.stack(pasts)
-            step = kv.prefill(self.llm.model, ids, mask, past=past)
-            result = kv.latent_steps(self.llm.model, step, cfg.latent_steps, realign).step
+            step = kv.prefill(self.llm.model, ids, mask, past=past, logits=False)
+            result = kv.latent_steps(self.llm.model, step, cfg.latent_steps, realign, pool=self.pool).step
             full_lengths = result.kv.lengths.tolist()
             width = cfg.latent_steps if cfg.retention == "latent_only" else ids.shape[1] + cfg.latent_steps
             segment = kv.keep_last(result.kv, width, self.llm.rotary)  # (B, H, width, Dh) per layer
@@ -380,7 +392,7 @@ class RolloutEngine:
         tokens, counts = kv.decode(
             self.llm.model, step.kv, step.logits, max_new_tokens=max_new_tokens,
             eos_token_ids=self.llm.eos_token_ids, pad_token_id=self.llm.tokenizer.pad_token_id,
-            temperature=cfg.temperature, top_p=cfg.top_p, generator=generator,
+            temperature=cfg.temperature, top_p=cfg.top_p, generator=generator, pool=self.pool,
         )
         return self.llm.decode_ids(tokens, counts), counts
 
@@ -479,7 +491,8 @@ class RolloutEngine:
             past = kv.stack([caches[r] for r in chunk])
             step = kv.prefill(self.llm.model, ids, mask, past=past)
             if cfg.judger_latent_steps:
-                step = kv.latent_steps(self.llm.model, step, cfg.judger_latent_steps, realign).step
+                step = kv.latent_steps(self.llm.model, step, cfg.judger_latent_steps, realign, logits=True,
+                                       pool=self.pool).step
             answers, counts = self._decode(step, cfg.max_new_tokens, generator)
             for b, r in enumerate(chunk):
                 outputs[r] = (answers[b], int(counts[b]), int(mask[b].sum()), int(past.lengths[b]))

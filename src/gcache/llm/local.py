@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from gcache import kv
+from gcache import kv, kv_static
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,7 @@ class LocalLM:
         tokenizer.padding_side = "left"
         self.rotary = kv.rotary_embedding(model)
         self._realign: kv.Realignment | None = None
+        self._loop_pool: kv_static.LoopPool | None = None
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -288,6 +289,12 @@ class LocalLM:
         if kind == "random":
             return self._realign.random_like(seed=0)
         return self._realign
+
+    def loop_pool(self) -> kv_static.LoopPool:
+        """The CUDA-graph workspaces of this model's token loops, shared by every engine that uses it."""
+        if self._loop_pool is None:
+            self._loop_pool = kv_static.LoopPool(self.model, capture=True)
+        return self._loop_pool
 
     # ---- text ---------------------------------------------------------------------------
     def chat_text(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
