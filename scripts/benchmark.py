@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -109,6 +110,238 @@ def bench_update_share(module, examples, steps: int) -> dict:
     return {"rollout s": rollout_s, "update s": update_s, "update share": update_s / total}
 
 
+# ---- speed at the hardware's pace: gcache's token loops against transformers on the same model ----
+
+# Configs of real models (random weights, built offline): speed and memory only, never accuracy.
+RANDOM_SHAPES = {
+    "smollm2-135m": ("llama", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                   num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                                   tie_word_embeddings=True)),
+    "llama-1b": ("llama", dict(vocab_size=49152, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                               num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0,
+                               tie_word_embeddings=True)),
+    "qwen3-0.6b": ("qwen3", dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0,
+                                 tie_word_embeddings=True)),
+    "qwen3-4b": ("qwen3", dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0,
+                               tie_word_embeddings=True)),
+    "qwen3-8b": ("qwen3", dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=1000000.0,
+                               tie_word_embeddings=False)),
+}
+
+
+def random_shape_llm(shape: str, device: str, dtype: str):
+    """A LocalLM with random weights of a real model's config and the embedded tokenizer (offline)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    from gcache.llm.local import LocalLM, ensure_embedded_model_dir, resolve_device, resolve_dtype
+
+    family, sizes = RANDOM_SHAPES[shape]
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model_dir())
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id, max_position_embeddings=32768)
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen3Config, Qwen3ForCausalLM)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)
+    try:
+        with torch.device(dev):
+            model = model_cls(config_cls(**sizes, **ids))
+    finally:
+        torch.set_default_dtype(previous)
+    return LocalLM(model, tokenizer, name=f"random-{shape}")
+
+
+PROMPT = "What is the code of the green door? Think step by step, then give the code."
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(device, fn, repeats: int = 1) -> float:
+    """Best wall time of `repeats` calls after one warm-up call (capture, compilation, caches)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def bench_decode(llm, batch: int, tokens: int) -> dict:
+    """Decoded tokens/s of the same prompts at batch B: gcache's decoding (prefill + `kv.decode`, every
+    row decodes all `tokens`) vs transformers `generate` with a dynamic and with a static cache."""
+    from gcache import kv
+
+    ids, mask = llm.encode([PROMPT] * batch)
+    device = ids.device
+
+    def ours():
+        step = kv.prefill(llm.model, ids, mask)
+        kv.decode(llm.model, step.kv, step.logits, max_new_tokens=tokens, eos_token_ids=[-1],
+                  pad_token_id=llm.tokenizer.pad_token_id)
+
+    def generate(cache: str | None):
+        kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                      pad_token_id=llm.tokenizer.pad_token_id)
+        if cache:
+            kwargs["cache_implementation"] = cache
+        return lambda: llm.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+
+    result = {}
+    with torch.no_grad():
+        for name, fn in (("gcache", ours), ("hf dynamic", generate(None)), ("hf static", generate("static"))):
+            result[f"{name} tok/s"] = batch * tokens / _timed(device, fn)
+    result["gcache / hf static"] = result["gcache tok/s"] / result["hf static tok/s"]
+    return result
+
+
+def bench_rollouts(llm, batches: list[int], rows: int, latent_steps: int, tokens: int) -> dict:
+    """Latent rollout rows/s on a chain of the math roster (4 agents x `latent_steps` latent steps, full
+    retention, judger `tokens` tokens) at max_batch B, and peak GPU memory."""
+    from gcache.agents import build_roster
+    from gcache.policy.topology import fixed_adjacency, judger_senders_all
+    from gcache.rollout import RolloutConfig, RolloutEngine
+
+    roster = build_roster("math")
+    questions = [f"Tom has {a} apples and buys {a + 7} more. How many apples does he have now?" for a in range(rows)]
+    adjacency = judger_senders_all(fixed_adjacency("chain", roster.num_agents).expand(rows, -1, -1))
+    device = llm.device
+    result = {}
+    for size in batches:
+        engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=latent_steps, max_new_tokens=tokens,
+                                                          max_batch=size, retention="full"))
+        n = min(rows, max(size, 2))
+
+        def run(engine=engine, n=n):
+            engine.run(questions[:n], adjacency[:n], list(range(n)), answer_format=FORMAT)
+
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result[f"rows/s B={size}"] = n / _timed(device, run)
+        if device.type == "cuda":
+            result[f"peak GiB B={size}"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+FORMAT = "Give the final answer as \\boxed{number}."
+
+
+def count_syncs(llm, latent_steps: int, tokens: int) -> dict:
+    """Host-device synchronisations of one latent rollout row: CUDA's sync-debug warnings on a GPU,
+    else the tensor -> host conversions (`.item()`, `bool(t)`, `int(t)`, `.tolist()`, ...) that
+    would synchronise there."""
+    import warnings
+
+    from gcache.agents import build_roster
+    from gcache.policy.topology import fixed_adjacency, judger_senders_all
+    from gcache.rollout import RolloutConfig, RolloutEngine
+
+    roster = build_roster("math")
+    adjacency = judger_senders_all(fixed_adjacency("chain", roster.num_agents).expand(1, -1, -1))
+    engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=latent_steps, max_new_tokens=tokens, max_batch=1))
+
+    def row():
+        engine.run(["What is 2 + 3?"], adjacency, [0], answer_format=FORMAT)
+
+    row()
+    if llm.device.type == "cuda":
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                row()
+                torch.cuda.synchronize()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        return {"syncs per row": len(caught), "counted by": "torch.cuda sync-debug mode"}
+    count = [0]
+    names = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counting(original):
+        def wrapper(self, *args, **kwargs):
+            count[0] += 1
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    try:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, counting(original))
+        row()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return {"syncs per row": count[0], "counted by": "tensor -> host conversions (CPU)"}
+
+
+def speed(llm, args) -> dict:
+    """The speed rows of one model, in one process."""
+    results = {"model": {"name": llm.name, "device": str(llm.device), "dtype": str(next(llm.model.parameters()).dtype),
+                         "params M": sum(p.numel() for p in llm.model.parameters()) / 1e6}}
+    for batch in args.decode_batches:
+        results[f"decode B={batch} ({args.decode_tokens} tokens)"] = bench_decode(llm, batch, args.decode_tokens)
+    results["latent rollout (chain of 4, 8 latent steps, judger 32 tokens)"] = bench_rollouts(
+        llm, args.rollout_batches, args.rollout_rows, latent_steps=8, tokens=32)
+    results["syncs"] = count_syncs(llm, latent_steps=8, tokens=32)
+    return results
+
+
+def compare_with_ref(ref: str, argv: list[str], rounds: int) -> dict:
+    """Run the speed rows with this checkout and with git `ref` (a worktree), alternating in fresh processes
+    (`rounds` times each, best of each kept), and report the ratio of every figure (this / ref)."""
+    import os
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    base = Path(tempfile.mkdtemp(prefix="gcache-ref-")) / "tree"
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(base), ref], check=True,
+                   capture_output=True)
+    try:
+        best: dict[str, dict] = {"this": {}, "ref": {}}
+        for _ in range(rounds):
+            for label, src in (("this", root / "src"), ("ref", base / "src")):
+                out = Path(tempfile.mkdtemp()) / "speed.json"
+                env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+                subprocess.run([sys.executable, __file__, "--speed-only", "--speed-json", str(out), *argv],
+                               check=True, env=env)
+                for row, values in json.loads(out.read_text()).items():
+                    for key, value in values.items():
+                        if isinstance(value, float) and "/s" in key:  # throughput: higher is better
+                            best[label].setdefault(row, {})[key] = max(best[label].get(row, {}).get(key, 0.0), value)
+                        elif key == "syncs per row":
+                            best[label].setdefault(row, {})[key] = value
+        ratios = {row: {key: value / best["ref"][row][key] for key, value in values.items()
+                        if best["ref"].get(row, {}).get(key)} for row, values in best["this"].items()}
+        return {"this": best["this"], "ref": best["ref"], "this / ref": ratios, "ref commit": ref}
+    finally:
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(base)], capture_output=True)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _table(results: dict) -> str:
+    lines = ["| benchmark | measurement |", "|---|---|"]
+    for name, values in results.items():
+        shown = ", ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in values.items()
+                          if not isinstance(v, dict))
+        lines.append(f"| {name} | {shown} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -117,13 +350,62 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--latent-steps", type=int, default=8)
     parser.add_argument("--out", default="outputs/benchmark")
+    speed_args = parser.add_argument_group("speed rows (gcache vs transformers on one model, in one process)")
+    speed_args.add_argument("--speed-only", action="store_true", help="only the speed rows")
+    speed_args.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    speed_args.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
+    speed_args.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), default=None,
+                            help="random weights of this model's config, built offline (speed and memory only)")
+    speed_args.add_argument("--decode-batches", type=_ints, default=None, help="default 1,8 on CPU, 1,32 on CUDA")
+    speed_args.add_argument("--decode-tokens", type=int, default=64)
+    speed_args.add_argument("--rollout-batches", type=_ints, default=None, help="default 1,8 on CPU, 1,8,32 on CUDA")
+    speed_args.add_argument("--rollout-rows", type=int, default=None, help="rows per measurement (default 8 on CPU, 32 on CUDA)")
+    speed_args.add_argument("--compare-ref", default=None,
+                            help="a git ref: run the speed rows with it and with this checkout, alternating, and report ratios")
+    speed_args.add_argument("--rounds", type=int, default=2, help="with --compare-ref: runs of each")
+    speed_args.add_argument("--speed-json", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {"machine": {"threads": torch.get_num_threads()}}
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.decode_batches = args.decode_batches or ([1, 32] if cuda else [1, 8])
+    args.rollout_batches = args.rollout_batches or ([1, 8, 32] if cuda else [1, 8])
+    args.rollout_rows = args.rollout_rows or (32 if cuda else 8)
 
+    if args.compare_ref:
+        child = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+                 "--decode-batches", ",".join(map(str, args.decode_batches)), "--decode-tokens", str(args.decode_tokens),
+                 "--rollout-batches", ",".join(map(str, args.rollout_batches)),
+                 "--rollout-rows", str(args.rollout_rows), "--model", args.model]
+        if args.random_shape:
+            child += ["--random-shape", args.random_shape]
+        compared = compare_with_ref(args.compare_ref, child, args.rounds)
+        table = "\n\n".join(f"{label}:\n" + _table(compared[label]) for label in ("this", "ref", "this / ref"))
+        print(table)
+        (out / "speed_vs_ref.md").write_text(f"ref: {args.compare_ref}\n\n{table}\n")
+        (out / "speed_vs_ref.json").write_text(json.dumps(compared, indent=2))
+        return
+
+    if args.speed_only:
+        from gcache.llm.local import LocalLM
+
+        if args.random_shape:
+            llm = random_shape_llm(args.random_shape, args.device, args.dtype)
+        elif args.model == "smollm2-135m":
+            llm = LocalLM.embedded(device=args.device, dtype=args.dtype)
+        else:
+            llm = LocalLM.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        results = speed(llm, args)
+        if args.speed_json:
+            Path(args.speed_json).write_text(json.dumps(results, indent=2))
+        table = _table(results)
+        print(table)
+        (out / "speed.md").write_text(table + "\n")
+        return
+
+    results: dict[str, dict] = {"machine": {"threads": torch.get_num_threads()}}
     cfg = _cfg("train", [f"model={args.model}", "task=arith", "topology=full", f"rollout.latent_steps={args.latent_steps}",
                          "policy.graphs_per_question=4", "logger=none", "batch_size=2"], out)
     module = build_module(cfg)
@@ -149,11 +431,7 @@ def main() -> None:
             "text acc": text["accuracy"], "text ci95": text["ci95"],
         }
 
-    lines = ["| benchmark | measurement |", "|---|---|"]
-    for name, values in results.items():
-        shown = ", ".join(f"{k}: {v:.3g}" if isinstance(v, float) else f"{k}: {v}" for k, v in values.items())
-        lines.append(f"| {name} | {shown} |")
-    table = "\n".join(lines)
+    table = _table(results)
     print(table)
     (out / "benchmark.md").write_text(table + "\n")
     (out / "benchmark.json").write_text(json.dumps(results, indent=2))

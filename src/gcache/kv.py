@@ -124,9 +124,21 @@ def compact(kv: KV) -> KV:
     return KV(cache_from_layers(layers), kv.mask.index_select(1, idx))
 
 
-def stack(kvs: Sequence[KV]) -> KV:
-    """Concatenate batches along B, left-padding each to the longest (pads masked, values zero)."""
-    kvs = [compact(kv) for kv in kvs]
+def tail(kv: KV, n: int) -> KV:
+    """The last n slots, for a caller that knows the slots before them are padding in every row (so no
+    position changes and nothing is re-rotated; `compact` finds that out on the device instead)."""
+    if n >= kv.seq_len:
+        return copy(kv)
+    if n <= 0:
+        return empty(kv.batch_size, kv.mask.device)
+    cut = kv.seq_len - n
+    return KV(cache_from_layers([(k[:, :, cut:], v[:, :, cut:]) for k, v in kv.layers()]), kv.mask[:, cut:].clone())
+
+
+def stack(kvs: Sequence[KV], *, compacted: bool = False) -> KV:
+    """Concatenate batches along B, left-padding each to the longest (pads masked, values zero).
+    Each batch is first `compact`ed (a host-device sync) unless the caller knows it is (`compacted`)."""
+    kvs = list(kvs) if compacted else [compact(kv) for kv in kvs]
     length = max(kv.seq_len for kv in kvs)
     device = kvs[0].mask.device
     masks = [torch.nn.functional.pad(kv.mask, (length - kv.seq_len, 0)) for kv in kvs]
@@ -209,6 +221,18 @@ def rotate_keys(keys: torch.Tensor, shift: torch.Tensor, rotary: torch.nn.Module
     return rotate_with(keys, rotation(shift.to(keys.device), rotary, keys.shape[-1]))
 
 
+def attention_bias(mask: torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask (B, 1, T, L + T) for T new slots after L past ones: new slot i sees the
+    real slots j <= L + i (0 there, the dtype's min elsewhere). Built here rather than by transformers,
+    whose mask code asks the host whether any slot is padding (a sync per forward)."""
+    total = mask.shape[1]
+    slots = torch.arange(total, device=mask.device)  # (L + T,)
+    queries = torch.arange(total - new, total, device=mask.device)  # (T,)
+    allowed = (slots[None, :] <= queries[:, None])[None] & mask.bool()[:, None, :]  # (B, T, L + T)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias[:, None]
+
+
 def _positions(past_lengths: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions of new tokens: continue each row after its real past slots."""
     return past_lengths[:, None] + (new_mask.cumsum(-1) - 1).clamp(min=0)
@@ -239,10 +263,11 @@ def forward(
     new_mask = new_mask.to(past.mask.device).long()
     state = past if extend_in_place else copy(past)
     full_mask = torch.cat([past.mask, new_mask], dim=1)  # (B, L + T)
+    dtype = inputs_embeds.dtype if inputs_embeds is not None else model.get_input_embeddings().weight.dtype
     out = model.get_decoder()(
         input_ids=input_ids,
         inputs_embeds=inputs_embeds,
-        attention_mask=full_mask,
+        attention_mask=attention_bias(full_mask, new_mask.shape[1], dtype),
         position_ids=_positions(past.lengths, new_mask),
         cache=state.cache,  # transformers >= 5.24 (`past_key_values` is deprecated, removed in 5.40)
         use_cache=True,

@@ -286,6 +286,7 @@ class _Done:
     prompt_tokens: int
     decoded_tokens: int
     peak_bytes: int
+    length: int = 0  # real positions of the handed-on segment (latent)
 
 
 def _chunks(items: list, size: int):
@@ -366,35 +367,47 @@ class RolloutEngine:
         """One batched forward for the agent nodes of `chunk`."""
         cfg = self.config
         nodes = [plan.nodes[x] for x in chunk]
-        ids, mask = self.llm.encode([self._agent_prompt(plan, node, questions, agent_facts, done) for node in nodes])
-        prompt_tokens = mask.sum(-1).tolist()
+        host_mask, (ids, mask) = self._tokenize([self._agent_prompt(plan, node, questions, agent_facts, done)
+                                                 for node in nodes])
+        prompt_tokens = host_mask.sum(-1).tolist()  # host integers: lengths are tracked without asking the device
         if cfg.method == "latent":
             pasts = [self._concat([done[x].kv for x in node.reads]) for node in nodes]
-            past = kv.stack(pasts)
+            past_lengths = [sum(done[x].length for x in node.reads) for node in nodes]
+            past = kv.stack(pasts, compacted=True)  # concatenations of compact single-row segments
             step = kv.prefill(self.llm.model, ids, mask, past=past, logits=False)
             result = kv.latent_steps(self.llm.model, step, cfg.latent_steps, realign, pool=self.pool).step
-            full_lengths = result.kv.lengths.tolist()
             width = cfg.latent_steps if cfg.retention == "latent_only" else ids.shape[1] + cfg.latent_steps
             segment = kv.keep_last(result.kv, width, self.llm.rotary)  # (B, H, width, Dh) per layer
             for b, x in enumerate(chunk):
-                done[x] = _Done(kv.compact(kv.select(segment, [b])), "", int(prompt_tokens[b]), 0,
-                                int(full_lengths[b]) * self.bytes_per_position)
+                # Row b's real slots are the last ones of the window: its left-padded prompt, then its latents.
+                length = cfg.latent_steps if cfg.retention == "latent_only" else prompt_tokens[b] + cfg.latent_steps
+                full = past_lengths[b] + prompt_tokens[b] + cfg.latent_steps
+                done[x] = _Done(kv.tail(kv.select(segment, [b]), length), "", prompt_tokens[b], 0,
+                                full * self.bytes_per_position, length)
             return
         step = kv.prefill(self.llm.model, ids, mask)
         texts, counts = self._decode(step, cfg.agent_max_new_tokens, generator)
         for b, x in enumerate(chunk):
-            done[x] = _Done(None, texts[b], int(prompt_tokens[b]), int(counts[b]),
-                            (int(prompt_tokens[b]) + int(counts[b])) * self.bytes_per_position)
+            done[x] = _Done(None, texts[b], prompt_tokens[b], counts[b],
+                            (prompt_tokens[b] + counts[b]) * self.bytes_per_position)
 
-    def _decode(self, step: kv.Step, max_new_tokens: int, generator) -> tuple[list[str], torch.Tensor]:
-        """Texts and token counts (B,) decoded from a prefilled batch with the config's sampling."""
+    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Left-padded prompts: the mask on the host (for lengths) and (ids, mask) on the model's device."""
+        ids, mask = self.llm.tokenize(texts)
+        device = self.llm.device
+        return mask, (ids.to(device), mask.to(device))
+
+    def _decode(self, step: kv.Step, max_new_tokens: int, generator) -> tuple[list[str], list[int]]:
+        """Texts and token counts decoded from a prefilled batch with the config's sampling (one copy to
+        the host for the whole batch)."""
         cfg = self.config
         tokens, counts = kv.decode(
             self.llm.model, step.kv, step.logits, max_new_tokens=max_new_tokens,
             eos_token_ids=self.llm.eos_token_ids, pad_token_id=self.llm.tokenizer.pad_token_id,
             temperature=cfg.temperature, top_p=cfg.top_p, generator=generator, pool=self.pool,
         )
-        return self.llm.decode_ids(tokens, counts), counts
+        tokens, counts = tokens.cpu(), counts.cpu()
+        return self.llm.decode_ids(tokens, counts), counts.tolist()
 
     def _concat(self, segments: list[kv.KV]) -> kv.KV:
         return kv.concat(segments, self.llm.rotary) if segments else kv.empty(1, self.llm.device)
@@ -431,7 +444,9 @@ class RolloutEngine:
             unique.setdefault(key(r), r)
         prompts, caches = self._judger_inputs(plan, list(unique.values()), source, questions, question_index, done,
                                               edge_logits, answer_format, generator)
-        outputs = self._decode_judgers(list(unique.values()), prompts, caches, realign, generator)
+        cache_lengths = {r: sum(done[x].length for x in plan.judger_reads[source[r]]) if latent else 0
+                         for r in unique.values()}
+        outputs = self._decode_judgers(list(unique.values()), prompts, caches, cache_lengths, realign, generator)
         rollouts, judger_inputs = [], []
         for r in rows:
             u = unique[key(r)]
@@ -482,20 +497,21 @@ class RolloutEngine:
                 caches[r] = kv.empty(1, self.llm.device)
         return prompts, caches
 
-    def _decode_judgers(self, rows, prompts, caches, realign, generator) -> dict[int, tuple[str, int, int, int]]:
+    def _decode_judgers(self, rows, prompts, caches, cache_lengths, realign, generator) -> dict[int, tuple[str, int, int, int]]:
         """row -> (answer, decoded tokens, prompt tokens, cache length), `max_batch` rows per forward."""
         cfg = self.config
         outputs = {}
         for chunk in _chunks(rows, cfg.max_batch):
-            ids, mask = self.llm.encode([prompts[r] for r in chunk])
-            past = kv.stack([caches[r] for r in chunk])
+            host_mask, (ids, mask) = self._tokenize([prompts[r] for r in chunk])
+            prompt_tokens = host_mask.sum(-1).tolist()
+            past = kv.stack([caches[r] for r in chunk], compacted=True)  # concatenations of compact segments
             step = kv.prefill(self.llm.model, ids, mask, past=past)
             if cfg.judger_latent_steps:
                 step = kv.latent_steps(self.llm.model, step, cfg.judger_latent_steps, realign, logits=True,
                                        pool=self.pool).step
             answers, counts = self._decode(step, cfg.max_new_tokens, generator)
             for b, r in enumerate(chunk):
-                outputs[r] = (answers[b], int(counts[b]), int(mask[b].sum()), int(past.lengths[b]))
+                outputs[r] = (answers[b], counts[b], prompt_tokens[b], cache_lengths[r])
         return outputs
 
     def _rollout(self, plan, r: int, question: int, adjacency: torch.Tensor, reads, done, answer: str,
@@ -510,7 +526,7 @@ class RolloutEngine:
             decoded_tokens=decoded + sum(x.decoded_tokens for x in computed),
             prompt_tokens=prompt_len + sum(x.prompt_tokens for x in computed),
             agent_cache_lengths={
-                plan.nodes[x].agent: (done[x].kv.lengths.item() if done[x].kv is not None else 0)
+                plan.nodes[x].agent: done[x].length
                 for x in plan.row_nodes[r]
             },
             judger_senders=[plan.nodes[x].agent for x in reads],

@@ -302,10 +302,15 @@ class LocalLM:
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
 
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenise with left padding -> input_ids (B, T), attention_mask (B, T) on the host."""
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        return batch["input_ids"], batch["attention_mask"]
+
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokenise with left padding -> input_ids (B, T), attention_mask (B, T) on the model's device."""
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        ids, mask = self.tokenize(texts)
+        return ids.to(self.device), mask.to(self.device)
 
     def answer_nll(self, caches: list[kv.KV], prompts: list[str], targets: list[str]) -> torch.Tensor:
         """Teacher-forced mean NLL per row (R,) of each target text after its prompt, each pair on
@@ -321,10 +326,9 @@ class LocalLM:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def decode_ids(self, token_ids: torch.Tensor, num_tokens: torch.Tensor) -> list[str]:
-        return [
-            self.tokenizer.decode(row[: int(n)].tolist(), skip_special_tokens=True).strip()
-            for row, n in zip(token_ids, num_tokens, strict=True)
-        ]
+        """Texts of generated ids (B, T), the first num_tokens[b] of each row (one copy to the host)."""
+        rows, counts = token_ids.cpu().tolist(), num_tokens.cpu().tolist()
+        return [self.tokenizer.decode(row[:n], skip_special_tokens=True).strip() for row, n in zip(rows, counts, strict=True)]
 
     # ---- generation ---------------------------------------------------------------------
     @torch.no_grad()
