@@ -12,6 +12,23 @@ Rows of the printed table (also written to <out>/benchmark.json and benchmark.md
 3. latent_vs_text: `python -m gcache.evaluate` methods latent_mas vs text_mas on the same
    questions: speed-up (target >= 4x), decoded-token share (target <= 20%) and accuracy.
 4. update_share: the policy + fuser update's share of a training step (target <= 5%).
+
+Speed rows at the hardware's pace (`--speed-only`; the GPU check of the rollout-speed issue):
+
+    python scripts/benchmark.py --speed-only --device cuda --random-shape llama-1b
+    python scripts/benchmark.py --speed-only --compare-ref 970f151     # the same rows with a git ref
+
+5. decode B=1 / B=32 (CPU: 1 / 8): gcache's decoding (prefill + `kv.decode`, every row decodes
+   all its tokens) vs transformers `generate` with a dynamic and a static cache on the same model
+   and prompts, tok/s (target on a GPU: gcache >= 0.8x the static cache).
+6. latent rollout: rows/s of a chain of 4 agents (8 latent steps, judger 32 tokens) at max_batch
+   1 / 8 / 32, peak GPU memory.
+7. syncs per row: CUDA's sync-debug warnings on a GPU; on CPU the tensor -> host conversions
+   (`.item()`, `bool(t)`, `int(t)`, `.tolist()`, `.nonzero()`), host tensors included (an upper bound).
+
+`--random-shape {smollm2-135m,llama-1b,qwen3-0.6b,qwen3-4b,qwen3-8b}` builds random weights of
+that config offline (speed and memory only); `--compare-ref REF` runs rows 5-7 in fresh processes
+alternating between this checkout and a worktree of REF and reports this / REF for every figure.
 """
 
 from __future__ import annotations
@@ -134,7 +151,13 @@ RANDOM_SHAPES = {
 
 def random_shape_llm(shape: str, device: str, dtype: str):
     """A LocalLM with random weights of a real model's config and the embedded tokenizer (offline)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     from gcache.llm.local import LocalLM, ensure_embedded_model_dir, resolve_device, resolve_dtype
 
@@ -266,7 +289,7 @@ def count_syncs(llm, latent_steps: int, tokens: int) -> dict:
                 torch.cuda.set_sync_debug_mode(0)
         return {"syncs per row": len(caught), "counted by": "torch.cuda sync-debug mode"}
     count = [0]
-    names = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist")
+    names = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "nonzero")
     originals = {name: getattr(torch.Tensor, name) for name in names}
 
     def counting(original):

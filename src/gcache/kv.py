@@ -524,31 +524,40 @@ def decode(
 
     Returns token ids (B, T) with `pad_token_id` after each row's end, and the number of
     tokens generated per row (B,), the end-of-sequence token included. Ended rows are tracked
-    on the device; the host asks whether all have ended once every `check_every` tokens (and
-    once at the end, to cut trailing padding), so a loop of n tokens syncs about n / k times.
+    on the device; the host asks which rows are still running once every `check_every` tokens
+    (and once at the end, to cut trailing padding), so a loop of n tokens syncs about n / k
+    times. Then, in an eager loop, rows that have ended leave the batch: later steps compute
+    only the running rows (a static loop keeps its shapes for its CUDA graph).
     """
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     batch = kv.batch_size
     device = logits.device
     eos = torch.tensor(list(eos_token_ids), device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    out = torch.full((batch, max(max_new_tokens, 0)), pad_token_id, dtype=torch.long, device=device)  # (B, T)
     counts = torch.zeros(batch, dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)  # the batch rows still in the loop
+    ended = torch.zeros(batch, dtype=torch.bool, device=device)  # per row in the loop
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
-    tokens = []
     loop = token_loop(model, kv, max_new_tokens, "ids", pool) if max_new_tokens > 1 else None
+    steps = 0
     for t in range(max_new_tokens):
-        token = torch.where(finished, pad, _pick(logits, temperature, top_p, generator))
-        tokens.append(token)
-        counts += (~finished).long()
-        finished |= torch.isin(token, eos)
-        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
+        token = torch.where(ended, pad[: ended.shape[0]], _pick(logits, temperature, top_p, generator))
+        out[rows, t] = token
+        counts.index_add_(0, rows, (~ended).long())
+        ended |= torch.isin(token, eos)
+        steps = t + 1
+        if t == max_new_tokens - 1:
             break
+        if (t + 1) % check_every == 0:
+            running = (~ended).nonzero().squeeze(1)  # the one host read of these k tokens
+            if running.numel() == 0:
+                break
+            if pool is None and running.numel() < ended.shape[0]:
+                rows, ended, token, logits = rows[running], ended[running], token[running], logits[running]
+                loop.keep_rows(running)
         logits = next_token_logits(model, loop.step(input_ids=token[:, None]))
-    if not tokens:
-        return torch.zeros(batch, 0, dtype=torch.long, device=device), counts
-    ids = torch.stack(tokens, 1)  # (B, steps run)
-    return ids[:, : int(counts.max())], counts
+    return out[:, : min(steps, int(counts.max()) if batch else 0)], counts
 
 
 def answer_nll(

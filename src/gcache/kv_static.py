@@ -147,6 +147,16 @@ class EagerLoop:
         self.next_position = self.next_position + 1
         return out.last_hidden_state[:, -1]
 
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Continue with these rows only (index (B',) into the current rows): rows that have ended leave."""
+        for layer in self.cache.layers:
+            layer.key_buffer = layer.key_buffer.index_select(0, index)
+            layer.value_buffer = layer.value_buffer.index_select(0, index)
+            layer._expose()
+        self.real = self.real.index_select(0, index)
+        self.bias = self.bias.index_select(0, index)
+        self.next_position = self.next_position.index_select(0, index)
+
     def result(self) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
         """The used slots: per layer (keys, values) (B, H, used, Dh) views, and the mask (B, used) long."""
         layers = [(layer.key_buffer[:, :, : self.used], layer.value_buffer[:, :, : self.used])
@@ -223,12 +233,13 @@ class LoopPool:
     """Static workspaces (and, with `capture`, their CUDA graphs) kept between token loops of one
     model, keyed by (batch bucket, capacity bucket, input kind)."""
 
-    def __init__(self, model: torch.nn.Module, *, capture: bool) -> None:
+    def __init__(self, model: torch.nn.Module, *, capture: bool, max_workspaces: int = 8) -> None:
         if capture and not torch.cuda.is_available():
             raise ValueError("CUDA graph capture needs a CUDA device; use capture=False (static shapes only)")
         self.model = model
         self.capture = capture
-        self.workspaces: dict[tuple[int, int, str], _Workspace] = {}
+        self.max_workspaces = max_workspaces  # the least recently used one goes (with its graph) beyond this
+        self.workspaces: dict[tuple[int, int, str], _Workspace] = {}  # in order of last use
         self.graph_pool = torch.cuda.graph_pool_handle() if capture else None
         self.captures = 0
 
@@ -241,9 +252,12 @@ class LoopPool:
             layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
             mask = mask.index_select(0, index)
         key = (rows, capacity, kind)
-        if key not in self.workspaces:
-            self.workspaces[key] = _Workspace(self.model, layers, rows, capacity, kind)
-        workspace = self.workspaces[key]
+        workspace = self.workspaces.pop(key, None)
+        if workspace is None:
+            while len(self.workspaces) >= self.max_workspaces:
+                self.workspaces.pop(next(iter(self.workspaces)))
+            workspace = _Workspace(self.model, layers, rows, capacity, kind)
+        self.workspaces[key] = workspace
         workspace.load(layers, mask)
         return StaticLoop(self, workspace, batch, length)
 
