@@ -84,3 +84,31 @@ def test_the_gguf_conversion_bar_is_dropped_and_other_stderr_text_kept():
     bar = f"{GGUF_PROGRESS}...:   0%|  | 0/272\r{GGUF_PROGRESS}...: 100%|##| 272/272\n"
     assert without_progress_bar(bar, GGUF_PROGRESS) == ""
     assert without_progress_bar(f"UserWarning: x\n{bar}\nlast", GGUF_PROGRESS) == "UserWarning: x\n\nlast"
+
+
+def test_every_command_sets_one_matmul_precision():
+    import torch
+
+    from gcache.cli import MATMUL_PRECISION, run_job
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        # train, evaluate and study all run through run_job: the same setting for each
+        assert run_job(torch.get_float32_matmul_precision) == MATMUL_PRECISION == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_a_many_core_machine_gets_no_dataloader_worker_hints(tmp_path):
+    # Lightning suggests more DataLoader workers when it sees more than 2 CPUs (4 lines on the H200):
+    # this process reports 16.
+    code = ("import os, runpy, sys; os.cpu_count = lambda: 16; "
+            "os.sched_getaffinity = lambda pid: set(range(16)); "
+            "sys.argv = ['gcache.train', *sys.argv[1:]]; runpy.run_module('gcache.train', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code, "experiment=smoke", "logger=csv", f"hydra.run.dir={tmp_path}"],
+                            env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stderr + result.stdout
+    assert "does not have many workers" not in console, console
+    assert "[py.warnings]" not in console, console

@@ -21,6 +21,7 @@ the last MLP bias) it turns summation-order noise of 1e-7 into a step of +-lr in
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import signal
@@ -158,3 +159,22 @@ def test_sigterm_to_every_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp
         while time.monotonic() < deadline:
             os.killpg(proc.pid, 0)
             time.sleep(0.2)
+
+
+def test_ddp_with_a_test_split_compares_on_every_ranks_test_questions(tmp_path):
+    # Each rank tests its shard; the comparison needs all of them (rank 0 alone raised KeyError), and a
+    # rank's epoch has half the batches (val_every_n_steps above it raised Lightning's ValueError).
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "MASTER_ADDR": "127.0.0.1"}
+    env.pop("MASTER_PORT", None)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gcache.train", "trainer=ddp", "experiment=smoke", "limit_train=8",
+           "val_every_n_steps=2", "limit_test=4", f"hydra.run.dir={out}"]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    comparison = summary["comparison"]
+    assert comparison["questions"] == 4
+    assert set(comparison["methods"]) == {"gcache", "single", "fixed-full", "oracle"}
+    predictions = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and len({p["id"] for p in predictions}) == 4
+    assert "trained policy vs baselines" in result.stderr

@@ -101,3 +101,63 @@ def test_two_processes_converting_at_once_leave_one_complete_model(tmp_path):
     assert dirs[0] == dirs[1]
     assert [p.name for p in (tmp_path / "models").iterdir()] == [local.EMBEDDED_MODEL]  # no temp dir left
     assert LocalLM.from_pretrained(dirs[0], device="cpu").num_layers == 30
+
+
+# A Qwen3-like template (written here: no hub) that closes an empty thought when thinking is off.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+
+
+def test_chat_template_kwargs_reach_every_prompt_gcache_builds():
+    from gcache.agents import build_roster
+    from gcache.policy.topology import fixed_adjacency, judger_senders_all
+    from gcache.rollout import RolloutConfig, RolloutEngine
+
+    llm = LocalLM.tiny_random(seed=0)
+    llm.tokenizer.chat_template = THINKING_TEMPLATE
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert llm.chat_text(messages).endswith("<|im_start|>assistant\n")  # the template's default: thinking
+    llm.chat_template_kwargs = {"enable_thinking": False}
+    assert llm.chat_text(messages).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    # agents' and the judger's prompts (and so the fuser's teacher-forced answer) follow it
+    roster = build_roster("math")
+    engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=1, max_new_tokens=2))
+    adjacency = judger_senders_all(fixed_adjacency("chain", roster.num_agents)[None])
+    batch = engine.run(["What is 2 + 3?"], adjacency, [0], answer_format="Answer.", keep_judger_inputs=True)
+    assert batch.judger_inputs[0].prompt.endswith("</think>\n\n")
+
+
+def test_qwen3_presets_turn_thinking_off_and_the_setting_is_checked():
+    from hydra import compose, initialize_config_dir
+
+    from gcache.build import ConfigError, chat_template_kwargs
+    from gcache.evaluate import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for name in ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-8b"):
+            cfg = compose(config_name="train", overrides=[f"model={name}"])
+            assert chat_template_kwargs(cfg) == {"enable_thinking": False}
+        on = compose(config_name="train", overrides=["model=qwen3-0.6b", "model.chat_template_kwargs.enable_thinking=true"])
+        assert chat_template_kwargs(on) == {"enable_thinking": True}
+        assert chat_template_kwargs(compose(config_name="train", overrides=["model=smollm2-135m"])) == {}
+        bad = compose(config_name="train", overrides=["model=tiny-random", "model.chat_template_kwargs=3"])
+    with pytest.raises(ConfigError, match="chat_template_kwargs must be a mapping"):
+        chat_template_kwargs(bad)
+
+
+def test_checkpoints_record_the_chat_template_kwargs(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from gcache.build import build_module
+    from gcache.evaluate import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["model=tiny-random", "logger=none", f"output_dir={tmp_path}",
+                                                      "+model.chat_template_kwargs.enable_thinking=false"])
+    module = build_module(cfg)
+    assert module.llm.chat_template_kwargs == {"enable_thinking": False}
+    assert module.run_identity["chat_template_kwargs"] == {"enable_thinking": False}  # saved as gcache_config

@@ -229,13 +229,22 @@ def test_judger_gates_each_segment_once_with_its_own_edge_logit(llm, roster):
         for (ka, va), (kb, vb) in zip(a.layers(), b.layers(), strict=True):
             torch.testing.assert_close(ka, kb)
             torch.testing.assert_close(va, vb)
-    # The judger's cache: segment i's values scaled once by 2σ(a_l + b·s_{i→judger}).
+    # The judger's cache: segment i's values scaled once by 2σ(a_l + b·s_{i→judger}) where i → judger
+    # was sampled (agent 3); the ancestors 0, 1, 2 read through it keep gate 1.
+    assert inp.senders == [0, 1, 2, 3] and inp.gated == [False, False, False, True]
     gates = 2 * torch.sigmoid(fuser.layer_bias[None, :] + fuser.logit_slope * logits[0, inp.senders, N][:, None])
+    gates = torch.where(torch.tensor(inp.gated)[:, None], gates, torch.ones_like(gates))
     ref = kv.concat(inp.sender_kvs, llm.rotary, [g[:, None] for g in gates])
     for (ka, va), (kb, vb) in zip(inp.cache.layers(), ref.layers(), strict=True):
         torch.testing.assert_close(ka, kb)
         torch.testing.assert_close(va, vb)
     assert not torch.allclose(inp.cache.layers()[0][1], plain.judger_inputs[0].cache.layers()[0][1])
+    # the fuser's loss differentiates exactly that: no gradient reaches an edge agent -> judger that did not run
+    with torch.enable_grad():
+        s = logits[0, :, N].clone().requires_grad_(True)
+        fused = fuser.fuse(inp.sender_kvs, s[inp.senders][:, None], llm.rotary, gated=inp.gated)
+        llm.answer_nll([fused], [inp.prompt], ["5"]).sum().backward()
+    assert s.grad[3] != 0 and bool((s.grad[:3] == 0).all())
 
 
 @torch.no_grad()
@@ -364,3 +373,70 @@ def test_bad_configs_and_graphs_are_refused_with_the_allowed_values(llm, roster)
     with pytest.raises(ValueError, match="judger_senders_all"):
         RolloutEngine(llm, roster, RolloutConfig()).run(QUESTIONS[:1], fixed_adjacency("chain", N)[None], [0],
                                                         answer_format=FORMAT)
+
+
+@torch.no_grad()
+def test_sampled_rows_share_prefills_but_draw_their_own_answers(llm, roster):
+    # G identical graphs of one question: the agents run once; a greedy judger decodes once, a sampled
+    # one decodes per row (the leave-one-out baseline needs G draws, not G copies of one).
+    rows = 4
+    graph = STAR.expand(rows, -1, -1)
+    greedy = RolloutEngine(llm, roster, RolloutConfig(latent_steps=1, max_new_tokens=6))
+    batch = greedy.run(QUESTIONS[:1], graph, [0] * rows, answer_format=FORMAT)
+    assert batch.prefills == N and batch.judger_decodes == 1
+    assert len({r.answer for r in batch.rollouts}) == 1
+    sampled = RolloutEngine(llm, roster, RolloutConfig(latent_steps=1, max_new_tokens=6, temperature=1.0))
+    batch = sampled.run(QUESTIONS[:1], graph, [0] * rows, answer_format=FORMAT,
+                        generator=torch.Generator().manual_seed(0))
+    assert batch.prefills == N and batch.judger_decodes == rows
+    assert len({r.answer for r in batch.rollouts}) > 1  # a random model at temperature 1: distinct draws
+    again = sampled.run(QUESTIONS[:1], graph, [0] * rows, answer_format=FORMAT,
+                        generator=torch.Generator().manual_seed(0))
+    assert [r.answer for r in again.rollouts] == [r.answer for r in batch.rollouts]  # reproducible
+
+
+@torch.no_grad()
+def test_shuffled_control_draws_from_its_own_host_generator(llm, roster):
+    # the decoding generator lives on the model's device; slot permutations are drawn on the host
+    config = RolloutConfig(latent_steps=1, max_new_tokens=3, judger_cache="shuffled", temperature=1.0)
+    device = llm.device.type
+    engine = RolloutEngine(llm, roster, config)
+    runs = [engine.run(QUESTIONS[:1], STAR, [0], answer_format=FORMAT, keep_judger_inputs=True,
+                       generator=torch.Generator(device=device).manual_seed(3)) for _ in range(2)]
+    assert runs[0].rollouts[0].answer == runs[1].rollouts[0].answer
+    other = "cuda" if device == "cpu" and torch.cuda.is_available() else None
+    if other:
+        with pytest.raises(ValueError, match="generator is on"):
+            engine.run(QUESTIONS[:1], STAR, [0], answer_format=FORMAT, generator=torch.Generator(device=other))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@torch.no_grad()
+def test_shuffled_and_sampled_run_on_cuda_with_a_cuda_generator(roster):
+    gpu = LocalLM.tiny_random(seed=0, device="cuda", dtype="bfloat16")
+    config = RolloutConfig(latent_steps=1, max_new_tokens=3, judger_cache="shuffled", temperature=1.0)
+    batch = RolloutEngine(gpu, roster, config).run(QUESTIONS[:1], STAR, [0], answer_format=FORMAT,
+                                                   generator=torch.Generator(device="cuda").manual_seed(0))
+    assert batch.rollouts[0].decoded_tokens > 0
+
+
+@torch.no_grad()
+def test_rows_reading_the_same_segments_with_other_direct_senders_are_not_shared(llm, roster):
+    # Both judgers read agent 0 and agent 1 (computed on 0): in A both send to the judger, in B only 1
+    # does, so A gates both segments and B only agent 1's. Sharing their input would gate one wrongly.
+    a = _graph([(0, 1)], judger=(0, 1))
+    b = _graph([(0, 1)], judger=(1,))
+    config = RolloutConfig(latent_steps=1, retention="full", max_new_tokens=2)
+    fuser = _nontrivial_fuser(llm)
+    logits = torch.randn(1, N + 1, N + 1, generator=torch.Generator().manual_seed(2)) * 2
+    engine = RolloutEngine(llm, roster, config, fuser=fuser)
+    both = engine.run(QUESTIONS[:1], torch.cat([a, b]), [0, 0], answer_format=FORMAT, keep_judger_inputs=True,
+                      edge_logits=logits)
+    assert [inp.gated for inp in both.judger_inputs] == [[True, True], [False, True]]
+    assert both.prefills == 2 and both.judger_decodes == 2
+    for row, graph in enumerate((a, b)):
+        alone = engine.run(QUESTIONS[:1], graph, [0], answer_format=FORMAT, keep_judger_inputs=True,
+                           edge_logits=logits).judger_inputs[0]
+        for (k0, v0), (k1, v1) in zip(both.judger_inputs[row].cache.layers(), alone.cache.layers(), strict=True):
+            torch.testing.assert_close(k0, k1)
+            torch.testing.assert_close(v0, v1)

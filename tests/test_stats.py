@@ -3,6 +3,7 @@ seeds, Markdown and pictures."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -13,9 +14,11 @@ import pytest
 
 from gcache.stats import (
     aggregate,
+    cluster_bootstrap,
     mcnemar_exact,
     paired_bootstrap,
     seed_question_interval,
+    sign_flip_test,
     study_figures,
     study_markdown,
     wilson_interval,
@@ -160,6 +163,133 @@ def test_seed_question_interval_empty():
     assert seed_question_interval([[], []])["mean"] is None
 
 
+# ---- pooled over seeds: questions are the units ----
+
+
+def test_sign_flip_hand_cases():
+    # Question sums over two seeds: q0 (+1, +1) -> 2, q1 (+1, 0) -> 1, q2 (-1, unscored) -> -1.
+    # S = 2 and |±2 ±1 ±1| over the 8 sign vectors is 4, 2, 2, 0, 0, 2, 2, 4: P(|S*| >= 2) = 6/8.
+    result = sign_flip_test([[1.0, 1.0, -1.0], [1.0, 0.0, np.nan]])
+    assert (result["questions"], result["pairs"], result["nonzero"]) == (3, 5, 3)
+    assert result["diff"] == pytest.approx(2 / 5)
+    assert result["p_value"] == 0.75 and result["exact"] is True
+    # Three seeds, sums 3, 3, 2, 1 and a question whose seeds cancel: only all-plus and
+    # all-minus reach |S| = 9, so p = 2/16; the cancelling question flips nothing.
+    diffs = [[1, 1, 1, 1, 1], [1, 1, 1, 0, -1], [1, 1, 0, 0, 0]]
+    result = sign_flip_test(np.array(diffs, dtype=float))
+    assert result["nonzero"] == 4 and result["p_value"] == 2 / 16
+    # One seed of 0/1 rewards: the test is McNemar's (discordant pairs flip, concordant are 0).
+    a, b = pairs(b11=5, b10=9, b01=1, b00=3)
+    one = sign_flip_test([[float(x) - float(y) for x, y in zip(a, b, strict=True)]])
+    assert one["p_value"] == pytest.approx(mcnemar_exact(a, b)["p_value"], abs=0)
+    # Nothing differs, or nothing scored.
+    assert sign_flip_test([[1.0, -1.0], [-1.0, 1.0]])["p_value"] == 1.0
+    empty = sign_flip_test([[np.nan, np.nan]])
+    assert (empty["pairs"], empty["diff"], empty["p_value"]) == (0, None, None)
+
+
+def test_sign_flip_exact_equals_enumeration_and_monte_carlo_is_close():
+    rng = np.random.default_rng(7)
+    sums = rng.integers(-3, 4, size=14).astype(float)
+    signs = np.array(list(itertools.product([1, -1], repeat=len(sums))))  # (2^14, 14)
+    brute = float(np.mean(np.abs(signs @ sums) >= abs(sums.sum())))
+    assert sign_flip_test(sums[None])["p_value"] == pytest.approx(brute, abs=1e-12)  # integer grid
+    # Fractional sums: enumerated when at most 16 questions differ ...
+    thirds = sign_flip_test(sums[None] / 3)
+    assert thirds["exact"] is True and thirds["p_value"] == pytest.approx(brute, abs=1e-12)
+    # ... Monte Carlo (seeded) beyond; the p-value does not depend on the scale of the sums.
+    many = rng.integers(-3, 4, size=60).astype(float)
+    many[0] += 10
+    exact = sign_flip_test(many[None])
+    approx = sign_flip_test(many[None] / 3, iterations=20000, seed=1)
+    assert exact["exact"] is True and approx["exact"] is False and approx["iterations"] == 20000
+    assert approx["p_value"] == pytest.approx(exact["p_value"], abs=0.015)
+    assert sign_flip_test(many[None] / 3, iterations=20000, seed=1) == approx
+
+
+def test_sign_flip_holds_its_level_when_seeds_repeat_questions():
+    # Under the null (each question's difference symmetric about 0), three seeds that repeat
+    # the same per-question results: the question-level test rejects at most about 5% of the
+    # time; McNemar over the pooled (seed, question) pairs rejects far more often.
+    rng = np.random.default_rng(0)
+    reps, ours, pooled = 300, 0, 0
+    for _ in range(reps):
+        d = rng.choice([-1.0, 0.0, 1.0], size=30, p=[0.25, 0.5, 0.25])
+        three = np.repeat(d[None], 3, axis=0)  # (3 seeds, 30 questions)
+        ours += sign_flip_test(three)["p_value"] < 0.05
+        flat = three.ravel()
+        pooled += mcnemar_exact(list(flat > 0), list(flat < 0))["p_value"] < 0.05
+    assert ours / reps <= 0.08
+    assert pooled / reps >= 0.2
+
+
+def test_cluster_bootstrap_covers_when_seeds_repeat_questions():
+    # 40 questions, true mean difference 0.2; each seed keeps a question's difference with
+    # probability 0.8 (else draws afresh), so seeds are strongly correlated. The cluster interval
+    # covers 0.2 in most repetitions.
+    rng = np.random.default_rng(3)
+    values, probs = [-1.0, 0.0, 1.0], [0.1, 0.6, 0.3]
+    reps, covered = 80, 0
+    for rep in range(reps):
+        d = rng.choice(values, size=40, p=probs)
+        seeds = [np.where(rng.random(40) < 0.8, d, rng.choice(values, size=40, p=probs)) for _ in range(3)]
+        ci = cluster_bootstrap(np.array(seeds), iterations=1000, seed=rep)["ci95"]
+        covered += ci[0] <= 0.2 <= ci[1]
+    assert covered / reps >= 0.85
+
+
+def test_cluster_bootstrap_pairs_and_empty():
+    result = cluster_bootstrap([[1.0, 0.0, np.nan], [1.0, np.nan, np.nan]], iterations=500)
+    assert (result["questions"], result["pairs"]) == (2, 3)  # q2 was never scored
+    assert result["diff"] == pytest.approx(2 / 3)
+    assert 0.0 <= result["ci95"][0] <= 2 / 3 <= result["ci95"][1] <= 1.0
+    assert cluster_bootstrap([[np.nan]])["ci95"] is None
+
+
+def repeated_study(seeds: int) -> dict[int, list[dict]]:
+    """The same 40 per-question results on every seed: gcache right on q0..q24, `single` on
+    q0..q9 and q30..q34, so 15 questions only gcache got right and 5 only `single` did."""
+    rows = []
+    for q in range(40):
+        rows.append(record(q, "gcache", float(q < 25)))
+        rows.append(record(q, "single", float(q < 10 or 30 <= q < 35)))
+    return {s: rows for s in range(seeds)}
+
+
+def md_cell(text: str, method: str, column: str) -> str:
+    """A cell of the comparisons table of `study_markdown`."""
+    lines = text.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| method |") and column in line)
+    cols = [c.strip() for c in lines[header].strip("|").split("|")]
+    row = next(line for line in lines[header:] if line.startswith(f"| {method} |"))
+    return [c.strip() for c in row.strip("|").split("|")][cols.index(column)]
+
+
+def test_pooled_comparison_does_not_count_repeated_seeds_as_evidence():
+    # Repeating the same results over 3 seeds adds no information about the questions: the
+    # pooled p-value and the interval must be those of one seed.
+    one = aggregate(repeated_study(1), iterations=4000)
+    three = aggregate(repeated_study(3), iterations=4000)
+    # One seed: 15 vs 5 discordant, exact McNemar 2 * P(Binomial(20, 1/2) <= 5) = 0.0414.
+    assert md_cell(study_markdown(one, "one"), "single", "p pooled") == "0.041"
+    assert md_cell(study_markdown(three, "three"), "single", "p pooled") == "0.041"
+    width = {n: s["comparisons"]["single"]["pooled"]["bootstrap"]["ci95"] for n, s in (("one", one), ("three", three))}
+    assert width["three"][1] - width["three"][0] == pytest.approx(width["one"][1] - width["one"][0], abs=0.02)
+    p_one, p_three = (s["comparisons"]["single"]["pooled"]["p_value"] for s in (one, three))
+    assert p_one == p_three == pytest.approx(2 * sum(math.comb(20, k) for k in range(6)) / 2**20)
+
+
+def test_pooled_interval_is_wider_than_naive_pairs_bootstrap_on_repeated_data():
+    summary = aggregate(repeated_study(3), iterations=4000)
+    pooled = summary["comparisons"]["single"]["pooled"]
+    ref = [float(q < 25) for q in range(40)] * 3
+    other = [float(q < 10 or 30 <= q < 35) for q in range(40)] * 3
+    naive = paired_bootstrap(ref, other, iterations=4000)["ci95"]  # 120 "independent" pairs
+    cluster = pooled["bootstrap"]["ci95"]
+    # Three copies of each question: the naive interval is about sqrt(3) times too narrow.
+    assert cluster[1] - cluster[0] > 1.5 * (naive[1] - naive[0])
+
+
 # ---- aggregate ----
 
 
@@ -210,9 +340,12 @@ def test_aggregate_comparisons_and_significance():
     assert single["significant_every_seed"] is True
     assert [p["mcnemar"]["b10"] for p in single["per_seed"]] == [20, 18, 22]
     assert single["per_seed"][0]["mcnemar"]["p_value"] == pytest.approx(2 / 2**20, abs=0)
-    assert single["pooled"]["mcnemar"]["n"] == 120
-    assert single["pooled"]["mcnemar"]["b10"] == 60 and single["pooled"]["mcnemar"]["b01"] == 0
-    assert single["pooled"]["bootstrap"]["diff"] == pytest.approx(0.5)
+    pooled = single["pooled"]
+    assert (pooled["pairs"], pooled["questions"], pooled["b10"], pooled["b01"]) == (120, 40, 60, 0)
+    assert pooled["diff"] == pooled["bootstrap"]["diff"] == pytest.approx(0.5)
+    # Questions 10..27 differ on every seed, 28..31 on some: 22 questions, all one way.
+    assert pooled["permutation"]["nonzero"] == 22 and pooled["permutation"]["exact"] is True
+    assert pooled["p_value"] == pytest.approx(2 / 2**22, abs=0)
 
     # One discordant question per seed: never significant.
     close = comparisons["close"]
@@ -255,7 +388,8 @@ def test_aggregate_none_rewards_excluded_pairwise():
     assert single0["n"] == 38
     assert (single0["b10"], single0["b01"]) == (20, 0)  # q0 was concordant (both right)
     assert summary["comparisons"]["better"]["per_seed"][0]["mcnemar"]["n"] == 39
-    assert summary["comparisons"]["single"]["pooled"]["mcnemar"]["n"] == 118
+    pooled = summary["comparisons"]["single"]["pooled"]
+    assert (pooled["pairs"], pooled["questions"]) == (118, 40)  # q0 and q39 still scored on seeds 1, 2
 
 
 def test_aggregate_without_reference():
@@ -287,6 +421,15 @@ def test_markdown_has_no_nan_and_dashes_absent_values():
     )
     assert "60/0" in single and single.rstrip().endswith("| yes |")
     assert "0: 0.750, 1: 0.700, 2: 0.800" in text
+
+
+def test_markdown_names_the_pooled_test_and_interval_under_the_table():
+    text = study_markdown(aggregate(constructed_study(), iterations=200), "arith")
+    lines = text.splitlines()
+    last_row = max(i for i, line in enumerate(lines) if line.startswith("| better |"))
+    sentence = next((line for line in lines[last_row + 1:] if line.strip()), "")
+    assert "sign-flip permutation test over questions (exact)" in sentence
+    assert "cluster bootstrap that resamples questions with all their seeds (200 resamples)" in sentence
 
 
 # ---- figures ----

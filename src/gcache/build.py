@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gcache.agents import DEFAULT_ROSTER, Roster
 from gcache.agents import build_roster as roster_from_names
@@ -58,6 +58,7 @@ def validate(cfg: DictConfig) -> None:
             allowed = f"an integer >= {minimum}" + (" or null" if key in OPTIONAL_INTEGERS else "")
             raise ConfigError(f"{key} must be {allowed}, got {value!r}")
     build_rollout(cfg)
+    chat_template_kwargs(cfg)
     judger_edges = cfg.policy.judger_edges
     if judger_edges not in JUDGER_EDGES:
         raise ConfigError(f"policy.judger_edges={judger_edges!r} is not one of {list(JUDGER_EDGES)}")
@@ -99,6 +100,20 @@ def build_rollout(cfg: DictConfig) -> RolloutConfig:
         raise ConfigError(f"rollout.{cause}") from exc
 
 
+def chat_template_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """`model.chat_template_kwargs`: arguments of the chat template for every prompt (Qwen3 presets:
+    enable_thinking=false)."""
+    kwargs = OmegaConf.select(cfg, "model.chat_template_kwargs", default=None)
+    if kwargs is None:
+        return {}
+    if isinstance(kwargs, DictConfig):
+        kwargs = OmegaConf.to_container(kwargs, resolve=True)
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"model.chat_template_kwargs must be a mapping (e.g. {{enable_thinking: false}}), "
+                          f"got {kwargs!r}")
+    return kwargs
+
+
 def build_task(cfg: DictConfig):
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k != "name"}
     return instantiate(kwargs)
@@ -126,7 +141,8 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
     task = task or build_task(cfg)
     roster = build_roster(cfg, task)
     generator_mode = build_mode(cfg.mode)  # checks the endpoint: before the LM loads
-    llm = llm or LocalLM.load(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.seed)
+    llm = llm or LocalLM.load(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.seed,
+                              chat_template_kwargs=chat_template_kwargs(cfg))
     embedder = TextEmbedder(cfg.policy.embedder) if cfg.policy.embedder else TextEmbedder()
     policy = cfg.policy
     return GCacheModule(
@@ -232,12 +248,22 @@ def build_trainer(cfg: DictConfig, datamodule: TaskDataModule, out: Path) -> tup
     if not tty:  # nohup, Slurm: log lines instead of a progress bar
         callbacks.append(ProgressLog(every_n_steps=cfg.get("progress_every_n_steps", 5)))
     extra = {} if "enable_progress_bar" in cfg.trainer else {"enable_progress_bar": tty}
-    if cfg.get("val_every_n_steps"):
-        steps_per_epoch = math.ceil(len(datamodule.split("train")) / cfg.batch_size)
+    if cfg.get("val_every_n_steps"):  # batch_size is per rank: a rank's epoch has fewer batches under DDP
+        steps_per_epoch = math.ceil(len(datamodule.split("train")) / (cfg.batch_size * world_size(cfg)))
         extra["val_check_interval"] = min(cfg.val_every_n_steps, steps_per_epoch)
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_logger(cfg),
                           plugins=[AtomicCheckpointIO()], **extra)
     return trainer, stop
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Processes a training run will start: devices x nodes (1 unless `trainer.devices` is a count or
+    a list of devices)."""
+    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
+    nodes = OmegaConf.select(cfg, "trainer.num_nodes", default=1)
+    count = len(devices) if isinstance(devices, (list, ListConfig)) else devices
+    count = count if isinstance(count, int) and count > 0 else 1
+    return count * (nodes if isinstance(nodes, int) and nodes > 0 else 1)
 
 
 def use_this_ranks_gpu() -> None:

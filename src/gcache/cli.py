@@ -111,6 +111,9 @@ def quiet_third_party_output() -> None:
     - transformers' "Loading weights" bars: off (hub download bars stay: a first download is long).
     - Lightning's own use of a torch API torch deprecated (`_pytree.py`: "`isinstance(treespec,
       LeafSpec)` is deprecated"): that one message from that module only.
+    - Lightning's "does not have many workers" hint (printed per dataloader on a many-core GPU
+      machine): gcache's datasets are in-memory lists of questions, batches cost nothing to make,
+      and a worker process would only add start-up time.
     """
     import huggingface_hub
     import transformers
@@ -122,6 +125,20 @@ def quiet_third_party_output() -> None:
     huggingface_hub.utils.enable_progress_bars()
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             module=r"lightning\.pytorch\.utilities\._pytree")
+    warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
+
+
+# Every command computes in one numerical setting: float32 matmuls may use TF32 on GPUs ("high"), so
+# a checkpoint is evaluated as it was trained. The realignment matrix is solved in float64 (TF32 never
+# applies there), see gcache.kv.realignment.
+MATMUL_PRECISION = "high"
+
+
+def set_numerics() -> None:
+    """The numerical setting of every gcache command (train, evaluate, study), set in one place."""
+    import torch
+
+    torch.set_float32_matmul_precision(MATMUL_PRECISION)
 
 
 def run_job(job: Callable[..., T], *args: Any) -> T:
@@ -134,6 +151,7 @@ def run_job(job: Callable[..., T], *args: Any) -> T:
     install_secret_filter(env_secrets())
     logging.captureWarnings(True)  # warnings go through the (filtered) log handlers too
     quiet_third_party_output()
+    set_numerics()
     try:
         return job(*args)
     except (ConfigError, ApiError) as exc:  # the message says what to fix; a traceback would bury it

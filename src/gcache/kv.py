@@ -15,8 +15,13 @@ without changing a single logit of the real tokens, and nothing is renumbered th
 LatentMAS's truncation renumbers new tokens from the truncated length.
 
 Supported model families are those whose decoder has a standard `rotary_emb` with
-full-head-dim `rotate_half` RoPE (`ROPE_MODEL_TYPES`); for others every function works
-except those that shift positions (truncation, concatenation), which raise.
+full-head-dim `rotate_half` RoPE (`ROPE_MODEL_TYPES`; equivalence-tested on Llama, Qwen2 and
+Qwen3) with fixed frequencies (`SHIFTABLE_ROPE_TYPES`: default, linear, llama3, yarn; a
+length-dependent RoPE is refused when the model loads); for other families every function
+works except those that shift positions (truncation, concatenation), which raise.
+
+The token loops (`latent_steps`, `decode`) write into preallocated buffers (`gcache.kv_static`)
+and read nothing back from the device per token.
 
 Nothing here mutates a cache it was given: `DynamicCache.update` concatenates into new
 tensors, and each function first makes a shallow copy of the cache object. So a cache
@@ -37,6 +42,9 @@ from gcache import kv_static
 ROPE_MODEL_TYPES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmo", "olmo2", "granite"}
 )
+# RoPE variants with fixed frequencies (R(p + d) = R(d) R(p) holds); equivalence-tested: default
+# (Llama, Qwen2, Qwen3), linear, llama3 (Llama 3.1+), yarn (its attention scaling is divided out).
+SHIFTABLE_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
 
 
 @dataclass
@@ -175,9 +183,20 @@ def nbytes(kv: KV) -> int:
 
 
 def rotary_embedding(model: torch.nn.Module) -> torch.nn.Module | None:
-    """The model's own rotary module if its family is supported for position shifts, else None."""
+    """The model's own rotary module if its family is supported for position shifts, else None.
+
+    A RoPE whose frequencies depend on the sequence length (`dynamic`, `longrope`) has no fixed
+    R(d) to shift a cache by: refused here, with the rope types that work (`SHIFTABLE_ROPE_TYPES`)."""
     if model.config.model_type not in ROPE_MODEL_TYPES:
         return None
+    rope = getattr(model.config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    if rope_type not in SHIFTABLE_ROPE_TYPES:
+        raise ValueError(
+            f"rope_parameters.rope_type={rope_type!r} is not supported: gcache shifts cache positions by "
+            f"re-rotating keys, exact only when RoPE frequencies do not depend on the sequence length "
+            f"({sorted(SHIFTABLE_ROPE_TYPES)})"
+        )
     return model.get_decoder().rotary_emb
 
 
@@ -347,13 +366,24 @@ class Realignment:
 
 
 @torch.no_grad()
-def realignment(model: torch.nn.Module, reg: float = 1e-5) -> Realignment:
-    """Compute W_a and the target norm once per model, in fp32."""
-    w_in = model.get_input_embeddings().weight.float()  # (V, D)
-    w_out = model.get_output_embeddings().weight.float()  # (V, D)
-    gram = w_out.T @ w_out + reg * torch.eye(w_out.shape[1], device=w_out.device)  # (D, D)
-    matrix = torch.linalg.solve(gram, w_out.T @ w_in)  # (D, D)
-    return Realignment(matrix, float(w_in.norm(dim=-1).mean()))
+def realignment(model: torch.nn.Module, reg: float = 1e-5, chunk: int = 8192) -> Realignment:
+    """Compute W_a and the target norm once per model. Solved in float64 (stored as fp32), so the
+    matrix is the same whatever matmul precision (TF32 or not) the process runs with; the Gram
+    matrices are accumulated over `chunk` vocabulary rows at a time (a 150k x 4096 vocabulary in
+    float64 would take 5 GB)."""
+    w_in = model.get_input_embeddings().weight  # (V, D)
+    w_out = model.get_output_embeddings().weight  # (V, D)
+    dim = w_out.shape[1]
+    gram = reg * torch.eye(dim, dtype=torch.float64, device=w_out.device)  # (D, D)
+    cross = torch.zeros(dim, dim, dtype=torch.float64, device=w_out.device)  # (D, D)
+    norms = []
+    for start in range(0, w_out.shape[0], chunk):
+        o, i = w_out[start : start + chunk].double(), w_in[start : start + chunk].double()  # (c, D)
+        gram += o.T @ o
+        cross += o.T @ i
+        norms.append(i.norm(dim=-1))
+    matrix = torch.linalg.solve(gram, cross)  # (D, D)
+    return Realignment(matrix.float(), float(torch.cat(norms).mean()))
 
 
 @dataclass

@@ -181,6 +181,8 @@ class GCacheModule(L.LightningModule):
             "topology": topology, "topology_seed": topology_seed, "judger_edges": judger_edges,
             "policy": {k: v for k, v in vars(policy).items()
                        if k != "training" and isinstance(v, (int, float, str, bool))},
+            # what every prompt was built with (absent when empty, as in checkpoints before the key)
+            **({"chat_template_kwargs": dict(llm.chat_template_kwargs)} if llm.chat_template_kwargs else {}),
         }
 
     @property
@@ -348,7 +350,7 @@ class GCacheModule(L.LightningModule):
                 continue
             seen[inp.question_index] = seen.get(inp.question_index, 0) + 1
             s = logits[inp.source_question, inp.senders, n][:, None]  # (S, 1)
-            fused.append(self.fuser.fuse(inp.sender_kvs, s, self.llm.rotary))
+            fused.append(self.fuser.fuse(inp.sender_kvs, s, self.llm.rotary, gated=inp.gated))
             prompts.append(inp.prompt)
             targets.append(self.task.target_text(batch[inp.question_index]))
         if not fused:

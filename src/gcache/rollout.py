@@ -23,7 +23,8 @@ nothing); a graph without judger edges is the judger answering alone.
 
 Gates. With a `CacheFuser`, the judger's input is the gated concatenation of the segments
 it reads: segment i's values at layer l are scaled by g_{l,i}(edge logit i → judger),
-once. Agents read plain concatenations, so what the fuser's loss differentiates (the
+once, where i is a direct sender (its edge i → judger was sampled); ancestors read through
+a sender (`full` retention) get gate 1. Agents read plain concatenations, so what the fuser's loss differentiates (the
 judger's fusion, `GCacheModule.fuser_loss`) is exactly what the rollout applies, and an
 untrained fuser (g = 1) reproduces plain concatenation.
 
@@ -266,6 +267,7 @@ class JudgerInput:
     source_question: int  # the question whose segments it read (differs under `mismatched`)
     senders: list[int]  # agent indices of the segments, in order
     sender_kvs: list[kv.KV]  # one single-row segment per sender, detached, ungated
+    gated: list[bool]  # per segment: a direct sender (sampled edge agent -> judger), gated; else an ancestor, gate 1
     prompt: str
     cache: kv.KV  # the exact (gated, controlled) cache the judger's prompt was prefilled on
 
@@ -276,7 +278,7 @@ class RolloutBatch:
     judger_inputs: list[JudgerInput]
     prefills: int  # agent computations run
     prefills_naive: int  # agent computations without sharing identical agents
-    judger_decodes: int = 0  # judger decodes computed (rows with identical judger inputs share one)
+    judger_decodes: int = 0  # judger decodes computed (greedy: rows with identical judger inputs share one)
 
 
 @dataclass
@@ -336,6 +338,9 @@ class RolloutEngine:
         edge_logits (Q, N+1, N+1) per question (the judger's gates) or None."""
         started = time.perf_counter()
         check_inputs(adjacency, self.roster.num_agents, agent_facts)
+        if generator is not None and generator.device.type != self.llm.device.type:
+            raise ValueError(f"generator is on {generator.device} but the model is on {self.llm.device}: sampling "
+                             f"draws on the model's device (torch.Generator(device={str(self.llm.device)!r}))")
         adjacency = adjacency.detach().cpu().bool()
         plan = self.plan(adjacency, question_index, active)
         done: dict[int, _Done] = {}
@@ -405,6 +410,8 @@ class RolloutEngine:
             self.llm.model, step.kv, step.logits, max_new_tokens=max_new_tokens,
             eos_token_ids=self.llm.eos_token_ids, pad_token_id=self.llm.tokenizer.pad_token_id,
             temperature=cfg.temperature, top_p=cfg.top_p, generator=generator, pool=self.pool,
+            # a host read is free on CPU (rows that end leave the batch at once); on a GPU it is a sync
+            check_every=1 if self.llm.device.type == "cpu" else 8,
         )
         tokens, counts = tokens.cpu(), counts.cpu()
         return self.llm.decode_ids(tokens, counts), counts.tolist()
@@ -412,9 +419,11 @@ class RolloutEngine:
     def _concat(self, segments: list[kv.KV]) -> kv.KV:
         return kv.concat(segments, self.llm.rotary) if segments else kv.empty(1, self.llm.device)
 
-    def judger_cache(self, segments: list[kv.KV], logits: torch.Tensor | None, generator=None) -> kv.KV:
+    def judger_cache(self, segments: list[kv.KV], logits: torch.Tensor | None, generator=None,
+                     gated: list[bool] | None = None) -> kv.KV:
         """The judger's input from the segments it reads (single-row KVs): the control's
-        transformation, then the fuser's gates (logits (S,) of sender -> judger) or plain concatenation."""
+        transformation, then the fuser's gates (logits (S,) of sender -> judger; only segments of
+        direct senders, `gated`) or plain concatenation."""
         cfg = self.config
         if not segments:
             return kv.empty(1, self.llm.device)
@@ -425,7 +434,7 @@ class RolloutEngine:
         if self.fuser is None:
             return kv.concat(segments, self.llm.rotary)
         s = torch.zeros(len(segments)) if logits is None else logits
-        return self.fuser.fuse(segments, s[:, None], self.llm.rotary)
+        return self.fuser.fuse(segments, s[:, None], self.llm.rotary, gated=gated)
 
     def _run_judger(self, plan, questions, question_index, adjacency, done, edge_logits, answer_format,
                     keep_inputs, realign, generator):
@@ -435,33 +444,42 @@ class RolloutEngine:
         rows = list(range(adjacency.shape[0]))
         source = self._judger_sources(question_index)
 
-        def key(r: int):  # rows whose judgers read the same inputs decode once
+        def key(r: int):  # rows whose judgers read the same inputs share its prefill (and a greedy decode)
             s = source[r]
-            return (question_index[r], question_index[s], plan.judger_reads[s]) if self.config.reuse else r
+            reads = plan.judger_reads[s]
+            # the same segments, gated for direct senders only: which are senders is part of the input
+            direct = tuple(self._direct_senders(adjacency[s], [plan.nodes[x].agent for x in reads]))
+            return (question_index[r], question_index[s], reads, direct) if self.config.reuse else r
 
         unique: dict = {}
         for r in rows:
             unique.setdefault(key(r), r)
         prompts, caches = self._judger_inputs(plan, list(unique.values()), source, questions, question_index, done,
-                                              edge_logits, answer_format, generator)
+                                              edge_logits, answer_format, generator, adjacency)
         cache_lengths = {r: sum(done[x].length for x in plan.judger_reads[source[r]]) if latent else 0
                          for r in unique.values()}
-        outputs = self._decode_judgers(list(unique.values()), prompts, caches, cache_lengths, realign, generator)
+        groups: dict[int, list[int]] = {}
+        for r in rows:
+            groups.setdefault(unique[key(r)], []).append(r)
+        outputs = self._decode_judgers(groups, prompts, caches, cache_lengths, realign, generator)
+        sampled = self.config.temperature > 0
         rollouts, judger_inputs = [], []
         for r in rows:
             u = unique[key(r)]
             reads = plan.judger_reads[source[r]]
-            rollouts.append(self._rollout(plan, r, question_index[r], adjacency[r], reads, done, *outputs[u]))
+            rollouts.append(self._rollout(plan, r, question_index[r], adjacency[r], reads, done,
+                                          *outputs[r if sampled else u]))
             if latent and keep_inputs:
                 judger_inputs.append(JudgerInput(
                     question_index=question_index[r],
                     source_question=question_index[source[r]],
                     senders=[plan.nodes[x].agent for x in reads],
                     sender_kvs=[done[x].kv for x in reads],
+                    gated=self._direct_senders(adjacency[source[r]], [plan.nodes[x].agent for x in reads]),
                     prompt=prompts[u],
                     cache=caches[u],
                 ))
-        return rollouts, judger_inputs, len(unique)
+        return rollouts, judger_inputs, len(rows) if sampled else len(unique)
 
     def _judger_sources(self, question_index: Sequence[int]) -> list[int]:
         """Which row's inputs each row's judger reads: its own, or under the mismatched control
@@ -474,12 +492,20 @@ class RolloutEngine:
             raise ValueError("judger_cache='mismatched' needs rows of at least two different questions")
         return [others[r][r % len(others[r])] for r in rows]
 
+    def _direct_senders(self, adjacency: torch.Tensor, agents: list[int]) -> list[bool]:
+        """Per agent read by a judger: whether its edge agent -> judger is in the graph (N+1, N+1)."""
+        n = self.roster.num_agents
+        column = adjacency[:, n].tolist()  # a host tensor: the plan's graphs live on the CPU
+        return [bool(column[a]) for a in agents]
+
     def _judger_inputs(self, plan, rows, source, questions, question_index, done, edge_logits, answer_format,
-                       generator) -> tuple[dict[int, str], dict[int, kv.KV]]:
+                       generator, adjacency) -> tuple[dict[int, str], dict[int, kv.KV]]:
         """The judger's prompt (chat text) and cache of each of `rows`."""
         latent = self.config.method == "latent"
         n = self.roster.num_agents
-        shuffle_gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        # slot permutations are drawn on the host, from a CPU generator of their own (a decoding generator
+        # lives on the model's device; one generator cannot serve both on CUDA)
+        shuffle_gen = torch.Generator().manual_seed(generator.initial_seed() if generator is not None else 0)
         prompts: dict[int, str] = {}
         caches: dict[int, kv.KV] = {}
         for r in rows:
@@ -492,26 +518,38 @@ class RolloutEngine:
             if latent:
                 agents = [plan.nodes[x].agent for x in reads]
                 logits = None if edge_logits is None else edge_logits[question_index[s], agents, n]
-                caches[r] = self.judger_cache([done[x].kv for x in reads], logits, shuffle_gen)
+                caches[r] = self.judger_cache([done[x].kv for x in reads], logits, shuffle_gen,
+                                              gated=self._direct_senders(adjacency[s], agents))
             else:
                 caches[r] = kv.empty(1, self.llm.device)
         return prompts, caches
 
-    def _decode_judgers(self, rows, prompts, caches, cache_lengths, realign, generator) -> dict[int, tuple[str, int, int, int]]:
-        """row -> (answer, decoded tokens, prompt tokens, cache length), `max_batch` rows per forward."""
+    def _decode_judgers(self, groups: dict[int, list[int]], prompts, caches, cache_lengths, realign,
+                        generator) -> dict[int, tuple[str, int, int, int]]:
+        """groups: a row whose judger input is computed -> the rows reading that same input. Each input is
+        prefilled once; greedy decoding is shared by its rows, a sampled one is drawn per row (G samples
+        of a question are G draws, not copies). Returns row -> (answer, decoded tokens, prompt tokens,
+        cache length), `max_batch` inputs per prefill and at most `max_batch` rows per decode."""
         cfg = self.config
+        sampled = cfg.temperature > 0
         outputs = {}
-        for chunk in _chunks(rows, cfg.max_batch):
-            host_mask, (ids, mask) = self._tokenize([prompts[r] for r in chunk])
+        for chunk in _chunks(list(groups), cfg.max_batch):
+            host_mask, (ids, mask) = self._tokenize([prompts[u] for u in chunk])
             prompt_tokens = host_mask.sum(-1).tolist()
-            past = kv.stack([caches[r] for r in chunk], compacted=True)  # concatenations of compact segments
+            past = kv.stack([caches[u] for u in chunk], compacted=True)  # concatenations of compact segments
             step = kv.prefill(self.llm.model, ids, mask, past=past)
             if cfg.judger_latent_steps:
                 step = kv.latent_steps(self.llm.model, step, cfg.judger_latent_steps, realign, logits=True,
                                        pool=self.pool).step
-            answers, counts = self._decode(step, cfg.max_new_tokens, generator)
-            for b, r in enumerate(chunk):
-                outputs[r] = (answers[b], counts[b], prompt_tokens[b], cache_lengths[r])
+            # (input index in the chunk, row) of every decode: one per input, or one per row when sampling
+            targets = [(b, r) for b, u in enumerate(chunk) for r in (groups[u] if sampled else [u])]
+            for part in _chunks(targets, cfg.max_batch):
+                index = [b for b, _ in part]
+                rows_step = step if len(part) == len(chunk) and index == list(range(len(chunk))) else kv.Step(
+                    kv.select(step.kv, index), step.hidden[index], step.logits[index])
+                answers, counts = self._decode(rows_step, cfg.max_new_tokens, generator)
+                for j, (b, r) in enumerate(part):
+                    outputs[r] = (answers[j], counts[j], prompt_tokens[b], cache_lengths[chunk[b]])
         return outputs
 
     def _rollout(self, plan, r: int, question: int, adjacency: torch.Tensor, reads, done, answer: str,

@@ -1,5 +1,6 @@
 """Statistics for comparing methods over seeds and questions: intervals, paired tests, a study
-summary, its Markdown tables and its pictures.
+summary, its Markdown tables and its pictures. Every seed is evaluated on the same questions, so
+pooled comparisons take questions, not (seed, question) pairs, as the independent units.
 
 Pure functions over the records `gcache.evaluate` writes to results.jsonl (one dict per
 (question, method): "id", "method", "reward" 0/1 or None, "decoded_tokens", "prompt_tokens",
@@ -130,6 +131,96 @@ def seed_question_interval(
     }
 
 
+def _question_sums(diffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per question: sum of the scored differences over seeds and how many seeds scored it;
+    questions no seed scored are dropped. diffs: (seeds, questions), NaN = not scored."""
+    diffs = np.atleast_2d(np.asarray(diffs, dtype=float))
+    counts = np.count_nonzero(~np.isnan(diffs), axis=0)  # (questions,)
+    sums = np.nansum(diffs, axis=0)  # (questions,)
+    keep = counts > 0
+    return sums[keep], counts[keep]
+
+
+def sign_flip_test(diffs: Any, *, iterations: int = 10000, seed: int = 0) -> dict[str, Any]:
+    """Paired permutation test of "no difference" with questions as the units.
+
+    diffs: (seeds, questions) of reference minus method, NaN where a pair is not scored. Seeds
+    reuse the same questions, so pairs are not independent; questions are. Under the null the
+    two methods are exchangeable on each question, so each question's sum over seeds T_q is as
+    likely to have either sign; the statistic is S = sum_q T_q (so diff = S / pairs) and the
+    two-sided p-value is P(|sum_q ±T_q| >= |S|) over the sign flips. Exact when every T_q is a
+    whole number (0/1 rewards; computed on the integer grid, any number of questions) or when at
+    most 16 questions have T_q != 0 (enumeration); otherwise Monte Carlo with `iterations`
+    seeded draws, (hits + 1) / (iterations + 1). One seed of 0/1 rewards gives McNemar's p.
+    """
+    sums, counts = _question_sums(diffs)
+    pairs = int(counts.sum())
+    result = {"questions": len(sums), "pairs": pairs, "nonzero": 0, "diff": None, "p_value": None,
+              "exact": True, "iterations": 0, "method": "sign-flip permutation over questions"}
+    if not pairs:
+        return result
+    t = np.abs(sums[sums != 0])  # (m,) only questions whose seeds do not cancel can flip S
+    observed = abs(float(sums.sum()))
+    result.update(nonzero=len(t), diff=float(sums.sum() / pairs))
+    if not len(t):
+        result["p_value"] = 1.0
+        return result
+    whole = bool(np.all(t == np.round(t)))
+    if whole and len(t) * (2 * t.sum() + 1) <= 2e8:
+        p = _sign_flip_integer(t.astype(np.int64), int(round(observed)))
+    elif len(t) <= 16:
+        signs = 1 - 2 * ((np.arange(2 ** len(t))[:, None] >> np.arange(len(t))) & 1)  # (2^m, m)
+        p = float(np.mean(np.abs(signs @ t) >= observed - 1e-9 * t.sum()))
+    else:
+        rng = np.random.default_rng(seed)
+        block = max(1, _BLOCK_INDICES // len(t))
+        hits = 0
+        for start in range(0, iterations, block):
+            signs = 1 - 2 * rng.integers(0, 2, size=(min(block, iterations - start), len(t)))
+            hits += int(np.count_nonzero(np.abs(signs @ t) >= observed - 1e-9 * t.sum()))
+        p = (hits + 1) / (iterations + 1)
+        result.update(exact=False, iterations=iterations)
+    result["p_value"] = float(min(1.0, p))
+    return result
+
+
+def _sign_flip_integer(t: np.ndarray, observed: int) -> float:
+    """P(|sum ±t_i| >= observed) for fair independent signs; t: (m,) positive integers. The
+    distribution of the sum is built one question at a time on the grid -sum(t)..sum(t)."""
+    total = int(t.sum())
+    dist = np.zeros(2 * total + 1)  # dist[total + s] = P(sum = s)
+    dist[total] = 1.0
+    for v in t:  # the support stays within +-total, so np.roll never wraps anything non-zero
+        dist = 0.5 * (np.roll(dist, int(v)) + np.roll(dist, -int(v)))
+    grid = np.abs(np.arange(-total, total + 1))
+    return float(dist[grid >= observed].sum())
+
+
+def cluster_bootstrap(diffs: Any, *, iterations: int = 10000, seed: int = 0) -> dict[str, Any]:
+    """95% interval of the pooled mean difference, resampling questions (with all their seeds).
+
+    diffs: (seeds, questions) of reference minus method, NaN where a pair is not scored. Each
+    resample draws as many questions as there are, with replacement, keeping every seed's pair of
+    a drawn question; its value is the mean over the drawn pairs (sum of T_q / sum of counts).
+    Resampling (seed, question) pairs instead would treat repeats of a question as new evidence.
+    """
+    sums, counts = _question_sums(diffs)
+    n = len(sums)
+    result = {"questions": n, "pairs": int(counts.sum()), "diff": None, "ci95": None,
+              "iterations": iterations, "method": "cluster bootstrap over questions"}
+    if not n:
+        return result
+    rng = np.random.default_rng(seed)
+    block = max(1, _BLOCK_INDICES // n)
+    boot = np.empty(iterations)
+    for start in range(0, iterations, block):
+        stop = min(iterations, start + block)
+        idx = rng.integers(0, n, size=(stop - start, n))  # (block, questions)
+        boot[start:stop] = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    result.update(diff=float(sums.sum() / counts.sum()), ci95=_percentile_ci(boot))
+    return result
+
+
 def _correct(reward: float) -> bool:
     # Rewards are 0/1; anything above one half counts as a right answer.
     return reward > 0.5
@@ -161,9 +252,12 @@ def aggregate(
     scored questions, "ci95" from `seed_question_interval`, "per_seed" accuracies with Wilson
     intervals, and decoded/prompt tokens and seconds per question over all records.
     "comparisons" (every method but `reference`): per seed, McNemar and a paired bootstrap of
-    reference minus method on the questions both scored (reward not None); the same pooled over
-    all (seed, question) pairs; "significant_every_seed" is true when every seed has pairs,
-    p < 0.05 and more questions only the reference got right than only the method did.
+    reference minus method on the questions both scored (reward not None); "pooled" over seeds:
+    pair and question counts, b10/b01 summed, diff = mean over (seed, question) pairs, p_value
+    from `sign_flip_test` ("permutation") and the interval from `cluster_bootstrap`
+    ("bootstrap"), both with questions as the units since every seed repeats them;
+    "significant_every_seed" is true when every seed has pairs, p < 0.05 and more questions
+    only the reference got right than only the method did.
     """
     seeds = list(records_by_seed)
     tables = {s: _by_method(records_by_seed[s]) for s in seeds}
@@ -216,7 +310,8 @@ def _method_summary(rows_by_seed: list[dict], seeds: list[int], iterations: int,
 def _comparison(pairs: list[tuple[int, dict, dict]], reference: str, iterations: int, seed: int) -> dict[str, Any]:
     """The reference against one method of `aggregate`: (seed, reference's {question: record}, the
     method's) per seed; questions both scored."""
-    per_seed, pooled_ref, pooled_other = [], [], []
+    per_seed, scored = [], []
+    b10 = b01 = 0
     for s, ref_rows, other_rows in pairs:
         ids = [
             q for q in ref_rows
@@ -226,11 +321,13 @@ def _comparison(pairs: list[tuple[int, dict, dict]], reference: str, iterations:
         ]
         ref = [float(ref_rows[q]["reward"]) for q in ids]
         other = [float(other_rows[q]["reward"]) for q in ids]
-        pooled_ref += ref
-        pooled_other += other
+        scored.append({q: x - y for q, x, y in zip(ids, ref, other, strict=True)})
+        mcnemar = mcnemar_exact([_correct(x) for x in ref], [_correct(x) for x in other])
+        b10 += mcnemar["b10"]
+        b01 += mcnemar["b01"]
         per_seed.append({
             "seed": s,
-            "mcnemar": mcnemar_exact([_correct(x) for x in ref], [_correct(x) for x in other]),
+            "mcnemar": mcnemar,
             "bootstrap": paired_bootstrap(ref, other, iterations=iterations, seed=seed),
         })
     significant = bool(per_seed) and all(
@@ -239,12 +336,22 @@ def _comparison(pairs: list[tuple[int, dict, dict]], reference: str, iterations:
         and p["mcnemar"]["b10"] > p["mcnemar"]["b01"]
         for p in per_seed
     )
+    # The same questions recur over seeds: pooled inference treats questions as the units.
+    questions = list(dict.fromkeys(q for d in scored for q in d))
+    diffs = np.array([[d.get(q, np.nan) for q in questions] for d in scored])  # (seeds, questions)
+    test = sign_flip_test(diffs, iterations=iterations, seed=seed)
     return {
         "reference": reference,
         "per_seed": per_seed,
         "pooled": {
-            "mcnemar": mcnemar_exact([_correct(x) for x in pooled_ref], [_correct(x) for x in pooled_other]),
-            "bootstrap": paired_bootstrap(pooled_ref, pooled_other, iterations=iterations, seed=seed),
+            "pairs": test["pairs"],
+            "questions": test["questions"],
+            "b10": b10,
+            "b01": b01,
+            "diff": test["diff"],
+            "p_value": test["p_value"],
+            "permutation": test,
+            "bootstrap": cluster_bootstrap(diffs, iterations=iterations, seed=seed),
         },
         "significant_every_seed": significant,
     }
@@ -289,14 +396,14 @@ def study_markdown(summary: dict, title: str) -> str:
             "",
             f"## Paired comparisons: {ref} minus each method",
             "",
-            "Questions both methods scored; diff and 95% CI from a paired bootstrap over the pooled "
-            "(seed, question) pairs; McNemar exact p-values per seed and pooled; b10/b01 = "
-            f"questions only {ref} / only the method got right.",
+            "Questions both methods scored; diff = mean over (seed, question) pairs; p seed = exact "
+            f"McNemar per seed; b10/b01 = (seed, question) pairs only {ref} / only the method got right.",
             "",
         ]
-        cols = ["method", "pairs", "diff", "95% CI", "b10/b01"]
+        cols = ["method", "questions", "pairs", "diff", "95% CI", "b10/b01"]
         cols += [f"p seed {s}" for s in seeds] + ["p pooled", f"{ref} significantly better on every seed"]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        exact, iterations = set(), 0
         for name, c in summary["comparisons"].items():
             by_seed = {p["seed"]: p for p in c["per_seed"]}
             pooled = c["pooled"]
@@ -304,14 +411,24 @@ def study_markdown(summary: dict, title: str) -> str:
                 _fmt_p(by_seed[s]["mcnemar"]["p_value"]) if s in by_seed and by_seed[s]["mcnemar"]["n"] else "—"
                 for s in seeds
             ]
-            mc = pooled["mcnemar"]
+            if pooled["pairs"]:
+                exact.add(pooled["permutation"]["exact"])
+            iterations = pooled["bootstrap"]["iterations"]
             row = [
-                name, str(mc["n"]), _fmt(pooled["bootstrap"]["diff"], "+.3f"),
-                _fmt_ci(pooled["bootstrap"]["ci95"], "+.3f"), f"{mc['b10']}/{mc['b01']}",
-                *p_seeds, _fmt_p(mc["p_value"]) if mc["n"] else "—",
-                "yes" if c["significant_every_seed"] else "no",
+                name, str(pooled["questions"]), str(pooled["pairs"]), _fmt(pooled["diff"], "+.3f"),
+                _fmt_ci(pooled["bootstrap"]["ci95"], "+.3f"), f"{pooled['b10']}/{pooled['b01']}",
+                *p_seeds, _fmt_p(pooled["p_value"]), "yes" if c["significant_every_seed"] else "no",
             ]
             lines.append("| " + " | ".join(row) + " |")
+        how = ("exact" if False not in exact else f"Monte Carlo with {iterations} draws" if exact == {False}
+               else f"exact, or Monte Carlo with {iterations} draws where rewards are fractional")
+        lines += [
+            "",
+            f"p pooled is a paired sign-flip permutation test over questions ({how}) that flips all "
+            "seeds of a question together, and the 95% CI is a cluster bootstrap that resamples "
+            f"questions with all their seeds ({iterations} resamples), so a question repeated over "
+            "seeds counts as one question, not as new evidence.",
+        ]
     return "\n".join(lines) + "\n"
 
 

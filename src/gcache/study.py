@@ -11,9 +11,10 @@ checkpoint (`gcache.evaluate`, so `eval/results.jsonl` holds one record per ques
 method). When the sweep ends, `Aggregate` reads every seed's records and `history.jsonl`
 and writes `study.json`, `study.md` and pictures (`curves.png`, `edges.png`,
 `comparison.png`) into the sweep directory, using `gcache.stats` (two-level bootstrap
-intervals over seeds and questions, exact McNemar tests per seed and pooled, paired
-bootstrap differences). Every seed's data split is the same (`study.data_seed`); seeds vary
-the policy's initialisation, the sampled graphs and the data order.
+intervals over seeds and questions, exact McNemar tests per seed, and over all seeds a
+sign-flip permutation test and a cluster bootstrap with questions as the units). Every
+seed's data split is the same (`study.data_seed`); seeds vary the policy's initialisation,
+the sampled graphs and the data order.
 
 Resumable: a seed with a `summary.json` is not trained again (an interrupted one resumes
 from its last checkpoint), and evaluation skips finished (question, method) pairs; rerun

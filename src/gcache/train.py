@@ -128,8 +128,9 @@ def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tup
     module.test_records = []
     results = trainer.test(module, datamodule=datamodule, verbose=False)
     test = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    module.test_records = gather_records(module.test_records, datamodule.split("test"))
     comparison = None
-    if trainer.is_global_zero:  # rank 0's shard under DDP
+    if trainer.is_global_zero:  # every rank's test records, gathered above
         (out / "test_predictions.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in module.test_records))
         (out / "test_predictions.jsonl.tmp").replace(out / "test_predictions.jsonl")
         comparison = compare_on_test(module, list(cfg.get("compare") or []), datamodule.split("test"), out,
@@ -137,6 +138,19 @@ def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tup
         if comparison:
             log_comparison(trainer.loggers, comparison, trainer.global_step)
     return val, test, comparison
+
+
+def gather_records(records: list[dict], examples: list) -> list[dict]:
+    """Every rank's per-question records (under DDP each rank holds its shard), one per question (a
+    sampler pads shards by repeating questions), in the order of `examples`."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shards: list[list[dict] | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shards, records)
+        records = [r for shard in shards for r in shard or []]
+    by_id: dict[str, dict] = {}
+    for record in records:
+        by_id.setdefault(record["id"], record)
+    return [by_id[ex.id] for ex in examples if ex.id in by_id]
 
 
 def log_comparison(loggers: list, comparison: dict, step: int) -> None:
@@ -187,5 +201,4 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     check_command_line(sys.argv[1:])  # before Hydra writes overrides to .hydra/
-    torch.set_float32_matmul_precision("high")
     main()

@@ -29,9 +29,19 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from gcache import kv, kv_static
 
@@ -173,7 +183,8 @@ class Decoded:
 class LocalLM:
     """A frozen causal LM + tokenizer with chat templating, left-padded batching and decoding."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, name: str = "model") -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, *, name: str = "model",
+                 chat_template_kwargs: dict[str, Any] | None = None) -> None:
         model.eval()
         model.requires_grad_(False)
         self.model = model
@@ -183,6 +194,9 @@ class LocalLM:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "left"
         self.rotary = kv.rotary_embedding(model)
+        # Arguments of the tokenizer's chat template for every prompt gcache builds, e.g. Qwen3's
+        # {"enable_thinking": False} (its template thinks by default).
+        self.chat_template_kwargs: dict[str, Any] = dict(chat_template_kwargs or {})
         self._realign: kv.Realignment | None = None
         self._loop_pool: kv_static.LoopPool | None = None
 
@@ -223,35 +237,51 @@ class LocalLM:
         tie_word_embeddings: bool = False,
         device: str = "cpu",
         dtype: str = "float32",
+        family: str = "llama",
+        rope_parameters: dict[str, Any] | None = None,
     ) -> LocalLM:
-        """A random-weight Llama with the embedded model's tokenizer (for tests; fp32 on CPU unless told)."""
+        """A random-weight model with the embedded model's tokenizer (for tests; fp32 on CPU unless told):
+        family `llama`, `qwen2` (q/k/v biases) or `qwen3` (q/k norms), RoPE as in `rope_parameters`."""
+        configs = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                   "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+        if family not in configs:
+            raise ValueError(f"family={family!r} is not one of {sorted(configs)}")
         tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model_dir())
-        config = LlamaConfig(
+        config_cls, model_cls = configs[family]
+        config = config_cls(
             vocab_size=len(tokenizer),
             hidden_size=hidden_size,
             intermediate_size=hidden_size * 2,
             num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=num_kv_heads,
+            head_dim=hidden_size // num_heads,
             max_position_embeddings=4096,
             tie_word_embeddings=tie_word_embeddings,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **({"rope_parameters": {"rope_theta": 10000.0, **rope_parameters}} if rope_parameters else {}),
         )
         torch.manual_seed(seed)
         dev = resolve_device(device)
-        model = LlamaForCausalLM(config).to(dev, resolve_dtype(dtype, dev))
-        return cls(model, tokenizer, name=f"tiny-random-{seed}")
+        model = model_cls(config).to(dev, resolve_dtype(dtype, dev))
+        suffix = "" if family == "llama" and not rope_parameters else f"-{family}" + (
+            f"-{rope_parameters['rope_type']}" if rope_parameters else "")
+        return cls(model, tokenizer, name=f"tiny-random-{seed}{suffix}")
 
     @classmethod
-    def load(cls, name: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0) -> LocalLM:
+    def load(cls, name: str, *, device: str = "auto", dtype: str = "auto", seed: int = 0,
+             chat_template_kwargs: dict[str, Any] | None = None) -> LocalLM:
         """`embedded`, `tiny-random`, a hub id or a local directory."""
         if name == "embedded":
-            return cls.embedded(device=device, dtype=dtype)
-        if name == "tiny-random":
-            return cls.tiny_random(seed=seed, device=device, dtype=dtype)
-        return cls.from_pretrained(name, device=device, dtype=dtype)
+            llm = cls.embedded(device=device, dtype=dtype)
+        elif name == "tiny-random":
+            llm = cls.tiny_random(seed=seed, device=device, dtype=dtype)
+        else:
+            llm = cls.from_pretrained(name, device=device, dtype=dtype)
+        llm.chat_template_kwargs = dict(chat_template_kwargs or {})
+        return llm
 
     # ---- properties ---------------------------------------------------------------------
     @property
@@ -298,8 +328,9 @@ class LocalLM:
 
     # ---- text ---------------------------------------------------------------------------
     def chat_text(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+        """The chat template applied to `messages`, with this model's `chat_template_kwargs`."""
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **self.chat_template_kwargs
         )
 
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

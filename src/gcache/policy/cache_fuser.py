@@ -6,7 +6,11 @@ no sender is truncated. The values of sender segment i at layer l are scaled by
 
     g_{l,i} = 2 · σ(a_l + b · s_i)
 
-where s_i is the policy's logit of the edge sender → receiver. Parameters a (one per
+where s_i is the policy's logit of the edge sender → receiver. Only segments of direct
+senders (an edge sender → receiver that was sampled) are gated: under `full` retention a
+reader also reads ancestors through its senders, and their segments get g = 1 — a gate
+from the logit of an edge that does not exist would train (and, through s_i, move) an edge
+that did not run. Parameters a (one per
 layer) and b start at zero, so g = 1: an untrained fuser is plain concatenation (on a
 chain, exactly the LatentMAS chain), and training only moves away from that. A gate
 below 1 damps what a sender contributes at that layer, above 1 amplifies it.
@@ -51,8 +55,10 @@ class CacheFuser(nn.Module):
         senders: Sequence[kv.KV],
         edge_logits: torch.Tensor | None,
         rotary: torch.nn.Module | None,
+        gated: Sequence[bool] | None = None,
     ) -> kv.KV:
-        """Fuse senders' caches (each with B rows) for B receivers; edge_logits (S, B) or None (= 0)."""
+        """Fuse senders' caches (each with B rows) for B receivers; edge_logits (S, B) or None (= 0).
+        `gated[s]` False: segment s is an ancestor read through a sender, not a sender: gate 1."""
         if not senders:
             raise ValueError("fuse needs at least one sender")
         batch = senders[0].batch_size
@@ -63,4 +69,9 @@ class CacheFuser(nn.Module):
                 f"edge_logits must be ({len(senders)}, {batch}), got {tuple(edge_logits.shape)}"
             )
         gates = self.gates(edge_logits)  # (S, L, B)
+        if gated is not None:
+            if len(gated) != len(senders):
+                raise ValueError(f"gated has {len(gated)} entries for {len(senders)} senders")
+            keep = torch.tensor(list(gated), dtype=torch.bool, device=gates.device)[:, None, None]  # (S, 1, 1)
+            gates = torch.where(keep, gates, torch.ones_like(gates))
         return kv.concat(senders, rotary, list(gates.unbind(0)))
