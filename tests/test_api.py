@@ -335,3 +335,25 @@ def test_config_rejects_bad_values():
         ApiConfig(timeout_s=0)
     with pytest.raises(ValueError, match=r"api.max_retries=-1 must be >= 0"):
         ApiConfig(max_retries=-1)
+
+
+def test_a_model_without_a_price_is_unpriced_and_a_ledger_splits_usage_into_parts(fault_server, make_client):
+    from gcache.llm.api import UsageLedger
+
+    assert ApiConfig(model="qwen-flash").priced("qwen-flash") and not ApiConfig().priced("local-model")
+    assert ApiConfig(price_per_million_input=0.0, price_per_million_output=0.0).priced("local-model")
+    fault_server.play(ok(prompt_tokens=10, completion_tokens=1), error(500), ok(prompt_tokens=20, completion_tokens=2),
+                      error(400))
+    client = make_client(fast_config(fault_server.base_url))
+    ledger = UsageLedger(client.usage)
+    with ledger.part("train"):
+        client.chat_sync(user("a"))
+    with ledger.part("val"):
+        client.chat_sync(user("b"))
+    with ledger.part("val"), pytest.raises(ApiError):
+        client.chat_sync(user("c"))
+    assert ledger.parts["train"].summary(priced=client.priced) == {
+        "requests": 1, "prompt_tokens": 10, "completion_tokens": 1, "cost_usd": None, "retries": 0, "failed_items": 0}
+    val = ledger.parts["val"]
+    assert (val.requests, val.prompt_tokens, val.retries, val.failures) == (1, 20, 1, 1)
+    assert ledger.parts["train"] + val == client.usage.snapshot()

@@ -112,3 +112,36 @@ def test_a_many_core_machine_gets_no_dataloader_worker_hints(tmp_path):
     console = result.stderr + result.stdout
     assert "does not have many workers" not in console, console
     assert "[py.warnings]" not in console, console
+
+
+def test_http_request_lines_are_quiet_unless_a_logger_is_given_a_level():
+    # One line per API request at INFO (httpx2: `HTTP Request: POST ... "HTTP/1.1 200 OK"`): below WARNING
+    # by default; Hydra's `hydra.verbose=[httpx2]` gives that logger a level of its own, which is kept.
+    import logging
+
+    from hydra.core.utils import configure_log
+    from omegaconf import OmegaConf
+
+    from gcache.cli import HTTP_LOGGERS, quiet_third_party_output
+
+    saved = {name: logging.getLogger(name).level for name in ("", *HTTP_LOGGERS)}
+    handlers = list(logging.getLogger().handlers)
+    logging_cfg = OmegaConf.create({"version": 1, "root": {"level": "INFO"}, "disable_existing_loggers": False})
+    try:
+        for name in HTTP_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        configure_log(logging_cfg, verbose_config=OmegaConf.create(["httpx2"]))
+        quiet_third_party_output()
+        assert logging.getLogger("httpx2").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("openai").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("httpx").isEnabledFor(logging.INFO)
+        assert logging.getLogger("openai").isEnabledFor(logging.WARNING)
+        for name in HTTP_LOGGERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)
+        configure_log(logging_cfg, verbose_config=False)
+        quiet_third_party_output()
+        assert not any(logging.getLogger(name).isEnabledFor(logging.INFO) for name in HTTP_LOGGERS)
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+        logging.getLogger().handlers[:] = handlers

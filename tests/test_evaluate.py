@@ -152,3 +152,18 @@ def test_trained_checkpoint_evaluates_to_the_training_runs_own_test_predictions(
     assert report["methods"]["mismatched"]["config"]["subject"] == "gcache"
     assert report["methods"]["gcache-policy-only"]["config"]["fuser"] == "none"
     assert report["methods"]["gcache-fuser-only"]["config"]["graph"] == "full"
+
+
+def test_api_columns_per_question_and_per_correct_answer():
+    from gcache.report import api_columns
+
+    rows = [{"reward": 1.0, "api_prompt_tokens": 100, "api_completion_tokens": 10, "api_cost_usd": 0.3},
+            {"reward": 0.0, "api_prompt_tokens": 50, "api_completion_tokens": 30, "api_cost_usd": 0.1},
+            {"reward": None, "api_prompt_tokens": 0, "api_completion_tokens": 0, "api_cost_usd": 0.0}]
+    assert api_columns(rows) == pytest.approx({
+        "api_prompt_tokens_per_question": 50.0, "api_completion_tokens_per_question": 40 / 3,
+        "api_cost_usd_per_question": 0.4 / 3, "api_cost_usd_per_correct": 0.4})
+    unpriced = api_columns([{**r, "api_cost_usd": None} for r in rows])
+    assert unpriced["api_cost_usd_per_question"] is None and unpriced["api_cost_usd_per_correct"] is None
+    assert api_columns(rows[1:])["api_cost_usd_per_correct"] is None  # nothing correct
+    assert api_columns([{"reward": 1.0}]) == {}  # a local method: no API columns

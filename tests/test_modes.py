@@ -3,11 +3,18 @@ the API-only baselines (`gcache.rollout.api_text_mas`) send what the local text 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 from servers import FaultServer, error, free_port, ok
+from test_dashboards import _read_run
 
 from gcache.agents import build_roster
 from gcache.build import CONF_DIR, build_module
@@ -133,7 +140,8 @@ def test_api_only_baselines_run_through_the_evaluator(llama_server, tmp_path):
         cfg = compose(config_name="evaluate", overrides=[
             "model=tiny-random", "task=arith", "limit=2", "batch_size=2", "mode=hybrid",
             f"mode.api.base_url={llama_server.base_url}", f"mode.api.model={llama_server.model}",
-            "mode.api.require_key=false", "mode.api.max_tokens=8", "methods=[api_single,api_text_mas]",
+            "mode.api.require_key=false", "mode.api.max_tokens=8", "methods=[api_single,api_text_mas,single]",
+            "mode.api.price_per_million_input=2", "mode.api.price_per_million_output=10",
         ])
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path)
@@ -143,6 +151,19 @@ def test_api_only_baselines_run_through_the_evaluator(llama_server, tmp_path):
     # Four agents and a judger make five API calls per question against one for the single agent.
     assert text["prompt_tokens_per_question"] > 3 * single["prompt_tokens_per_question"]
     assert 0 < single["decoded_tokens_per_question"] <= 8
+    # API tokens and USD per question and per correct answer, from each record's server-counted usage
+    # (`single` under mode=hybrid: the local judger's draft, the API's final answer).
+    records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    for method, stats in report.items():
+        rows = [r for r in records if r["method"] == method]
+        cost = sum(2 * r["api_prompt_tokens"] + 10 * r["api_completion_tokens"] for r in rows) / 1e6
+        assert sum(r["api_cost_usd"] for r in rows) == pytest.approx(cost) and cost > 0
+        assert stats["api_prompt_tokens_per_question"] == sum(r["api_prompt_tokens"] for r in rows) / 2
+        assert stats["api_cost_usd_per_question"] == pytest.approx(cost / 2)
+        correct = sum(r["reward"] > 0.5 for r in rows)
+        assert stats["api_cost_usd_per_correct"] == (pytest.approx(cost / correct) if correct else None)
+    assert text["api_prompt_tokens_per_question"] == text["prompt_tokens_per_question"]
+    assert "| USD/q | USD/correct |" in (tmp_path / "report.md").read_text()
 
 
 # ---- API-only baselines: the local text method's plan and prompts ------------------------------------
@@ -309,3 +330,110 @@ def test_every_api_item_failing_stops_with_the_api_error(examples):
     with FaultServer(model="fake").play(ok(), *[error(400, "bad request")] * 4) as server:
         with pytest.raises(ApiError, match="400|bad request"):
             _hybrid_step(server, examples)
+
+
+# ---- the design card's command as a user runs it (issue 22) -----------------------------------------
+
+def test_a_hybrid_run_keeps_the_console_quiet_and_reports_api_single_and_api_totals(llama_server, tmp_path):
+    """`python -m gcache.train -m ... mode=hybrid` (a one-job sweep over the API model) against
+    llama.cpp: no HTTP request lines, `api_single` beside the team with McNemar p and API costs, and
+    API totals in summary.json that add up to the per-step usage and the server-counted records."""
+    price_in, price_out = 1.5, 6.0
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gcache.train", "-m", "model=tiny-random", "task=arith", "limit_train=4",
+         "limit_val=2", "limit_test=4", "batch_size=2", "val_every_n_steps=2", "policy.graphs_per_question=2",
+         "rollout.latent_steps=2", "rollout.max_new_tokens=4", "logger=wandb", "mode=hybrid",
+         f"mode.api.base_url={llama_server.base_url}", f"mode.api.model={llama_server.model}",
+         "mode.api.require_key=false", "mode.api.max_tokens=8", f"mode.api.price_per_million_input={price_in}",
+         f"mode.api.price_per_million_output={price_out}", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=job"],
+        env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    console = result.stderr
+    assert "HTTP Request" not in console and "[httpx" not in console and "[openai" not in console, console
+    assert "api_single" in console and "API model 'smollm2-135m-instruct'" in console, console
+    out = tmp_path / "job"
+    summary = json.loads((out / "summary.json").read_text())
+
+    # api_single on the same questions: paired McNemar p, API tokens, USD per question and per correct.
+    comparison = summary["comparison"]["methods"]
+    assert list(comparison) == ["gcache", "single", "fixed-full", "api_single"]
+    records = [json.loads(x) for x in (out / "comparison.jsonl").read_text().splitlines()]
+    for method, entry in comparison.items():
+        rows = ([json.loads(x) for x in (out / "test_predictions.jsonl").read_text().splitlines()]
+                if method == "gcache" else [r for r in records if r["method"] == method])
+        assert len(rows) == 4 and all(r["api_completion_tokens"] > 0 for r in rows), method
+        cost = sum((r["api_prompt_tokens"] * price_in + r["api_completion_tokens"] * price_out) / 1e6 for r in rows)
+        assert sum(r["api_cost_usd"] for r in rows) == pytest.approx(cost)
+        assert entry["api_prompt_tokens_per_question"] == sum(r["api_prompt_tokens"] for r in rows) / 4
+        assert entry["api_cost_usd_per_question"] == pytest.approx(cost / 4)
+        correct = sum(r["reward"] > 0.5 for r in rows)
+        assert entry["api_cost_usd_per_correct"] == (pytest.approx(cost / correct) if correct else None)
+        if method != "gcache":
+            assert 0.0 <= entry["mcnemar_p_vs_gcache"] <= 1.0
+    single = [r for r in records if r["method"] == "api_single"]
+    assert all(r["api_prompt_tokens"] == r["prompt_tokens"] for r in single)  # the API model alone
+
+    # Run totals: the parts add up to the total (plus the start-up check), training to its steps.
+    api = summary["api"]
+    assert list(api) == ["train", "val", "test", "compare", "total"]
+    assert summary["api_model"] == llama_server.model  # what a sweep over API models varies
+    keys = ("requests", "prompt_tokens", "completion_tokens", "retries", "failed_items")
+    parts = {k: sum(api[p][k] for p in ("train", "val", "test", "compare")) for k in keys}
+    assert api["total"]["requests"] == parts["requests"] + 1 and api["total"]["failed_items"] == 0
+    assert api["train"]["requests"] == 8  # 2 steps x 2 questions x 2 graphs
+    # The records' tokens are the server's `usage` of each reply: the test and compare parts are their sums.
+    for part, rows in (("test", [json.loads(x) for x in (out / "test_predictions.jsonl").read_text().splitlines()]),
+                       ("compare", records)):
+        assert api[part]["prompt_tokens"] == sum(r["api_prompt_tokens"] for r in rows)
+        assert api[part]["completion_tokens"] == sum(r["api_completion_tokens"] for r in rows)
+        assert api[part]["cost_usd"] == pytest.approx(sum(r["api_cost_usd"] for r in rows))
+
+    # W&B: each training step's usage sums to the train totals; the summary holds totals and comparison.
+    (run_dir,) = (out / "wandb").glob("offline-run-*")
+    for _ in range(40):  # W&B's service may still be writing the file
+        history, final = _read_run(run_dir)
+        if "api/total/requests" in final:
+            break
+        time.sleep(0.5)
+    steps = [row for row in history if "train/api_requests" in row]
+    assert len(steps) == 2
+    for key, field in (("requests", "requests"), ("prompt_tokens", "prompt_tokens"),
+                       ("completion_tokens", "completion_tokens"), ("retries", "retries"),
+                       ("failures", "failed_items")):
+        assert sum(row[f"train/api_{key}"] for row in steps) == api["train"][field], key
+    assert sum(row["train/api_cost_usd"] for row in steps) == pytest.approx(api["train"]["cost_usd"])
+    for part, fields in api.items():
+        for key, value in fields.items():
+            assert final[f"api/{part}/{key}"] == pytest.approx(value), (part, key)
+    assert final["comparison"]["methods"]["api_single"] == comparison["api_single"]
+    assert final["compare/api_single/mcnemar_p"] == comparison["api_single"]["mcnemar_p_vs_gcache"]
+    assert final["compare/api_single/api_cost_usd_per_question"] == pytest.approx(
+        comparison["api_single"]["api_cost_usd_per_question"])
+    (table_file,) = (run_dir / "files" / "media" / "table" / "compare").glob("table_*.table.json")
+    table = json.loads(table_file.read_text())
+    assert "api_cost_usd_per_correct" in table["columns"] and [r[0] for r in table["data"]][-1] == "api_single"
+
+
+def test_run_totals_count_retries_and_failed_items_and_say_so(examples, caplog):
+    from gcache.train import api_totals, log_api_totals
+
+    # The start-up check; then 4 answers of a training step: one 503 (retried), one 400 (fails for good).
+    with FaultServer(model="fake").play(ok(), error(503), ok(), ok(), error(400, "bad request"), ok()) as server:
+        module = build_module(_cfg("hybrid", server.base_url, "fake", "mode.api.max_retries=1"))
+        logged = {}
+        module.log_dict = lambda metrics, **kwargs: logged.update(metrics)
+        module.log = lambda *args, **kwargs: None
+        with caplog.at_level("INFO"):
+            module.training_step(examples, 0)
+            api = api_totals(module)
+            log_api_totals([], api, "fake")
+    train = api["train"]
+    assert (train["requests"], train["retries"], train["failed_items"]) == (3, 1, 1)
+    assert train["cost_usd"] is None  # "fake" has no price
+    assert api["total"]["requests"] == 4 and set(api) == {"train", "total"}
+    assert train["prompt_tokens"] == float(logged["train/api_prompt_tokens"]) == 3 * 11
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("attempt 1 of 2" in m for m in warnings)  # the retry, as it happens
+    assert any("1 of 4 API requests failed" in m for m in warnings)  # the failed item
+    assert any("1 retries, 1 failed items" in m and "cost unknown" in m for m in warnings)  # the run's totals

@@ -15,9 +15,9 @@ TINY = ["model=tiny-random", "logger=csv", "task=lookup", "limit_train=4", "limi
         "val_every_n_steps=1", "study.methods=[gcache,single,fixed-full,oracle,mismatched,zeroed]"]
 
 
-def _study(out: Path, *extra: str) -> subprocess.CompletedProcess:
+def _study(out: Path, *extra: str, base: tuple[str, ...] = (*TINY, "seed=0,1")) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    cmd = [sys.executable, "-m", "gcache.study", *TINY, "seed=0,1", f"hydra.sweep.dir={out}", *extra]
+    cmd = [sys.executable, "-m", "gcache.study", *base, f"hydra.sweep.dir={out}", *extra]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -62,3 +62,23 @@ def test_study_refuses_a_reference_it_does_not_evaluate(tmp_path):
     result = _study(tmp_path, "study.reference=text_mas")
     assert result.returncode == 2
     assert "study.reference='text_mas' is not among study.methods" in result.stderr
+
+
+def test_a_study_with_an_api_mode_evaluates_the_api_model_alone_and_keeps_each_seeds_api_totals(
+        llama_server, tmp_path):
+    base = (*[o for o in TINY if not o.startswith(("task=", "study.methods="))], "task=arith", "seed=0",
+            "study.methods=[gcache,single]")
+    result = _study(tmp_path, "mode=hybrid", f"mode.api.base_url={llama_server.base_url}",
+                    f"mode.api.model={llama_server.model}", "mode.api.require_key=false", "mode.api.max_tokens=6",
+                    base=base)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "HTTP Request" not in result.stderr
+    summary = json.loads((tmp_path / "seed0" / "summary.json").read_text())
+    # The seed's training run leaves the mode's baselines to the study's evaluation.
+    assert summary["comparison"] is None and set(summary["api"]) == {"train", "val", "test", "total"}
+    assert summary["api"]["train"]["requests"] == 8 and summary["api"]["total"]["cost_usd"] is None
+    report = json.loads((tmp_path / "seed0" / "eval" / "report.json").read_text())["methods"]
+    assert set(report) == {"gcache", "single", "api_single"}
+    assert all(stats["api_completion_tokens_per_question"] > 0 for stats in report.values())
+    study = json.loads((tmp_path / "study.json").read_text())
+    assert "api_single" in study["methods"] and "api_single" in study["comparisons"]

@@ -100,6 +100,10 @@ def check_command_line(argv: list[str]) -> None:
         sys.exit(EXIT_BAD_INPUT)
 
 
+# The OpenAI SDK's and its HTTP stack's loggers (`httpx2`: "HTTP Request: POST ... 200 OK").
+HTTP_LOGGERS = ("openai", "httpx", "httpx2", "httpcore", "httpcore2")
+
+
 def quiet_third_party_output() -> None:
     """Keep the console to our lines and real warnings, silencing known-benign output at its source.
 
@@ -114,6 +118,10 @@ def quiet_third_party_output() -> None:
     - Lightning's "does not have many workers" hint (printed per dataloader on a many-core GPU
       machine): gcache's datasets are in-memory lists of questions, batches cost nothing to make,
       and a worker process would only add start-up time.
+    - HTTP request lines of the API client's libraries (`HTTP_LOGGERS`: one per request, thousands
+      a run): below WARNING. A logger given a level of its own (`hydra.verbose=[httpx2,openai]`, or
+      `hydra.verbose=true` for every logger) keeps it. API trouble shows as `gcache.llm.api` and
+      `gcache.modes` warnings (retries, failed items) and the run's totals (`gcache.train`).
     """
     import huggingface_hub
     import transformers
@@ -126,6 +134,11 @@ def quiet_third_party_output() -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             module=r"lightning\.pytorch\.utilities\._pytree")
     warnings.filterwarnings("ignore", message=r".*does not have many workers which may be a bottleneck")
+    verbose = logging.getLogger().getEffectiveLevel() <= logging.DEBUG
+    for name in HTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET and not verbose:
+            logger.setLevel(logging.WARNING)
 
 
 # Every command computes in one numerical setting: float32 matmuls may use TF32 on GPUs ("high"), so

@@ -28,7 +28,10 @@ Controls, applied to the *subject* (`gcache` with a checkpoint, else `fixed-<top
 - `realign-identity`, `realign-random`: latent steps with the norm rescale only, or with a
   random matrix of the ridge matrix's spectrum, instead of the ridge realignment.
 API baselines (with `mode=hybrid` or `api_hint`, which name the endpoint): `api_single`,
-`api_text_mas` (every agent is the API model, text along `baseline_topology`).
+`api_text_mas` (every agent is the API model, text along `baseline_topology`). Under an API mode
+every record carries the API tokens and cost of its question (`api_prompt_tokens`,
+`api_completion_tokens`, `api_cost_usd`; None without a price), and the report their per-question
+means and the cost per correct answer (`gcache.report.api_columns`).
 
 A channel "carries information" only where `mismatched` and `zeroed` fall clearly below
 the subject. Every record holds the method's `config` (graph, fuser, checkpoint, retention,
@@ -56,7 +59,14 @@ from gcache.checkpoints import load_trained
 from gcache.cli import CONF_DIR, check_command_line, config_errors, run_job
 from gcache.policy.sampling import deterministic_dag
 from gcache.policy.topology import TOPOLOGIES, fixed_adjacency, judger_senders_all, oracle_adjacency
-from gcache.report import repair_results, report_markdown, write_report
+from gcache.report import (
+    API_HEADERS,
+    api_cells,
+    api_columns,
+    repair_results,
+    report_markdown,
+    write_report,
+)
 from gcache.rollout import RolloutConfig, RolloutEngine
 from gcache.secrets import redacted_config
 from gcache.stats import mcnemar_exact, wilson_interval
@@ -184,6 +194,8 @@ class Evaluator:
                 edge_logits=logits,
             )
             answers, _ = self.module._answers(batch, rows)
+        mode = self.module.generator_mode
+        api = mode.item_usage() if mode is not None else [{}] * len(batch)
         # Runs code tasks' programs once; an answer that never came (a failed API request) is unscored.
         details = self.module.task.score_details(["" if a is None else a for a in answers], list(batch))
         details = [{**d, "reward": None} if a is None else d for a, d in zip(answers, details, strict=True)]
@@ -192,8 +204,8 @@ class Evaluator:
             _record(ex, method, answer, detail, config, decoded_tokens=rollout.decoded_tokens,
                     prompt_tokens=rollout.prompt_tokens, seconds=seconds,
                     peak_cache_bytes=rollout.peak_cache_bytes, edges=int(rollout.adjacency.sum()),
-                    judger_senders=rollout.judger_senders, agents_run=rollout.agents_run)
-            for ex, rollout, answer, detail in zip(batch, rows.rollouts, answers, details, strict=True)
+                    judger_senders=rollout.judger_senders, agents_run=rollout.agents_run, **usage)
+            for ex, rollout, answer, detail, usage in zip(batch, rows.rollouts, answers, details, api, strict=True)
         ]
 
     def _run_api(self, method: str, batch, start: float, config: dict) -> list[dict]:
@@ -211,10 +223,14 @@ class Evaluator:
         )
         details = self.module.task.score_details([r["answer"] for r in results], list(batch))
         seconds = (time.perf_counter() - start) / len(batch)
+        client = self.module.generator_mode.client
         return [
             _record(ex, method, r["answer"], d, config, decoded_tokens=r["completion_tokens"],
                     prompt_tokens=r["prompt_tokens"], seconds=seconds, peak_cache_bytes=0,
-                    edges=int(adjacency[row].sum()), judger_senders=r["judger_senders"], agents_run=0)
+                    edges=int(adjacency[row].sum()), judger_senders=r["judger_senders"], agents_run=0,
+                    api_prompt_tokens=r["prompt_tokens"], api_completion_tokens=r["completion_tokens"],
+                    api_cost_usd=client.cost_usd(r["prompt_tokens"], r["completion_tokens"])
+                    if client.priced else None)
             for row, (ex, r, d) in enumerate(zip(batch, results, details, strict=True))
         ]
 
@@ -270,26 +286,29 @@ def evaluate(cfg: DictConfig, *, module=None) -> dict:
 
 def compare_on_test(module, methods: list[str], examples: list, out: Path, *, batch_size: int) -> dict | None:
     """A training run's trained policy (its test predictions, `module.test_records`) next to baseline
-    `methods` on the same test questions, with paired exact McNemar tests; the baselines' records
-    are written to `out/comparison.jsonl`. `oracle` is left out for tasks without oracle graphs."""
+    `methods` on the same test questions, with paired exact McNemar tests (and under an API mode
+    API tokens, USD per question and per correct answer); the baselines' records are written to
+    `out/comparison.jsonl`. `oracle` is left out for tasks without oracle graphs."""
     methods = [m for m in methods if m != "oracle" or all(ex.oracle_edges for ex in examples)]
     if not methods:
         return None
     evaluator = Evaluator(module, ckpt_path=str(out / "checkpoints" / "last.ckpt"))
-    trained = {r["id"]: r["reward"] for r in module.test_records}
-    rewards = {"gcache": [trained[ex.id] for ex in examples]}
+    trained = {r["id"]: r for r in module.test_records}
+    rows_of = {"gcache": [trained[ex.id] for ex in examples]}
     records = []
     was_training = module.training
     module.eval()
     try:
-        for method in methods:
-            rows = []
-            for start in range(0, len(examples), batch_size):
-                rows += evaluator.run(method, examples[start : start + batch_size])
-            records += rows
-            rewards[method] = [r["reward"] for r in rows]
+        with module.api_part("compare"):
+            for method in methods:
+                rows = []
+                for start in range(0, len(examples), batch_size):
+                    rows += evaluator.run(method, examples[start : start + batch_size])
+                records += rows
+                rows_of[method] = rows
     finally:
         module.train(was_training)
+    rewards = {method: [r["reward"] for r in rows] for method, rows in rows_of.items()}
     with open(out / "comparison.jsonl", "w") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in records)
     result = {"questions": len(examples), "methods": {}}
@@ -300,16 +319,21 @@ def compare_on_test(module, methods: list[str], examples: list, out: Path, *, ba
             pairs = [(a, b) for a, b in zip(rewards["gcache"], values, strict=True) if a is not None and b is not None]
             entry["mcnemar_p_vs_gcache"] = mcnemar_exact([a > 0.5 for a, _ in pairs], [b > 0.5 for _, b in pairs])[
                 "p_value"]
+        entry.update(api_columns(rows_of[method]))
         result["methods"][method] = entry
     return result
 
 
 def comparison_table(comparison: dict) -> str:
-    lines = ["| method | accuracy | 95% CI | McNemar p vs gcache |", "|---|---|---|---|"]
+    """The comparison as a markdown table (with the API columns where a method has them)."""
+    with_api = any("api_prompt_tokens_per_question" in e for e in comparison["methods"].values())
+    headers = ["method", "accuracy", "95% CI", "McNemar p vs gcache", *(API_HEADERS if with_api else [])]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for method, entry in comparison["methods"].items():
         p = entry.get("mcnemar_p_vs_gcache")
-        lines.append(f"| {method} | {entry['accuracy']:.3f} | {entry['ci95'][0]:.2f}–{entry['ci95'][1]:.2f} | "
-                     f"{'—' if p is None else f'{p:.3g}'} |")
+        cells = [method, f"{entry['accuracy']:.3f}", f"{entry['ci95'][0]:.2f}–{entry['ci95'][1]:.2f}",
+                 "—" if p is None else f"{p:.3g}", *(api_cells(entry) if with_api else [])]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -10,12 +10,17 @@ In both API modes what the API receives is text decoded *from the fused cache*, 
 different cache gives a different request (never a metadata string about the cache). The
 messages are `gcache.prompts.hybrid_messages` / `hint_messages`; the API-only baselines
 (`api_single`, `api_text_mas`) run in `gcache.rollout.api_text_mas`.
+
+Accounting: `ApiMode.ledger` splits the client's usage into the parts of a run (the module
+enters `train`, `val`, `test`; the comparison `compare`), `last_usage` is the usage of each item
+of the last `finalize`, and `totals()` is what `summary.json` reports.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,6 +43,23 @@ class ApiMode:
         self.client = client
         self.local_tokens = local_tokens  # the judger decodes at most this many tokens
         self.last_requests: list[list[dict]] = []
+        from gcache.llm.api import UsageLedger
+
+        self.ledger = UsageLedger(client.usage)
+        self.last_usage: list = []  # UsageTotals of each item of the last finalize
+
+    def totals(self, parts: dict | None = None, total=None) -> dict[str, dict[str, Any]]:
+        """Usage per part of the run (default: the ledger's) and `total` (default: everything the
+        client sent, the start-up check included), as `UsageTotals.summary`."""
+        parts = self.ledger.parts if parts is None else parts
+        total = self.client.usage.snapshot() if total is None else total
+        return {**{name: t.summary(priced=self.client.priced) for name, t in parts.items()},
+                "total": total.summary(priced=self.client.priced)}
+
+    def item_usage(self) -> list[dict[str, Any]]:
+        """Per item of the last `finalize`: the fields a record carries (cost None without a price)."""
+        return [{"api_prompt_tokens": u.prompt_tokens, "api_completion_tokens": u.completion_tokens,
+                 "api_cost_usd": u.cost_usd if self.client.priced else None} for u in self.last_usage]
 
     def requests(self, questions: Sequence[str], outputs: Sequence[str], answer_format: str) -> list[list[dict]]:
         build = hybrid_messages if self.name == "hybrid" else hint_messages
@@ -52,9 +74,14 @@ class ApiMode:
         requests = self.requests(questions, outputs, answer_format)
         self.last_requests = requests
         before = self.client.usage.snapshot()
-        from gcache.llm.api import ApiError
+        from gcache.llm.api import ApiError, UsageTotals
 
         replies = self.client.chat_many_sync(requests, per_item=True)
+        self.last_usage = [
+            UsageTotals(retries=max(r.attempts - 1, 0), failures=1) if isinstance(r, ApiError) else
+            UsageTotals(requests=1, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                        cost_usd=r.cost_usd, retries=r.attempts - 1)
+            for r in replies]
         failed = [r for r in replies if isinstance(r, ApiError)]
         if failed and len(failed) == len(replies):
             raise failed[0]

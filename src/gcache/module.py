@@ -48,6 +48,7 @@ import logging
 import math
 import time
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,10 +243,15 @@ class GCacheModule(L.LightningModule):
         questions = [batch[r.question_index].question for r in rows.rollouts]
         return self.generator_mode.finalize(questions, answers, self.task.answer_format)
 
+    def api_part(self, name: str) -> AbstractContextManager:
+        """The API usage inside counts to part `name` of the run (`ApiMode.ledger`); local: nothing."""
+        return nullcontext() if self.generator_mode is None else self.generator_mode.ledger.part(name)
+
     # ---- training: sample -> rollout -> score -> trajectory -> losses -> metrics ------------------
     def training_step(self, batch: list[Example], batch_idx: int):
         start = time.perf_counter()
-        trajectory = self.collect(batch)
+        with self.api_part("train"):
+            trajectory = self.collect(batch)
         losses = self.losses(trajectory)
         # Forward parts of the update (the backward and optimiser step follow in Lightning).
         self.last_step_timings = {"rollout_s": trajectory.rollout_s,
@@ -382,12 +388,14 @@ class GCacheModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: list[Example]) -> None:
         start = time.perf_counter()
-        answers, rewards, rows = self.evaluate_batch(batch)
+        with self.api_part(stage):
+            answers, rewards, rows = self.evaluate_batch(batch)
         if stage == "test":  # per-question predictions, written by the training run
+            api = self.generator_mode.item_usage() if self.generator_mode else [{}] * len(batch)
             self.test_records += [
                 {"id": ex.id, "answer": answer, "reward": reward, "judger_senders": rollout.judger_senders,
-                 "edges": int(rollout.adjacency.sum()), "agents_run": rollout.agents_run}
-                for ex, answer, reward, rollout in zip(batch, answers, rewards, rows.rollouts, strict=True)
+                 "edges": int(rollout.adjacency.sum()), "agents_run": rollout.agents_run, **usage}
+                for ex, answer, reward, rollout, usage in zip(batch, answers, rewards, rows.rollouts, api, strict=True)
             ]
         scored = [r for r in rewards if r is not None]
         acc = sum(scored) / len(scored) if scored else 0.0

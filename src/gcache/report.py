@@ -1,7 +1,9 @@
 """What an evaluation leaves behind: `results.jsonl` (one record per question and method, appended
 as batches finish; a torn last line from a crash is dropped) and the report recomputed from it
 alone: per-method accuracy with a 95% Wilson interval, costs and ratios against `text_mas`
-(`report.json`, `report.md`, `report.png`).
+(`report.json`, `report.md`, `report.png`). Methods whose answers came from an API model
+(`api_*`, or any method under `mode=hybrid`/`api_hint`) also get API tokens and cost per
+question and cost per correct answer (`api_columns`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,38 @@ def repair_results(path: Path) -> list[dict]:
     return records
 
 
+def api_columns(rows: Sequence[dict]) -> dict[str, Any]:
+    """API tokens and USD per question and USD per correct answer (reward > 0.5) of one method's
+    records; {} when none has API fields, cost None without a price or (per correct) without one."""
+    rows = [r for r in rows if "api_prompt_tokens" in r]
+    if not rows:
+        return {}
+    n = len(rows)
+    costs = [r.get("api_cost_usd") for r in rows]
+    cost = None if any(c is None for c in costs) else sum(costs)
+    correct = sum(1 for r in rows if r["reward"] is not None and r["reward"] > 0.5)
+    return {
+        "api_prompt_tokens_per_question": sum(r["api_prompt_tokens"] for r in rows) / n,
+        "api_completion_tokens_per_question": sum(r["api_completion_tokens"] for r in rows) / n,
+        "api_cost_usd_per_question": None if cost is None else cost / n,
+        "api_cost_usd_per_correct": None if cost is None or not correct else cost / correct,
+    }
+
+
+def api_cells(stats: dict) -> list[str]:
+    """The API columns of one method for a markdown table (`—` where there is nothing)."""
+    def usd(value):
+        return "—" if value is None else f"{value:.3g}"
+
+    if "api_prompt_tokens_per_question" not in stats:
+        return ["—"] * 3
+    tokens = stats["api_prompt_tokens_per_question"] + stats["api_completion_tokens_per_question"]
+    return [f"{tokens:.1f}", usd(stats["api_cost_usd_per_question"]), usd(stats["api_cost_usd_per_correct"])]
+
+
+API_HEADERS = ["API tok/q", "USD/q", "USD/correct"]
+
+
 def summarize(records: Sequence[dict]) -> dict[str, Any]:
     """Per-method accuracy (95% CI) and costs, and ratios against text_mas."""
     methods: dict[str, dict] = {}
@@ -69,6 +103,7 @@ def summarize(records: Sequence[dict]) -> dict[str, Any]:
             "peak_cache_bytes": max(r["peak_cache_bytes"] for r in rows),
             "judger_senders_per_question": sum(len(r.get("judger_senders", [])) for r in rows) / n,
             "agents_run_per_question": sum(r.get("agents_run", 0) for r in rows) / n,  # pruned agents cost nothing
+            **api_columns(rows),
             "config": rows[0].get("config", {}),
         }
     base = methods.get("text_mas")
@@ -84,6 +119,9 @@ def summarize(records: Sequence[dict]) -> dict[str, Any]:
 def report_markdown(report: dict, title: str = "") -> str:
     cols = ["method", "n", "accuracy", "95% CI", "decoded tok/q", "prompt tok/q", "agents run/q", "s/q",
             "peak KV MB", "speed× vs text", "decoded vs text"]
+    with_api = any("api_prompt_tokens_per_question" in s for s in report["methods"].values())
+    if with_api:
+        cols += API_HEADERS
     lines = [f"# {title}".rstrip(), "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     def ratio(value):
         return "—" if value is None else f"{value:.2f}"
@@ -95,6 +133,7 @@ def report_markdown(report: dict, title: str = "") -> str:
             f"{s.get('agents_run_per_question', 0):.2f} | {s['seconds_per_question']:.2f} | "
             f"{s['peak_cache_bytes'] / 2**20:.1f} | "
             f"{ratio(s.get('speedup_vs_text_mas'))} | {ratio(s.get('decoded_tokens_vs_text_mas'))} |"
+            + ("".join(f" {c} |" for c in api_cells(s)) if with_api else "")
         )
     configs = [(name, s["config"]) for name, s in report["methods"].items() if s.get("config")]
     if configs:

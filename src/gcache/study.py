@@ -23,6 +23,7 @@ the same command (the sweep directory has no timestamp) to finish a study.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -46,14 +47,17 @@ def run_seed(cfg: DictConfig) -> dict[str, Any]:
 
     out = Path(cfg.output_dir)
     summary_path = out / "summary.json"
+    # The mode's baselines (api_single under an API mode) are evaluated here, not by the training run.
+    methods = list(dict.fromkeys([*cfg.study.methods, *(cfg.mode.get("compare") or [])]))
     if summary_path.exists():
         log.info("seed %s: trained already (%s)", cfg.seed, summary_path)
         summary = json.loads(summary_path.read_text())
     else:
-        with open_dict(cfg):
-            cfg.resume = (out / "checkpoints" / "last.ckpt").exists()
-        summary = run(cfg)
-    methods = list(cfg.study.methods)
+        train_cfg = copy.deepcopy(cfg)
+        with open_dict(train_cfg):
+            train_cfg.resume = (out / "checkpoints" / "last.ckpt").exists()
+            train_cfg.mode.compare = []
+        summary = run(train_cfg)
     if "oracle" in methods and not build_task(cfg).load_examples()[0].oracle_edges:
         log.info("task %s has no oracle graph: method 'oracle' left out", cfg.task.name)
         methods.remove("oracle")

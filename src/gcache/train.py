@@ -10,6 +10,11 @@ Each run writes into its output directory: the composed config (`.hydra/`), chec
 logs (W&B offline by default, or CSV), `test_predictions.jsonl`, `comparison.jsonl` (the
 trained policy next to `compare` baselines on the test questions) and `summary.json`.
 
+Under `mode=hybrid` / `api_hint` the comparison also holds `mode.compare` (default
+`[api_single]`: the API model alone on the same questions) with API tokens and USD per question
+and per correct answer, and `summary.json` / the W&B summary hold the run's API totals (`api`:
+requests, tokens, cost, retries, failed items for train, val, test, compare and in total).
+
 What happens when things go wrong:
 
 - Checkpoints are written to `<name>.partial` beside the target, fsynced and renamed over
@@ -100,6 +105,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "comparison": comparison,
             "config": _choices(),
         }
+        api = api_totals(module)
+        if api is not None:  # the model too: a sweep's jobs differ in it
+            summary["api_model"], summary["api"] = module.generator_mode.client.model, api
         if trainer.is_global_zero:
             _write_json(out / "summary.json", summary)
             shown = ("val_accuracy", "test_accuracy", "steps", "wall_seconds")
@@ -107,6 +115,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             if comparison:
                 log.info("trained policy vs baselines on the same %d test questions:\n%s",
                          comparison["questions"], comparison_table(comparison))
+            if api is not None:
+                log_api_totals(trainer.loggers, api, module.generator_mode.client.model)
         return summary
     finally:
         if isinstance(trainer.logger, WandbLogger):
@@ -133,11 +143,53 @@ def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tup
     if trainer.is_global_zero:  # every rank's test records, gathered above
         (out / "test_predictions.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in module.test_records))
         (out / "test_predictions.jsonl.tmp").replace(out / "test_predictions.jsonl")
-        comparison = compare_on_test(module, list(cfg.get("compare") or []), datamodule.split("test"), out,
+        comparison = compare_on_test(module, compare_methods(cfg), datamodule.split("test"), out,
                                      batch_size=cfg.eval_batch_size)
         if comparison:
             log_comparison(trainer.loggers, comparison, trainer.global_step)
     return val, test, comparison
+
+
+def compare_methods(cfg: DictConfig) -> list[str]:
+    """`compare`, then the mode's own baselines (`mode.compare`: `api_single` for the API modes)."""
+    return list(dict.fromkeys([*(cfg.get("compare") or []), *(cfg.mode.get("compare") or [])]))
+
+
+API_PARTS = ("train", "val", "test", "compare")
+
+
+def api_totals(module) -> dict | None:
+    """The run's API usage per part (`API_PARTS`, summed over DDP ranks) and in total; None (local)."""
+    from gcache.llm.api import UsageTotals
+
+    mode = module.generator_mode
+    if mode is None:
+        return None
+    mine = [(dict(mode.ledger.parts), mode.client.usage.snapshot())]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        every: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, mine[0])
+        mine = every
+    parts = {name: sum((p[name] for p, _ in mine if name in p), UsageTotals())
+             for name in API_PARTS if any(name in p for p, _ in mine)}
+    return mode.totals(parts, sum((total for _, total in mine), UsageTotals()))
+
+
+def log_api_totals(loggers: list, api: dict, model: str) -> None:
+    """One console line of the run's API totals (a warning when calls were retried or failed) and
+    the W&B run summary's `api/<part>/<field>`."""
+    total = api["total"]
+    cost = "cost unknown (no price for this model)" if total["cost_usd"] is None else f"{total['cost_usd']:.4g} USD"
+    parts = ", ".join(f"{name} {api[name]['requests']}" for name in API_PARTS if name in api)
+    trouble = total["retries"] or total["failed_items"]
+    (log.warning if trouble else log.info)(
+        "API model %r: %d requests (%s), %d prompt + %d completion tokens, %s; %d retries, %d failed items",
+        model, total["requests"], parts, total["prompt_tokens"], total["completion_tokens"], cost,
+        total["retries"], total["failed_items"])
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.summary.update({f"api/{part}/{key}": value for part, fields in api.items()
+                                              for key, value in fields.items()})
 
 
 def gather_records(records: list[dict], examples: list) -> list[dict]:
@@ -154,23 +206,30 @@ def gather_records(records: list[dict], examples: list) -> list[dict]:
 
 
 def log_comparison(loggers: list, comparison: dict, step: int) -> None:
-    """The final comparison as metrics `compare/<method>/accuracy` and `compare/<method>/mcnemar_p`
-    (vs gcache) for every logger (a row of csv/metrics.csv), and for W&B also the table
-    `compare/table` and the run summary's `comparison`."""
+    """The final comparison as metrics `compare/<method>/accuracy`, `compare/<method>/mcnemar_p`
+    (vs gcache) and the API columns (`compare/<method>/api_cost_usd_per_correct`, ...) for every
+    logger (a row of csv/metrics.csv), and for W&B also the table `compare/table` and the run
+    summary's `comparison`."""
     metrics = {}
     for method, entry in comparison["methods"].items():
         metrics[f"compare/{method}/accuracy"] = entry["accuracy"]
         if entry.get("mcnemar_p_vs_gcache") is not None:
             metrics[f"compare/{method}/mcnemar_p"] = entry["mcnemar_p_vs_gcache"]
+        metrics.update({f"compare/{method}/{c}": entry[c] for c in API_COLUMNS if entry.get(c) is not None})
     for logger in loggers:
         logger.log_metrics(metrics, step=step)
         if isinstance(logger, WandbLogger):
-            rows = [[method, e["accuracy"], e["ci95"][0], e["ci95"][1], e.get("mcnemar_p_vs_gcache")]
-                    for method, e in comparison["methods"].items()]
+            api = [c for c in API_COLUMNS if any(c in e for e in comparison["methods"].values())]
+            rows = [[method, e["accuracy"], e["ci95"][0], e["ci95"][1], e.get("mcnemar_p_vs_gcache"),
+                     *(e.get(c) for c in api)] for method, e in comparison["methods"].items()]
             logger.log_table(key="compare/table", columns=["method", "accuracy", "ci95_low", "ci95_high",
-                                                           "mcnemar_p_vs_gcache"], data=rows, step=step)
+                                                           "mcnemar_p_vs_gcache", *api], data=rows, step=step)
             logger.experiment.summary["comparison"] = comparison
         logger.save()
+
+
+API_COLUMNS = ("api_prompt_tokens_per_question", "api_completion_tokens_per_question",
+               "api_cost_usd_per_question", "api_cost_usd_per_correct")
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -26,7 +26,9 @@ What it does:
   loop (Jupyter, Lightning), so there is never a nested-loop error, and the HTTP connection pool
   survives from one training step to the next. After a fork the helper is recreated.
 - Accounting. `ApiClient.usage` keeps running totals (requests, tokens from the server's `usage`,
-  cost, retries, failures); `snapshot()` / `delta()` / `reset()` give per-step numbers.
+  cost, retries, failures); `snapshot()` / `delta()` / `reset()` give per-step numbers, and a
+  `UsageLedger` attributes them to parts of a run (train, val, test, ...). Cost is USD from the
+  config's or `PRICES_PER_MILLION`'s prices; `ApiClient.priced` says whether the model has any.
 - Secrets. The API key never appears in `repr(config)`, `config.public_dict()`, this module's log
   records or `ApiError` messages (via `redact` and `SecretFilter` from `gcache.secrets`, which
   also serve the app's own logs).
@@ -43,7 +45,8 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -121,6 +124,11 @@ class ApiConfig:
     def resolved_api_key(self) -> str | None:
         return self.api_key or os.environ.get("OPENAI_API_KEY") or None
 
+    def priced(self, model: str | None) -> bool:
+        """Whether `model` has a price (set in the config or in PRICES_PER_MILLION)."""
+        explicit = self.price_per_million_input is not None and self.price_per_million_output is not None
+        return explicit or (model or "") in PRICES_PER_MILLION
+
     def prices_for(self, model: str | None) -> tuple[float, float]:
         """USD per million (input, output) tokens for `model`."""
         table_in, table_out = PRICES_PER_MILLION.get(model or "", (0.0, 0.0))
@@ -148,6 +156,7 @@ class ApiReply:
     seconds: float  # wall time of the whole call, retries and backoff included
     attempts: int
     finish_reason: str | None = None
+    cost_usd: float = 0.0  # from the prices of `ApiConfig.prices_for` (0 for a model without one)
 
 
 class ApiError(RuntimeError):
@@ -184,6 +193,12 @@ class UsageTotals:
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
+    def summary(self, *, priced: bool) -> dict[str, Any]:
+        """For summaries: requests, tokens, cost (None without a price), retries, failed_items."""
+        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "cost_usd": self.cost_usd if priced else None,
+                "retries": self.retries, "failed_items": self.failures}
+
 
 class Usage:
     """Thread-safe running totals of one client's calls."""
@@ -209,6 +224,23 @@ class Usage:
         with self._lock:
             totals, self._totals = self._totals, UsageTotals()
             return totals
+
+
+class UsageLedger:
+    """One `Usage` attributed to named parts of a run: `with ledger.part("train"): ...` adds what
+    was used inside to `ledger.parts["train"]`."""
+
+    def __init__(self, usage: Usage) -> None:
+        self.usage = usage
+        self.parts: dict[str, UsageTotals] = {}
+
+    @contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        before = self.usage.snapshot()
+        try:
+            yield
+        finally:
+            self.parts[name] = self.parts.get(name, UsageTotals()) + self.usage.delta(before)
 
 
 # ---- the client ---------------------------------------------------------------------------------
@@ -281,6 +313,16 @@ class ApiClient:
 
     def __repr__(self) -> str:
         return f"ApiClient(base_url={self.base_url!r}, model={self.model!r})"
+
+    @property
+    def priced(self) -> bool:
+        """Whether this client's model has a price (else its cost is reported as None)."""
+        return self.config.priced(self.model)
+
+    def cost_usd(self, prompt_tokens: int, completion_tokens: int, model: str | None = None) -> float:
+        """USD for these tokens of `model` (default: the client's), 0 without a price."""
+        price_in, price_out = self.config.prices_for(model or self.model)
+        return (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
 
     # ---- async API ------------------------------------------------------------------------------
     async def chat(self, messages: list[dict], **overrides: Any) -> ApiReply:
@@ -454,15 +496,14 @@ class ApiClient:
             log.warning("%s sent no token usage for model %r; tokens and cost are counted as 0", self.base_url, model)
         prompt_tokens = int(usage.prompt_tokens or 0) if usage else 0
         completion_tokens = int(usage.completion_tokens or 0) if usage else 0
-        price_in, price_out = self.config.prices_for(model)
-        cost = (prompt_tokens * price_in + completion_tokens * price_out) / 1e6
+        cost = self.cost_usd(prompt_tokens, completion_tokens, model)
         self.usage.add(UsageTotals(requests=1, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                    cost_usd=cost, retries=attempts - 1))
         log.debug("chat %s model %r: %d prompt + %d completion tokens in %.2f s (%d attempts)",
                   self.base_url, model, prompt_tokens, completion_tokens, seconds, attempts)
         return ApiReply(text=choice.message.content or "", prompt_tokens=prompt_tokens,
                         completion_tokens=completion_tokens, seconds=seconds, attempts=attempts,
-                        finish_reason=choice.finish_reason)
+                        finish_reason=choice.finish_reason, cost_usd=cost)
 
     def _classify(self, exc: Exception, model: str | None) -> _Failure:
         url, cfg = self.base_url, self.config
