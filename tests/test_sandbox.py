@@ -355,3 +355,31 @@ def test_tally_counts_only_listed_lines_of_the_program():
     assert result.tally == {"ok": 7} and result.notes == {"ok": "note"}
     assert "line 5" in result.tampered
     assert run_program("SANDBOX_TALLY('ok')").status == "error"  # no lines given: none count
+
+
+def test_kept_notes_come_back_in_order_within_their_limit():
+    program = (
+        "for k in range(3):\n"
+        "    SANDBOX_TALLY('out', 1, f'note {k}')\n"  # line 2: listed
+        "for bad in [b'bytes', 'caf\\xe9']:\n"
+        "    try:\n"
+        "        SANDBOX_TALLY('out', 1, bad)\n"  # line 5: listed, but not an ASCII str
+        "    except TypeError:\n"
+        "        pass\n"
+        "try:\n"
+        "    SANDBOX_TALLY('out', 1, 'x' * 2**18)\n"  # line 9: listed, over max_file_mb / 4
+        "except MemoryError:\n"
+        "    pass\n"
+        "SANDBOX_TALLY('first', 1, 'only the first note')\n"
+        "SANDBOX_TALLY('first', 1, 'not kept')\n"
+    )
+    result = run_program(
+        program,
+        max_file_mb=1,
+        tally_lines={"out": [2, 5, 9], "first": [12, 13]},
+        keep_notes=("out",),
+    )
+    assert result.status == "passed", result.message
+    assert result.records == {"out": ["note 0", "note 1", "note 2"]}
+    assert result.tally == {"out": 3, "first": 2}
+    assert result.notes == {"first": "only the first note"}

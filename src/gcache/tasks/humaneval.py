@@ -9,12 +9,13 @@ hub ``evalplus/humanevalplus``). Chosen over the native file because its ``check
 already holds the expected outputs of every base and plus input (the native file stores
 inputs only; expected outputs would have to be computed by running the canonical
 solution, ~120k calls), and because it is exactly what the hub dataset ships, so local and
-hub data go through the same code. Its one loop over the inputs is instrumented so
-``score_details`` reports the fraction of inputs passed (see ``code_eval``).
+hub data go through the same code.
 
-The program run for a reply is: the prompt (imports and helper functions such as
-``poly``) + the reply's code (a full definition of the entry point overrides the prompt's
-stub; a reply without it is taken as the function body) + the test + ``check(entry_point)``.
+A reply is scored in two runs (see ``code_eval``). The recorder is: the prompt (imports and
+helper functions such as ``poly``) + the reply's code (a full definition of the entry point
+overrides the prompt's stub; a reply without it is taken as the function body) + the test's
+inputs and the loop that records the entry point's outputs. The harness is the test, its
+loop comparing those outputs per input, + ``check(None)``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import re
 import textwrap
 
 from .base import Example
-from .code_eval import FOOTER, HEADER, CodeTask, instrument_test
+from .code_eval import FOOTER, HEADER, CodeTask, comparison_test, record_outputs
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ TEST_FIXES = {
 
 
 def assemble_program(code: str, example: Example) -> str:
-    """The program that tests ``code`` (a reply's extracted code) on ``example``."""
+    """The recorder of ``code``'s (a reply's extracted code) outputs on ``example``'s inputs."""
     entry = example.meta["entry_point"]
     prompt = example.meta["prompt"]
     if re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(entry)}\s*\(", code, re.M):
@@ -55,7 +56,7 @@ def assemble_program(code: str, example: Example) -> str:
         first = next((line for line in code.splitlines() if line.strip()), "")
         body = code if first[:1].isspace() else textwrap.indent(code, "    ")
         solution = prompt.rstrip("\n") + "\n" + body  # a body continuing the prompt's signature
-    return HEADER + solution + "\n\n" + example.meta["test"] + f"\n\ncheck({entry})\n" + FOOTER
+    return HEADER + solution + "\n\n" + record_outputs(example) + FOOTER
 
 
 class HumanEvalPlus(CodeTask):
@@ -80,9 +81,12 @@ class HumanEvalPlus(CodeTask):
                         "%s: the known upstream test bug is not there any more; fix not applied",
                         row["task_id"],
                     )
-            test, instrumented = instrument_test(test)
-            if not instrumented:
-                log.warning("%s: no test-input loop found; scored pass/fail only", row["task_id"])
+            try:
+                test, inputs = comparison_test(test, "candidate")
+                test += "\n\ncheck(None)\n"
+            except ValueError as exc:
+                log.warning("%s: unscorable test: %s", row["task_id"], exc)
+                test, inputs, broken = "", "", broken or f"test not in the OriginFmt shape: {exc}"
             question = (
                 f"Complete the following Python function:\n```python\n{row['prompt'].strip()}\n```"
             )
@@ -95,7 +99,8 @@ class HumanEvalPlus(CodeTask):
                         "index": i,
                         "prompt": row["prompt"],
                         "entry_point": row["entry_point"],
-                        "test": test,
+                        "test": test,  # the harness's: the comparisons, on recorded outputs
+                        "inputs": inputs,  # the source of the test's inputs, for the recorder
                         "broken": broken,
                     },
                 )

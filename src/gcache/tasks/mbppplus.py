@@ -9,9 +9,11 @@ hub ``evalplus/mbppplus``), whose ``test`` is a self-contained script with the b
 inputs and their expected outputs. Chosen over the native file for the same reasons as
 in ``humaneval``: expected outputs are stored (native needs the canonical solution run on
 ~40k inputs) and it is what the hub dataset ships. The question shows the description
-and the first three ``test_list`` asserts as examples (as LatentMAS does). The program run
-is: ``test_imports`` + the reply's code + the test script. The entry point is the
-function the test calls.
+and the first three ``test_list`` asserts as examples (as LatentMAS does). The entry point
+is the function the test calls. A reply is scored in two runs (see ``code_eval``): the
+recorder, ``test_imports`` + the reply's code + the test's inputs and the loop recording the
+entry point's outputs; and the harness, ``test_imports`` + the test script, its loop
+comparing those outputs per input.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import re
 
 from .base import Example
-from .code_eval import FOOTER, HEADER, CodeTask, instrument_test
+from .code_eval import FOOTER, HEADER, CodeTask, comparison_test, record_outputs
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,9 @@ _ENTRY = re.compile(r"assertion\((\w+)\(\*inp\)")
 
 
 def assemble_program(code: str, example: Example) -> str:
-    """The program that tests ``code`` (a reply's extracted code) on ``example``."""
+    """The recorder of ``code``'s (a reply's extracted code) outputs on ``example``'s inputs."""
     imports = "\n".join(example.meta["test_imports"])
-    return HEADER + imports + "\n\n" + code + "\n\n" + example.meta["test"] + FOOTER
+    return HEADER + imports + "\n\n" + code + "\n\n" + record_outputs(example) + FOOTER
 
 
 class MbppPlus(CodeTask):
@@ -65,9 +67,13 @@ class MbppPlus(CodeTask):
         for i, row in enumerate(rows):
             task_id = f"Mbpp/{row['task_id']}"
             entry = _ENTRY.findall(row["test"])
-            test, instrumented = instrument_test(row["test"])
-            if not instrumented:
-                log.warning("%s: no test-input loop found; scored pass/fail only", task_id)
+            broken = KNOWN_BROKEN.get(task_id)
+            try:
+                test, inputs = comparison_test(row["test"], entry[-1] if entry else "")
+                test = "\n".join(row["test_imports"]) + "\n\n" + test
+            except ValueError as exc:
+                log.warning("%s: unscorable test: %s", task_id, exc)
+                test, inputs, broken = "", "", broken or f"test not in the OriginFmt shape: {exc}"
             shown = "\n".join(row["test_list"][: self.num_shown_tests])
             examples.append(
                 Example(
@@ -77,10 +83,11 @@ class MbppPlus(CodeTask):
                     meta={
                         "index": i,
                         "entry_point": entry[-1] if entry else None,
-                        "test": test,
+                        "test": test,  # the harness's: the comparisons, on recorded outputs
+                        "inputs": inputs,  # the source of the test's inputs, for the recorder
                         "test_imports": list(row["test_imports"]),
                         "test_list": list(row["test_list"]),
-                        "broken": KNOWN_BROKEN.get(task_id),
+                        "broken": broken,
                         "limits": HEAVY_TESTS.get(task_id, ("", {}))[1],
                     },
                 )

@@ -58,13 +58,13 @@ session, killed with its whole process group after ``timeout``. Three layers:
    depends on go through ``SANDBOX_TALLY(name, amount=1, note=None)``, which counts
    only when called from a line of the program's own compiled code, running in its
    own globals, that the caller listed in ``tally_lines={name: [line, ...]}``; any
-   other call raises ``PermissionError`` and marks the run ``tampered``. Does not
-   protect against a program that searches its own interpreter (frames, closures,
-   ``gc``, ``/proc/self/mem``) for the token, or that changes what the trusted lines
-   compute: the tested code and its tests share one interpreter, so a program can
-   still rebind a test's helper functions, patch builtins, mutate expected values or
-   return an object whose ``__eq__`` is always true; only running the comparisons in a
-   separate process would close that.
+   other call raises ``PermissionError`` and marks the run ``tampered``. For names in
+   ``keep_notes`` every note is kept (``result.records``): how a program hands data
+   out. Does not protect against a program that searches its own interpreter (frames,
+   closures, ``gc``, ``/proc/self/mem``) for the token, or that changes what the trusted
+   lines compute: code and checks in one program share one interpreter (rebound
+   helpers, patched builtins, always-equal objects), so ``code_eval`` runs the tests'
+   comparisons in a second program that holds no untrusted code.
 
 Statuses: ``passed`` (the program ran to the end, or called ``sys.exit(0)``), ``failed``
 (an ``AssertionError`` or a non-zero ``sys.exit``), ``timeout`` (wall clock or CPU limit),
@@ -129,6 +129,7 @@ class SandboxResult:
     details: dict = field(default_factory=dict)  # what the program stored in SANDBOX_DETAILS
     tally: dict = field(default_factory=dict)  # name -> count of accepted SANDBOX_TALLY calls
     notes: dict = field(default_factory=dict)  # name -> first note given with that tally
+    records: dict = field(default_factory=dict)  # name -> every note of a kept tally, in order
     tampered: str = ""  # the first refused SANDBOX_TALLY call, if any
     isolation: str = "none"  # "bwrap" | "unshare" | "none"
 
@@ -155,6 +156,7 @@ def _sandbox():
     token, report_fd, filename = secret["token"], secret["report_fd"], secret["filename"]
     program = secret["program"]
     sites = {name: frozenset(lines) for name, lines in secret["tally_lines"].items()}
+    keep, room = frozenset(secret["keep_notes"]), [secret["notes_room"]]
     del secret
     work = os.path.realpath(public["work"])
     linecache.cache[filename] = (len(program), None, program.splitlines(True), filename)
@@ -208,6 +210,7 @@ def _sandbox():
     # objects (not recompiled copies), running in the program's globals.
     getframe, str_type, int_type = sys._getframe, str, int
     codes, counts, notes, tampered = {}, {}, {}, []
+    records = {name: [] for name in keep}
     namespace = {"__name__": "__main__", "__builtins__": builtins, "SANDBOX_DETAILS": {}}
 
     def tally(name, amount=1, note=None):
@@ -219,9 +222,16 @@ def _sandbox():
                 tampered.append(f"SANDBOX_TALLY called from {caller.f_code.co_filename!r} line "
                                 f"{caller.f_lineno}, which is not a tally line for it")
             raise PermissionError("sandbox: SANDBOX_TALLY is only counted from the lines given to the sandbox")
-        counts[name] = counts.get(name, 0) + amount
-        if type(note) is str_type and name not in notes:
+        if name in keep:
+            if type(note) is not str_type or not note.isascii():
+                raise TypeError(f"sandbox: a note of {name!r} must be an ASCII str")
+            if len(note) > room[0]:
+                raise MemoryError("sandbox: the kept notes are over their limit")
+            room[0] -= len(note)
+            records[name].append(note)
+        elif type(note) is str_type and name not in notes:
             notes[name] = note[:1000]
+        counts[name] = counts.get(name, 0) + amount
     namespace["SANDBOX_TALLY"] = tally
 
     import shutil, subprocess, threading, _posixsubprocess
@@ -282,7 +292,7 @@ def _sandbox():
         outcome["details"] = json.loads(details) if len(details) < 2**20 else {"too_large": len(details)}
     except Exception:
         outcome["details"] = {"unreadable": True}
-    outcome.update(tally=counts, notes=notes, tampered=tampered[0] if tampered else "")
+    outcome.update(tally=counts, notes=notes, records=records, tampered=tampered[0] if tampered else "")
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -592,6 +602,7 @@ def run_program(
     cpu_seconds: int | None = None,
     max_file_mb: int = 16,
     tally_lines: dict[str, list[int]] | None = None,
+    keep_notes: tuple[str, ...] = (),
     isolation: str | None = None,
 ) -> SandboxResult:
     """Run one Python program in a fresh isolated, limited subprocess and report how it ended.
@@ -599,7 +610,10 @@ def run_program(
     ``timeout`` is wall-clock seconds; ``cpu_seconds`` defaults to ``ceil(timeout) + 1``;
     ``memory_mb`` caps the address space (RLIMIT_AS); ``max_file_mb`` caps every file
     the child writes, its stdout and stderr included. ``tally_lines`` maps a tally name
-    to the program lines (1-based) whose ``SANDBOX_TALLY(name, ...)`` calls count.
+    to the program lines (1-based) whose ``SANDBOX_TALLY(name, ...)`` calls count; for the
+    names in ``keep_notes`` every note (an ASCII str) is kept, in order, in ``result.records``
+    (a quarter of ``max_file_mb`` in characters in all, as the report carrying them is a file
+    the child writes; a call past that raises MemoryError and counts nothing).
     ``isolation`` overrides ``$GCACHE_SANDBOX_ISOLATION`` (see the module docstring).
     """
     if timeout <= 0:
@@ -635,6 +649,8 @@ def run_program(
                 "token": token,
                 "report_fd": report.fileno(),
                 "tally_lines": {name: list(lines) for name, lines in (tally_lines or {}).items()},
+                "keep_notes": list(keep_notes),
+                "notes_room": int(max_file_mb) * 2**18,
             }
             config.write(json.dumps(secret).encode())
             config.seek(0)
@@ -677,6 +693,7 @@ def run_program(
             details=outcome["details"] if isinstance(outcome.get("details"), dict) else {},
             tally=outcome.get("tally", {}),
             notes=outcome.get("notes", {}),
+            records=outcome.get("records", {}),
             tampered=outcome.get("tampered", ""),
             isolation=backend or "none",
         )
