@@ -417,7 +417,7 @@ def latent_steps(model: torch.nn.Module, start: Step, steps: int, realign: Reali
         raise ValueError(f"latent_steps must be >= 0, got {steps}")
     width = start.hidden.shape[-1]
     if steps == 0:
-        out_logits = start.logits if start.logits is not None or not logits else next_token_logits(model, start.hidden)
+        out_logits = next_token_logits(model, start.hidden) if logits and start.logits is None else start.logits
         return LatentResult(Step(copy(start.kv), start.hidden, out_logits),
                             start.hidden.new_zeros(start.kv.batch_size, 0, width))
     loop = token_loop(model, start.kv, steps, "embeds", pool)
@@ -570,13 +570,11 @@ def decode(
     ended = torch.zeros(batch, dtype=torch.bool, device=device)  # per row in the loop
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
     loop = token_loop(model, kv, max_new_tokens, "ids", pool) if max_new_tokens > 1 else None
-    steps = 0
     for t in range(max_new_tokens):
         token = torch.where(ended, pad[: ended.shape[0]], _pick(logits, temperature, top_p, generator))
         out[rows, t] = token
         counts.index_add_(0, rows, (~ended).long())
         ended |= torch.isin(token, eos)
-        steps = t + 1
         if t == max_new_tokens - 1:
             break
         if (t + 1) % check_every == 0:
@@ -587,7 +585,7 @@ def decode(
                 rows, ended, token, logits = rows[running], ended[running], token[running], logits[running]
                 loop.keep_rows(running)
         logits = next_token_logits(model, loop.step(input_ids=token[:, None]))
-    return out[:, : min(steps, int(counts.max()) if batch else 0)], counts
+    return out[:, : int(counts.max()) if batch else 0], counts  # counts.max() <= the steps run
 
 
 def answer_nll(

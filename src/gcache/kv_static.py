@@ -123,17 +123,15 @@ class EagerLoop:
             vb[:, :, :length] = v
             buffers.append(BufferLayer(kb, vb, length))
         self.cache = Cache(layers=buffers)
-        self.real = torch.zeros(batch, capacity, dtype=torch.bool, device=mask.device)  # (B, C)
-        self.real[:, :length] = mask.bool()
-        # Additive attention mask (B, 1, 1, C): 0 where a real slot, the dtype's min elsewhere.
+        # Additive attention mask (B, 1, 1, C): 0 where a real slot, the dtype's min elsewhere (the
+        # slots' padding mask is read off it: `bias == 0`).
         self.bias = torch.full((batch, 1, 1, capacity), _masked(keys0.dtype), dtype=keys0.dtype, device=mask.device)
-        self.bias[:, 0, 0, :length].masked_fill_(self.real[:, :length], 0.0)
+        self.bias[:, 0, 0, :length].masked_fill_(mask.bool(), 0.0)
         self.next_position = mask.sum(-1)  # (B,) the position of each row's next token
 
     def step(self, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """One new position per row: input_ids (B, 1) or inputs_embeds (B, 1, D) -> final-norm hidden (B, D)."""
         slot = self.used
-        self.real[:, slot] = True
         self.bias[:, :, :, slot] = 0.0
         out = _decoder(self.model)(
             input_ids=input_ids,
@@ -153,7 +151,6 @@ class EagerLoop:
             layer.key_buffer = layer.key_buffer.index_select(0, index)
             layer.value_buffer = layer.value_buffer.index_select(0, index)
             layer._expose()
-        self.real = self.real.index_select(0, index)
         self.bias = self.bias.index_select(0, index)
         self.next_position = self.next_position.index_select(0, index)
 
@@ -161,7 +158,7 @@ class EagerLoop:
         """The used slots: per layer (keys, values) (B, H, used, Dh) views, and the mask (B, used) long."""
         layers = [(layer.key_buffer[:, :, : self.used], layer.value_buffer[:, :, : self.used])
                   for layer in self.cache.layers]
-        return layers, self.real[:, : self.used].long()
+        return layers, self.bias[:, 0, 0, : self.used].eq(0).long()
 
 
 class _Workspace:

@@ -51,6 +51,10 @@ def repair_results(path: Path) -> list[dict]:
     return records
 
 
+API_COLUMNS = ("api_prompt_tokens_per_question", "api_completion_tokens_per_question",
+               "api_cost_usd_per_question", "api_cost_usd_per_correct")  # the keys of `api_columns`
+
+
 def api_columns(rows: Sequence[dict]) -> dict[str, Any]:
     """API tokens and USD per question and USD per correct answer (reward > 0.5) of one method's
     records; {} when none has API fields, cost None without a price or (per correct) without one."""
@@ -61,12 +65,12 @@ def api_columns(rows: Sequence[dict]) -> dict[str, Any]:
     costs = [r.get("api_cost_usd") for r in rows]
     cost = None if any(c is None for c in costs) else sum(costs)
     correct = sum(1 for r in rows if r["reward"] is not None and r["reward"] > 0.5)
-    return {
-        "api_prompt_tokens_per_question": sum(r["api_prompt_tokens"] for r in rows) / n,
-        "api_completion_tokens_per_question": sum(r["api_completion_tokens"] for r in rows) / n,
-        "api_cost_usd_per_question": None if cost is None else cost / n,
-        "api_cost_usd_per_correct": None if cost is None or not correct else cost / correct,
-    }
+    return dict(zip(API_COLUMNS, (
+        sum(r["api_prompt_tokens"] for r in rows) / n,
+        sum(r["api_completion_tokens"] for r in rows) / n,
+        None if cost is None else cost / n,
+        None if cost is None or not correct else cost / correct,
+    ), strict=True))
 
 
 def api_cells(stats: dict) -> list[str]:

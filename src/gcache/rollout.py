@@ -444,18 +444,19 @@ class RolloutEngine:
         rows = list(range(adjacency.shape[0]))
         source = self._judger_sources(question_index)
 
+        # per row: which segments its judger reads come from direct senders (gated), of its source row
+        gated = {r: self._direct_senders(adjacency[source[r]], [plan.nodes[x].agent for x in plan.judger_reads[source[r]]])
+                 for r in rows}
+
         def key(r: int):  # rows whose judgers read the same inputs share its prefill (and a greedy decode)
-            s = source[r]
-            reads = plan.judger_reads[s]
-            # the same segments, gated for direct senders only: which are senders is part of the input
-            direct = tuple(self._direct_senders(adjacency[s], [plan.nodes[x].agent for x in reads]))
-            return (question_index[r], question_index[s], reads, direct) if self.config.reuse else r
+            s = source[r]  # the same segments gated alike: which are senders is part of the input
+            return (question_index[r], question_index[s], plan.judger_reads[s], tuple(gated[r])) if self.config.reuse else r
 
         unique: dict = {}
         for r in rows:
             unique.setdefault(key(r), r)
         prompts, caches = self._judger_inputs(plan, list(unique.values()), source, questions, question_index, done,
-                                              edge_logits, answer_format, generator, adjacency)
+                                              edge_logits, answer_format, generator, gated)
         cache_lengths = {r: sum(done[x].length for x in plan.judger_reads[source[r]]) if latent else 0
                          for r in unique.values()}
         groups: dict[int, list[int]] = {}
@@ -475,7 +476,7 @@ class RolloutEngine:
                     source_question=question_index[source[r]],
                     senders=[plan.nodes[x].agent for x in reads],
                     sender_kvs=[done[x].kv for x in reads],
-                    gated=self._direct_senders(adjacency[source[r]], [plan.nodes[x].agent for x in reads]),
+                    gated=gated[r],
                     prompt=prompts[u],
                     cache=caches[u],
                 ))
@@ -499,7 +500,7 @@ class RolloutEngine:
         return [bool(column[a]) for a in agents]
 
     def _judger_inputs(self, plan, rows, source, questions, question_index, done, edge_logits, answer_format,
-                       generator, adjacency) -> tuple[dict[int, str], dict[int, kv.KV]]:
+                       generator, gated) -> tuple[dict[int, str], dict[int, kv.KV]]:
         """The judger's prompt (chat text) and cache of each of `rows`."""
         latent = self.config.method == "latent"
         n = self.roster.num_agents
@@ -518,8 +519,7 @@ class RolloutEngine:
             if latent:
                 agents = [plan.nodes[x].agent for x in reads]
                 logits = None if edge_logits is None else edge_logits[question_index[s], agents, n]
-                caches[r] = self.judger_cache([done[x].kv for x in reads], logits, shuffle_gen,
-                                              gated=self._direct_senders(adjacency[s], agents))
+                caches[r] = self.judger_cache([done[x].kv for x in reads], logits, shuffle_gen, gated=gated[r])
             else:
                 caches[r] = kv.empty(1, self.llm.device)
         return prompts, caches

@@ -60,6 +60,7 @@ from gcache.build import (
 from gcache.checkpoints import check_checkpoint, resume_path
 from gcache.cli import CONF_DIR, Interrupted, check_command_line, config_errors, run_job
 from gcache.evaluate import compare_on_test, comparison_table
+from gcache.report import API_COLUMNS
 from gcache.secrets import redacted_config
 
 log = logging.getLogger(__name__)
@@ -226,10 +227,6 @@ def log_comparison(loggers: list, comparison: dict, step: int) -> None:
                                                            "mcnemar_p_vs_gcache", *api], data=rows, step=step)
             logger.experiment.summary["comparison"] = comparison
         logger.save()
-
-
-API_COLUMNS = ("api_prompt_tokens_per_question", "api_completion_tokens_per_question",
-               "api_cost_usd_per_question", "api_cost_usd_per_correct")
 
 
 def _write_json(path: Path, data: dict) -> None:
