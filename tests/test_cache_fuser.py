@@ -106,3 +106,80 @@ def test_twenty_fuser_steps_change_every_parameter_and_lower_held_out_nll():
     gates = fuser.gates(logits_held.T)  # (senders, layers, rows): visible per layer and sender
     assert gates.shape == (roster.num_agents, llm.num_layers, 4)
     print(f"fuser NLL train {train_before:.3f} -> {train_after:.3f}, held-out {held_before:.3f} -> {held_after:.3f}")
+
+
+# ---- the low-rank channel ------------------------------------------------------------------------
+
+
+def _segment(batch=1, heads=2, length=3, head_dim=16, layers=2, dtype=torch.float32, seed=0) -> kv.KV:
+    g = torch.Generator().manual_seed(seed)
+    pairs = [(torch.randn(batch, heads, length, head_dim, generator=g).to(dtype),
+              torch.randn(batch, heads, length, head_dim, generator=g).to(dtype)) for _ in range(layers)]
+    return kv.KV(kv.cache_from_layers(pairs), torch.ones(batch, length, dtype=torch.long))
+
+
+def _nontrivial_channel(fuser: CacheFuser, seed: int = 1) -> CacheFuser:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        fuser.channel_up.copy_(torch.randn(fuser.channel_up.shape, generator=g) * 0.3)
+        fuser.channel_bias.copy_(torch.randn(fuser.channel_bias.shape, generator=g) * 0.3)
+    return fuser
+
+
+@pytest.fixture(scope="module")
+def rotary():
+    return LocalLM.tiny_random(seed=0).rotary  # 2 layers, 2 KV heads of 16 dims: _segment's shapes
+
+
+def test_an_untrained_channel_is_the_identity_so_the_fuser_is_todays_gates(rotary):
+    senders = [_segment(seed=0), _segment(length=2, seed=1)]
+    gates = CacheFuser(2)
+    channel = CacheFuser(2, channel="lowrank", rank=3, kv_dim=32)
+    logits = torch.tensor([[0.3], [-1.0]])
+    with torch.no_grad():
+        for f in (gates, channel):
+            f.layer_bias.copy_(torch.tensor([0.5, -0.5]))
+            f.logit_slope.fill_(0.8)
+    a, b = gates.fuse(senders, logits, rotary), channel.fuse(senders, logits, rotary)
+    for (ka, va), (kb, vb) in zip(a.layers(), b.layers(), strict=True):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+
+
+def test_the_channel_rewrites_each_direct_senders_keys_and_values_as_the_formula_says(rotary):
+    fuser = _nontrivial_channel(CacheFuser(2, channel="lowrank", rank=3, kv_dim=32))
+    sender, ancestor = _segment(seed=0), _segment(length=2, seed=1)
+    # the sender first (its keys need no shift), then an ancestor read through it (gate 1, not rewritten)
+    fused = fuser.fuse([sender, ancestor], None, rotary, gated=[True, False])
+    with torch.no_grad():
+        for layer, ((k, v), (_, va), (ks, vs)) in enumerate(zip(fused.layers(), ancestor.layers(),
+                                                                  sender.layers(), strict=True)):
+            assert torch.equal(v[:, :, 3:], va)  # the ancestor's values untouched (its keys are re-rotated)
+            for j, (got, x) in enumerate(((k[:, :, :3], ks), (v[:, :, :3], vs))):
+                # hand-built reference: per position the heads' dims flattened (head-major), x + x U W + c;
+                # values are then gated by 2 sigmoid(0) = 1
+                flat = x[0].permute(1, 0, 2).reshape(3, 32)  # (T, H * Dh)
+                down, up, bias = fuser.channel_down[layer, j], fuser.channel_up[layer, j], fuser.channel_bias[layer, j]
+                ref = flat + flat @ down @ up + bias
+                torch.testing.assert_close(got[0].permute(1, 0, 2).reshape(3, 32), ref)
+                assert not torch.allclose(got, x)  # the rewrite changed something: not a check of an identity
+
+
+def test_the_channel_follows_the_caches_dtype_and_gets_gradient_through_it():
+    fuser = _nontrivial_channel(CacheFuser(2, channel="lowrank", rank=3, kv_dim=32))
+    out = fuser.rewrite(_segment(dtype=torch.bfloat16))
+    assert all(k.dtype == torch.bfloat16 and v.dtype == torch.bfloat16 for k, v in out.layers())
+    sum(v.float().sum() + k.float().sum() for k, v in out.layers()).backward()
+    assert all(p.grad is not None and bool(p.grad.ne(0).any())
+               for p in (fuser.channel_down, fuser.channel_up, fuser.channel_bias))
+
+
+def test_bad_channel_settings_are_refused():
+    with pytest.raises(ValueError, match="channel='wide' is not one of"):
+        CacheFuser(2, channel="wide")
+    with pytest.raises(ValueError, match="rank must be an integer >= 1, got 0"):
+        CacheFuser(2, channel="lowrank", rank=0, kv_dim=8)
+    with pytest.raises(ValueError, match="needs kv_dim"):
+        CacheFuser(2, channel="lowrank", rank=2)
+    fuser = CacheFuser(2, channel="lowrank", rank=2, kv_dim=6)
+    with pytest.raises(ValueError, match="2 x 16 key/value dims per position, the channel 6"):
+        fuser.rewrite(_segment())

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
@@ -152,6 +153,58 @@ def test_trained_checkpoint_evaluates_to_the_training_runs_own_test_predictions(
     assert report["methods"]["mismatched"]["config"]["subject"] == "gcache"
     assert report["methods"]["gcache-policy-only"]["config"]["fuser"] == "none"
     assert report["methods"]["gcache-fuser-only"]["config"]["graph"] == "full"
+
+
+def test_a_channel_trained_on_oracle_graphs_is_evaluated_on_them_with_its_controls_and_a_text_baseline(tmp_path):
+    """policy.graphs=oracle: `gcache` and its controls run the oracle graph with the trained channel;
+    `wrong-sender` moves the judger to the next keeper; `text-oracle` hands on latent_steps tokens of text."""
+    from gcache.train import run
+
+    steps = 2
+    summary = run(_train_cfg(tmp_path / "train", "task=lookup", "topology=debate", "policy.graphs=oracle",
+                             "policy.channel=lowrank", "policy.channel_rank=2", "rollout.retention=latent_only",
+                             f"rollout.latent_steps={steps}"))
+    trained = [json.loads(line) for line in (tmp_path / "train" / "test_predictions.jsonl").read_text().splitlines()]
+    methods = "[gcache,oracle,text-oracle,wrong-sender,zeroed,mismatched]"
+    report = evaluate(_cfg(tmp_path / "eval", "task=lookup", "topology=debate", f"ckpt_path={summary['checkpoint']}",
+                           f"methods={methods}", "limit=3", "policy.graphs=oracle", "policy.channel=lowrank",
+                           "policy.channel_rank=2", "rollout.retention=latent_only", f"rollout.latent_steps={steps}"))
+    records = read_results(tmp_path / "eval" / "results.jsonl")
+    by = {m: {r["id"]: r for r in records if r["method"] == m} for m in report["methods"]}
+    keeper = {t["id"]: t["judger_senders"] for t in trained}
+    for question, senders in keeper.items():
+        if question in by["gcache"]:
+            assert by["gcache"][question]["judger_senders"] == senders  # the oracle keeper, as in training
+            assert by["oracle"][question]["judger_senders"] == senders
+            assert by["wrong-sender"][question]["judger_senders"] == [(senders[0] + 1) % 4]
+    configs = {m: next(iter(rows.values()))["config"] for m, rows in by.items()}
+    assert configs["gcache"]["graph"] == "oracle" and configs["gcache"]["fuser"] == "trained"
+    assert configs["wrong-sender"]["subject"] == "gcache" and configs["wrong-sender"]["fuser"] == "trained"
+    assert configs["zeroed"]["graph"] == "oracle" and configs["oracle"]["fuser"] == "none"
+    assert configs["text-oracle"]["method"] == "text" and configs["text-oracle"]["agent_max_new_tokens"] == steps
+    from gcache.llm.local import LocalLM
+
+    tiny = LocalLM.tiny_random(seed=0)  # keys and values of every layer, float32
+    bytes_per_position = 2 * tiny.num_layers * tiny.kv_dim * 4
+    for r in by["gcache"].values():  # the judger read the keeper's latent positions, nothing else
+        assert r["handed_positions"] == steps and r["handed_bytes"] == steps * bytes_per_position
+    for r in by["text-oracle"].values():  # at most `steps` decoded tokens of text, counted in UTF-8 bytes
+        assert 0 < r["handed_positions"] <= steps and 0 < r["handed_bytes"] < 100
+
+
+def test_wrong_senders_shift_the_judgers_column_and_refuse_graphs_where_that_changes_nothing():
+    from gcache.policy.topology import wrong_senders
+
+    a = torch.zeros(2, 5, 5, dtype=torch.bool)
+    a[0, 2, 4] = True  # the judger reads agent 2
+    a[1, 0, 1], a[1, 1, 4], a[1, 3, 4] = True, True, True  # a chain 0 -> 1 and the judger reads 1 and 3
+    b = wrong_senders(a)
+    assert b[0, :4, 4].nonzero().flatten().tolist() == [3]
+    assert b[1, :4, 4].nonzero().flatten().tolist() == [0, 2] and bool(b[1, 0, 1])  # agent edges kept
+    full = torch.zeros(1, 5, 5, dtype=torch.bool)
+    full[0, :4, 4] = True
+    with pytest.raises(ValueError, match="reads some agents but not all"):
+        wrong_senders(full)
 
 
 def test_api_columns_per_question_and_per_correct_answer():

@@ -37,6 +37,10 @@ def _nontrivial(module):
         module.fuser.layer_bias.copy_(torch.linspace(-1.0, 1.2, module.fuser.num_layers))
         module.fuser.logit_slope.fill_(0.7)
         module.policy.bias.fill_(1.0)  # most edges sampled: deep graphs
+        if module.fuser.channel == "lowrank":  # a channel away from the identity
+            g = torch.Generator().manual_seed(5)
+            module.fuser.channel_up.copy_(torch.randn(module.fuser.channel_up.shape, generator=g) * 0.2)
+            module.fuser.channel_bias.copy_(torch.randn(module.fuser.channel_bias.shape, generator=g) * 0.2)
     return module
 
 
@@ -66,8 +70,11 @@ def _rollout_nll(module, batch, logits) -> torch.Tensor:
     return nll.double().mean()
 
 
-def test_fuser_gradient_equals_a_finite_difference_of_the_whole_rollout():
-    task, module = _module("rollout.retention=full")
+@pytest.mark.parametrize("channel,retention", [("gates", "full"), ("lowrank", "full"), ("lowrank", "latent_only")])
+def test_fuser_gradient_equals_a_finite_difference_of_the_whole_rollout(channel, retention):
+    """Gates, and the low-rank channel (all of its parameters in the direction), under `full` retention
+    (ancestors read through senders: not rewritten) and `latent_only`."""
+    task, module = _module(f"rollout.retention={retention}", f"policy.channel={channel}", "policy.channel_rank=3")
     _nontrivial(module)
     batch = task.splits()["train"][:2]
     n = module.roster.num_agents
@@ -151,6 +158,55 @@ def test_training_step_with_nonzero_advantages_changes_every_parameter_and_no_lm
         assert not torch.equal(param.detach(), before[name]), f"{name} did not change"
     for name, param in module.llm.model.named_parameters():
         assert torch.equal(param, lm_before[name]) and param.grad is None, name
+
+
+# ---- oracle graphs: the channel trained alone ---------------------------------------------------
+
+
+def test_oracle_graphs_train_the_channel_alone_on_each_questions_oracle_graph():
+    from gcache.policy.topology import oracle_adjacency
+
+    task, module = _module("task=lookup", "policy.graphs=oracle", "policy.channel=lowrank", "policy.channel_rank=2",
+                           "rollout.retention=latent_only")
+    _quiet(module)
+    batch = task.splits()["train"][:3]
+    trajectory = module.collect(batch)
+    assert trajectory.sample is None and trajectory.question_index == [0, 1, 2]  # one row per question
+    assert torch.equal(trajectory.adjacency, oracle_adjacency(batch, module.roster.num_agents))
+    # the judger read exactly the keeper holding the answer
+    assert [r.judger_senders for r in trajectory.rows.rollouts] == [[ex.meta["keeper"]] for ex in batch]
+    optimizer = module.configure_optimizers()
+    policy_before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    fuser_before = {n: p.detach().clone() for n, p in module.fuser.named_parameters()}
+    losses = module.losses(trajectory)
+    assert float(losses.policy.detach()) == 0.0 and float(losses.fuser.detach()) > 0.0
+    optimizer.zero_grad()
+    losses.total.backward()
+    optimizer.step()
+    for name, param in module.policy.named_parameters():
+        assert torch.equal(param, policy_before[name]), f"the policy moved under oracle graphs: {name}"
+    for name in ("channel_up", "channel_bias", "layer_bias"):
+        assert not torch.equal(getattr(module.fuser, name), fuser_before[name]), f"fuser.{name} did not train"
+    # validation and test run the oracle graph too
+    _, _, rows = module.evaluate_batch(batch)
+    assert [r.judger_senders for r in rows.rollouts] == [[ex.meta["keeper"]] for ex in batch]
+    assert module.run_identity["graphs"] == "oracle"
+    assert module.run_identity["channel"] == {"kind": "lowrank", "rank": 2, "kv_dim": module.llm.kv_dim}
+
+
+def test_oracle_graphs_and_bad_channel_settings_are_refused_with_the_allowed_values():
+    from gcache.build import validate
+    from gcache.cli import ConfigError
+
+    with pytest.raises(ValueError, match="graphs='oracle' needs a task with oracle graphs"):
+        _module("policy.graphs=oracle")  # gsm8k has none
+    for override, message in (("policy.channel=wide", r"policy.channel='wide' is not one of \['gates', 'lowrank'\]"),
+                              ("policy.graphs=best", r"policy.graphs='best' is not one of \['learned', 'oracle'\]"),
+                              ("policy.channel_rank=0", "policy.channel_rank must be an integer >= 1, got 0")):
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[*TINY, override])
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg)
 
 
 # ---- bfloat16, the GPU default ------------------------------------------------------------------

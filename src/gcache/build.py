@@ -32,8 +32,8 @@ from gcache.cli import CONF_DIR, ConfigError
 from gcache.datamodule import TaskDataModule
 from gcache.embeddings import TextEmbedder
 from gcache.llm.local import LocalLM, embedded_missing
-from gcache.module import GCacheModule, LossConfig
-from gcache.policy.cache_fuser import CacheFuser
+from gcache.module import GRAPHS, GCacheModule, LossConfig
+from gcache.policy.cache_fuser import CHANNELS, CacheFuser
 from gcache.policy.topology import JUDGER_EDGES
 from gcache.rollout import RolloutConfig
 from gcache.secrets import KEY_SOURCES, is_secret_key
@@ -62,6 +62,13 @@ def validate(cfg: DictConfig) -> None:
     judger_edges = cfg.policy.judger_edges
     if judger_edges not in JUDGER_EDGES:
         raise ConfigError(f"policy.judger_edges={judger_edges!r} is not one of {list(JUDGER_EDGES)}")
+    for key, allowed in (("channel", CHANNELS), ("graphs", GRAPHS)):
+        value = cfg.policy.get(key, allowed[0])
+        if value not in allowed:
+            raise ConfigError(f"policy.{key}={value!r} is not one of {list(allowed)}")
+    rank = cfg.policy.get("channel_rank", 8)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ConfigError(f"policy.channel_rank must be an integer >= 1, got {rank!r}")
     name = str(cfg.model.name)
     is_path = name.startswith((".", "/", "~"))  # else `embedded`, `tiny-random` or a hub id
     if is_path and not Path(name).expanduser().exists():
@@ -149,7 +156,8 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
         task=task,
         roster=roster,
         policy=instantiate(policy.net),
-        fuser=CacheFuser(llm.num_layers),
+        fuser=CacheFuser(llm.num_layers, channel=policy.get("channel", "gates"), rank=policy.get("channel_rank", 8),
+                         kv_dim=llm.kv_dim, seed=cfg.seed),
         llm=llm,
         embedder=embedder,
         rollout=build_rollout(cfg),
@@ -164,6 +172,7 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
         ),
         judger_edges=policy.judger_edges,
         fuser_trains_policy=bool(policy.fuser_trains_policy),
+        graphs=policy.get("graphs", "learned"),
         generator_mode=generator_mode,
         seed=cfg.seed,
     )

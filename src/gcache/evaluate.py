@@ -16,17 +16,24 @@ Baselines:
 - `fixed-<topology>` (`fixed-full`, `fixed-chain`, `fixed-star`, `fixed-random`, …): an
   untrained fixed graph (every allowed edge i -> j with i < j, every agent -> judger), the
   run's retention, plain concatenation.
-- `oracle`: the task's oracle graph (tasks that define one, e.g. `lookup`).
+- `oracle`: the task's oracle graph (tasks that define one, e.g. `lookup`), plain
+  concatenation (an untrained fuser: gates 1, channel the identity).
+- `text-oracle`: the oracle graph's agents hand on text instead of caches, `latent_steps`
+  tokens each: the latent channel's number of positions, as text (its records' `handed_bytes`
+  are the UTF-8 bytes the judger read; a latent method's are the cache bytes).
 Trained (need `ckpt_path`):
 - `gcache`: the learned policy's deterministic graph and the learned fuser — exactly the
-  training run's test evaluation (`GCacheModule.evaluate_batch`).
+  training run's test evaluation (`GCacheModule.evaluate_batch`). A run trained with
+  `policy.graphs=oracle` runs the oracle graph with its trained fuser (gates and channel).
 - `gcache-policy-only`: the learned graph, gates fixed at 1; `gcache-fuser-only`: the fixed
   `topology` graph (every agent -> judger) with the learned gates.
 Controls, applied to the *subject* (`gcache` with a checkpoint, else `fixed-<topology>`):
 - `mismatched`: the judger reads the input built for another question of the batch;
 - `zeroed`: the values of what it reads are zeroed; `shuffled`: each segment's slots permuted;
 - `realign-identity`, `realign-random`: latent steps with the norm rescale only, or with a
-  random matrix of the ridge matrix's spectrum, instead of the ridge realignment.
+  random matrix of the ridge matrix's spectrum, instead of the ridge realignment;
+- `wrong-sender`: the judger reads agent (i + 1) mod N in place of each agent i it reads
+  (`gcache.policy.topology.wrong_senders`): a trained channel on a keeper without the answer.
 API baselines (with `mode=hybrid` or `api_hint`, which name the endpoint): `api_single`,
 `api_text_mas` (every agent is the API model, text along `baseline_topology`). Under an API mode
 every record carries the API tokens and cost of its question (`api_prompt_tokens`,
@@ -58,7 +65,13 @@ from gcache.build import build_module, build_task, is_wandb, start_wandb_run, va
 from gcache.checkpoints import load_trained
 from gcache.cli import CONF_DIR, check_command_line, config_errors, run_job
 from gcache.policy.sampling import deterministic_dag
-from gcache.policy.topology import TOPOLOGIES, fixed_adjacency, judger_senders_all, oracle_adjacency
+from gcache.policy.topology import (
+    TOPOLOGIES,
+    fixed_adjacency,
+    judger_senders_all,
+    oracle_adjacency,
+    wrong_senders,
+)
 from gcache.report import (
     API_HEADERS,
     api_cells,
@@ -75,9 +88,10 @@ log = logging.getLogger(__name__)
 
 FIXED_METHODS = tuple(f"fixed-{name}" for name in TOPOLOGIES if name != "direct")
 TRAINED_METHODS = ("gcache", "gcache-policy-only", "gcache-fuser-only")
-CONTROLS = ("mismatched", "zeroed", "shuffled", "realign-identity", "realign-random")
+CONTROLS = ("mismatched", "zeroed", "shuffled", "realign-identity", "realign-random", "wrong-sender")
 API_METHODS = ("api_single", "api_text_mas")
-METHODS = ("single", "single_budget", "text_mas", "latent_mas", *FIXED_METHODS, "oracle", *TRAINED_METHODS,
+METHODS = ("single", "single_budget", "text_mas", "latent_mas", *FIXED_METHODS, "oracle", "text-oracle",
+           *TRAINED_METHODS,
            *CONTROLS, *API_METHODS)
 
 
@@ -124,7 +138,7 @@ class Evaluator:
             subject = self.subject
             if method.startswith("realign-"):
                 config["realign"] = method.removeprefix("realign-")
-            else:
+            elif method != "wrong-sender":
                 config["judger_cache"] = method
         if subject in TRAINED_METHODS and not self.ckpt_path:
             raise ValueError(f"method {method!r} evaluates a trained policy: give ckpt_path=… "
@@ -141,19 +155,31 @@ class Evaluator:
             config["graph"] = subject.removeprefix("fixed-")
         elif subject == "oracle":
             config["graph"] = "oracle"
+        elif subject == "text-oracle":
+            config.update(graph="oracle", method="text", retention=None, realign=None,
+                          agent_max_new_tokens=base.latent_steps)
         elif subject == "gcache-fuser-only":
             config.update(graph=self.module.topology, fuser="trained", checkpoint=self.ckpt_path)
         elif subject in TRAINED_METHODS:
-            config.update(graph="learned", judger_edges=self.module.judger_edges, checkpoint=self.ckpt_path,
+            graph = "oracle" if self.module.graphs == "oracle" else "learned"  # policy.graphs of the run
+            config.update(graph=graph, judger_edges=self.module.judger_edges, checkpoint=self.ckpt_path,
                           fuser="none" if subject == "gcache-policy-only" else "trained")
             if method == "gcache":  # runs the module's own evaluation, under its training config
                 config["judger_cache"] = base.judger_cache
         if method in CONTROLS:
             config["subject"] = subject
+        if method == "wrong-sender":
+            config["judger_reads"] = "wrong-sender"
         return config
 
     def _graph(self, config: dict, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(R, N+1, N+1) graphs and the policy's logits (learned graphs) for a method's config."""
+        adjacency, logits = self._subject_graph(config, batch)
+        if config.get("judger_reads") == "wrong-sender":
+            adjacency = wrong_senders(adjacency)
+        return adjacency, logits
+
+    def _subject_graph(self, config: dict, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         n = self.module.roster.num_agents
         if config["graph"] == "none":
             return torch.zeros(len(batch), n + 1, n + 1, dtype=torch.bool), None
@@ -181,6 +207,7 @@ class Evaluator:
                 "latent_steps": base.latent_steps if config["latent_steps"] is None else config["latent_steps"],
                 "realign": config["realign"] or base.realign,
                 "judger_cache": config["judger_cache"], "judger_latent_steps": config["judger_latent_steps"],
+                "agent_max_new_tokens": config.get("agent_max_new_tokens") or base.agent_max_new_tokens,
             })
             fuser = self.module.fuser if config["fuser"] == "trained" else None
             engine = RolloutEngine(self.module.llm, self.module.roster, rollout, fuser=fuser)
@@ -204,7 +231,8 @@ class Evaluator:
             _record(ex, method, answer, detail, config, decoded_tokens=rollout.decoded_tokens,
                     prompt_tokens=rollout.prompt_tokens, seconds=seconds,
                     peak_cache_bytes=rollout.peak_cache_bytes, edges=int(rollout.adjacency.sum()),
-                    judger_senders=rollout.judger_senders, agents_run=rollout.agents_run, **usage)
+                    judger_senders=rollout.judger_senders, agents_run=rollout.agents_run,
+                    handed_positions=rollout.handed_positions, handed_bytes=rollout.handed_bytes, **usage)
             for ex, rollout, answer, detail, usage in zip(batch, rows.rollouts, answers, details, api, strict=True)
         ]
 
@@ -289,7 +317,7 @@ def compare_on_test(module, methods: list[str], examples: list, out: Path, *, ba
     `methods` on the same test questions, with paired exact McNemar tests (and under an API mode
     API tokens, USD per question and per correct answer); the baselines' records are written to
     `out/comparison.jsonl`. `oracle` is left out for tasks without oracle graphs."""
-    methods = [m for m in methods if m != "oracle" or all(ex.oracle_edges for ex in examples)]
+    methods = [m for m in methods if m not in ("oracle", "text-oracle") or all(ex.oracle_edges for ex in examples)]
     if not methods:
         return None
     evaluator = Evaluator(module, ckpt_path=str(out / "checkpoints" / "last.ckpt"))

@@ -24,6 +24,11 @@ attributes, built in `setup`) and never written into checkpoints.
 
 Validation and test use the deterministic graph (p > 0.5) and greedy decoding.
 
+`graphs="oracle"` (tasks with oracle graphs, e.g. `lookup`) replaces steps 1-2 and 5: every
+question runs once on its task's oracle graph, the policy is neither sampled nor trained, and
+only the fuser (its gates and channel) learns, from the answer NLL. It isolates what the
+channel can carry from who is routed to the judger; validation and test use the oracle graph too.
+
 Randomness and reproducibility:
 
 - DAG sampling draws from a generator seeded by (seed, question id, global step), one per
@@ -70,11 +75,13 @@ from gcache.policy.sampling import (
     expected_edges,
     sample_dags,
 )
-from gcache.policy.topology import active_agents, edge_mask, with_judger_edges
+from gcache.policy.topology import active_agents, edge_mask, oracle_adjacency, with_judger_edges
 from gcache.rollout import RolloutBatch, RolloutConfig, RolloutEngine
 from gcache.tasks.base import Example, Task
 
 log = logging.getLogger(__name__)
+
+GRAPHS = ("learned", "oracle")  # where a step's graphs come from: sampled from the policy, or the task's oracle
 
 # Lightning warns whenever a module overrides `transfer_batch_to_device` next to a datamodule;
 # ours does so on purpose (batches are lists of Examples, not tensors).
@@ -95,8 +102,8 @@ class Trajectory:
 
     batch: list[Example]  # B questions
     logits: torch.Tensor  # (B, N+1, N+1) edge logits (with their graph: the losses differentiate them)
-    sample: DagSample  # G sampled graphs per question and their log-probabilities (B, G)
-    adjacency: torch.Tensor  # (B·G, N+1, N+1) the graphs that ran: sampled plus fixed edges
+    sample: DagSample | None  # G sampled graphs per question and their log-probabilities (B, G); None: oracle graphs
+    adjacency: torch.Tensor  # (B·G, N+1, N+1) the graphs that ran: sampled plus fixed edges (oracle: G = 1)
     question_index: list[int]  # (B·G,) each row's question
     rows: RolloutBatch  # the rollouts (answers, costs) and what each judger read
     answers: list[str | None]  # (B·G,) final answers; None = an API request that failed
@@ -137,12 +144,18 @@ class GCacheModule(L.LightningModule):
         loss: LossConfig = LossConfig(),
         judger_edges: str = "sampled",
         fuser_trains_policy: bool = False,
+        graphs: str = "learned",
         generator_mode: Any = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         if graphs_per_question < 1:
             raise ValueError(f"graphs_per_question must be >= 1, got {graphs_per_question}")
+        if graphs not in GRAPHS:
+            raise ValueError(f"graphs={graphs!r} is not one of {list(GRAPHS)}")
+        if graphs == "oracle" and not task.oracle_graphs:
+            raise ValueError(f"graphs='oracle' needs a task with oracle graphs (e.g. lookup); {task.name!r} has none")
+        self.graphs = graphs
         self.task = task
         self.roster = roster
         self.policy = policy
@@ -184,6 +197,9 @@ class GCacheModule(L.LightningModule):
                        if k != "training" and isinstance(v, (int, float, str, bool))},
             # what every prompt was built with (absent when empty, as in checkpoints before the key)
             **({"chat_template_kwargs": dict(llm.chat_template_kwargs)} if llm.chat_template_kwargs else {}),
+            # absent at their defaults, as in checkpoints from before these keys
+            **({"channel": fuser.describe()} if fuser.channel != "gates" else {}),
+            **({"graphs": graphs} if graphs != "learned" else {}),
         }
 
     @property
@@ -267,12 +283,16 @@ class GCacheModule(L.LightningModule):
         return losses.total
 
     def collect(self, batch: list[Example]) -> Trajectory:
-        """Sample G graphs per question, run them all, and score the answers."""
+        """Sample G graphs per question (`graphs="oracle"`: each question's oracle graph, once), run
+        them all, and score the answers."""
         b, g, n = len(batch), self.graphs_per_question, self.roster.num_agents
         logits = self.edge_logits([ex.question for ex in batch])  # (B, N+1, N+1)
-        sample = self.sample_graphs(batch, logits)  # (B, G, N+1, N+1)
-        adjacency = self.add_fixed_edges(sample.adjacency.reshape(b * g, n + 1, n + 1))  # (B·G, N+1, N+1)
-        index = [q for q in range(b) for _ in range(g)]
+        if self.graphs == "oracle":
+            sample, adjacency, index = None, oracle_adjacency(batch, n), list(range(b))  # (B, N+1, N+1)
+        else:
+            sample = self.sample_graphs(batch, logits)  # (B, G, N+1, N+1)
+            adjacency = self.add_fixed_edges(sample.adjacency.reshape(b * g, n + 1, n + 1))  # (B·G, N+1, N+1)
+            index = [q for q in range(b) for _ in range(g)]
         rollout_start = time.perf_counter()
         rows = self.engine.run(
             [ex.question for ex in batch], adjacency, index, answer_format=self.task.answer_format,
@@ -298,10 +318,14 @@ class GCacheModule(L.LightningModule):
             return None
         temp = self.policy.temperature
         rewards = trajectory.rewards(self.device)  # (B, G)
-        policy_loss, stats = reinforce_loss(
-            trajectory.sample.log_prob, rewards, expected_edges(logits, mask, temp),
-            edge_entropy(logits, mask, temp), edge_cost=cfg.edge_cost, entropy_coef=cfg.entropy_coef,
-        )
+        if trajectory.sample is None:  # oracle graphs: nothing sampled, the policy is not trained
+            policy_loss = logits.sum() * 0.0  # zero, but every rank's policy joins the DDP all-reduce
+            stats = {"reward_mean": rewards.nanmean()}
+        else:
+            policy_loss, stats = reinforce_loss(
+                trajectory.sample.log_prob, rewards, expected_edges(logits, mask, temp),
+                edge_entropy(logits, mask, temp), edge_cost=cfg.edge_cost, entropy_coef=cfg.entropy_coef,
+            )
         fuser_loss = self.fuser_loss(batch, trajectory.rows, logits)
         total = policy_loss + cfg.fuser_weight * fuser_loss
         if not bool(torch.isfinite(total)):
@@ -378,7 +402,10 @@ class GCacheModule(L.LightningModule):
     def evaluate_batch(self, batch: list[Example]) -> tuple[list[str], list[float | None], Any]:
         questions = [ex.question for ex in batch]
         logits = self.edge_logits(questions)
-        adjacency = self.add_fixed_edges(deterministic_dag(logits, self.edge_mask))  # (B, N+1, N+1)
+        if self.graphs == "oracle":
+            adjacency = oracle_adjacency(batch, self.roster.num_agents)  # (B, N+1, N+1)
+        else:
+            adjacency = self.add_fixed_edges(deterministic_dag(logits, self.edge_mask))  # (B, N+1, N+1)
         rows = self.engine.run(
             questions, adjacency, list(range(len(batch))), answer_format=self.task.answer_format,
             active=self.active, agent_facts=[ex.agent_facts for ex in batch], edge_logits=logits,
@@ -415,8 +442,8 @@ class GCacheModule(L.LightningModule):
     def oracle_edge_probabilities(self, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For tasks with an oracle graph: the mean sampling probability of the oracle's sampled
         edges, and of the other agents' edges into the judger (distractors). None without oracles."""
-        if not all(ex.oracle_edges for ex in batch):
-            return None
+        if self.graphs == "oracle" or not all(ex.oracle_edges for ex in batch):
+            return None  # (under oracle graphs the policy is not trained: its probabilities mean nothing)
         n = self.roster.num_agents
         probs = edge_probabilities(self.edge_logits([ex.question for ex in batch]), self.edge_mask,
                                    self.policy.temperature).cpu()  # (B, N+1, N+1)

@@ -257,6 +257,10 @@ class Rollout:
     peak_cache_bytes: int  # largest working cache of any agent or the judger of this row (K and V)
     seconds: float  # the run's wall time divided by its rows (work shared between rows is amortised)
     messages: dict[int, str] = field(default_factory=dict)  # text method: agent -> its message
+    # What the judger read from other agents: cache positions (latent) or decoded message tokens (text),
+    # and their bytes (keys and values of every layer at the model's dtype, or the messages' UTF-8).
+    handed_positions: int = 0
+    handed_bytes: int = 0
 
 
 @dataclass
@@ -305,12 +309,9 @@ class RolloutEngine:
         self.roster = roster
         self.config = config
         self.fuser = fuser
-        model_cfg = llm.model.config
-        head_dim = getattr(model_cfg, "head_dim", None) or model_cfg.hidden_size // model_cfg.num_attention_heads
         elem = next(llm.model.parameters()).element_size()
-        kv_heads = getattr(model_cfg, "num_key_value_heads", None) or model_cfg.num_attention_heads
         # Bytes of keys + values that one position costs across all layers.
-        self.bytes_per_position = 2 * model_cfg.num_hidden_layers * kv_heads * head_dim * elem
+        self.bytes_per_position = 2 * llm.num_layers * llm.kv_dim * elem
         self.pool = llm.loop_pool() if config.uses_cuda_graphs(llm.device) else None
 
     def plan(self, adjacency: torch.Tensor, question_index: Sequence[int], active: Sequence[int] | None) -> Plan:
@@ -557,6 +558,10 @@ class RolloutEngine:
         """Row r's result: its judger's answer and what the row cost (its agents and its judger)."""
         computed = [done[x] for x in plan.row_nodes[r]]
         judger_bytes = (cache_len + prompt_len + self.config.judger_latent_steps + decoded) * self.bytes_per_position
+        latent = self.config.method == "latent"
+        handed_positions = cache_len if latent else sum(done[x].decoded_tokens for x in reads)
+        handed_bytes = (cache_len * self.bytes_per_position if latent
+                        else sum(len(done[x].text.encode()) for x in reads))
         return Rollout(
             question_index=question,
             adjacency=adjacency,
@@ -574,6 +579,8 @@ class RolloutEngine:
             seconds=0.0,  # set by `run`: the batch's wall time spread over its rows
             messages={plan.nodes[x].agent: done[x].text for x in plan.row_nodes[r]}
             if self.config.method != "latent" else {},
+            handed_positions=handed_positions,
+            handed_bytes=handed_bytes,
         )
 
 

@@ -304,6 +304,8 @@ def _method_summary(rows_by_seed: list[dict], seeds: list[int], iterations: int,
         "decoded_tokens_per_question": _mean_of(rows_all, "decoded_tokens"),
         "prompt_tokens_per_question": _mean_of(rows_all, "prompt_tokens"),
         "seconds_per_question": _mean_of(rows_all, "seconds"),
+        "agents_run_per_question": _mean_of(rows_all, "agents_run"),
+        "handed_bytes_per_question": _mean_of(rows_all, "handed_bytes"),
     }
 
 
@@ -429,7 +431,45 @@ def study_markdown(summary: dict, title: str) -> str:
             f"questions with all their seeds ({iterations} resamples), so a question repeated over "
             "seeds counts as one question, not as new evidence.",
         ]
+    lines += compute_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def compute_markdown(summary: dict) -> list[str]:
+    """"Compute per question": what each method spent (prompt tokens, agents run, seconds, bytes the
+    judger read from other agents) and its accuracy per unit of each, so a learned graph's saving
+    against a fixed one is read next to what it costs in accuracy. Empty when no record has costs."""
+    methods = summary["methods"]
+    if not any(m.get("prompt_tokens_per_question") is not None for m in methods.values()):
+        return []
+
+    def per(acc, unit, scale=1.0):
+        return None if acc is None or not unit else acc / unit * scale
+
+    cols = ["method", "accuracy", "prompt tok/q", "agents run/q", "s/q", "bytes read/q",
+            "acc per 1k prompt tok", "acc per agent run", "acc per s"]
+    lines = ["", "## Compute per question", "",
+             "Prompt tokens count every agent that ran and the judger; bytes read are the keys and values "
+             "(or text) the judger read from other agents; the last three columns divide accuracy by each cost.",
+             "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for name, m in methods.items():
+        acc, tokens, agents, secs = (m.get(k) for k in ("accuracy", "prompt_tokens_per_question",
+                                                         "agents_run_per_question", "seconds_per_question"))
+        lines.append("| " + " | ".join([
+            name, _fmt(acc), _fmt(tokens, ".1f"), _fmt(agents, ".2f"), _fmt(secs, ".2f"),
+            _fmt_bytes(m.get("handed_bytes_per_question")), _fmt(per(acc, tokens, 1000.0)),
+            _fmt(per(acc, agents)), _fmt(per(acc, secs)),
+        ]) + " |")
+    return lines
+
+
+def _fmt_bytes(value) -> str:
+    if value is None:
+        return "—"
+    for unit, size in (("MB", 1e6), ("kB", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
 
 
 def _series(history: Sequence[dict], key: str) -> tuple[list[float], list[float]]:

@@ -293,6 +293,14 @@ class LocalLM:
         return self.model.config.num_hidden_layers
 
     @property
+    def kv_dim(self) -> int:
+        """Keys (or values) of one position at one layer: KV heads × head dim."""
+        config = self.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        return kv_heads * head_dim
+
+    @property
     def eos_token_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
         gen_eos = self.model.generation_config.eos_token_id if self.model.generation_config else None

@@ -19,6 +19,26 @@ The fuser is trained by a differentiable loss — the teacher-forced NLL of the 
 answer given the judger's prompt on its fused cache (`gcache.kv.answer_nll`) —
 back-propagated through the frozen LM into the gated values, hence into a, b and,
 through s_i, into the graph policy.
+
+The channel (`channel="lowrank"`). Gates can only scale what a sender's cache already says to
+the judger; under `latent_only` retention that is nothing the judger can read (the oracle
+graph answers 0/20 on `lookup`). The low-rank channel learns what the judger reads: before
+the gates, every position of a direct sender's segment is rewritten, per layer l and for
+keys and values alike (x: one position's keys or values of all KV heads, flattened to D),
+
+    x' = x + (x · U_l) · W_l + c_l          U_l (D, r), W_l (r, D), c_l (D,)
+
+U starts random (scaled 1/√D), W and c at zero, so an untrained channel is the identity and
+the fuser is exactly today's gates; training moves W, U and c by the same answer NLL as the
+gates. Why this form: the judger can only read a sender through its keys and values, and the
+information it needs is already inside them (the latent positions attended to the sender's
+facts); what is missing is a map from where the frozen LM leaves that information to where
+the judger's queries look for it. A map of the segment alone adds no gradient path through
+the sender (no backward through the senders' latent steps), reads nothing but the segment
+the retention hands on (its positions, nothing of the prompt under `latent_only`), and costs
+one (T, D)·(D, r) product per layer. Keys are rewritten at the segment's own positions
+0…T−1, before `kv.concat` re-rotates them, so a rewrite learned at one offset in the judger's
+cache holds at every offset.
 """
 
 from __future__ import annotations
@@ -30,14 +50,38 @@ from torch import nn
 
 from gcache import kv
 
+CHANNELS = ("gates", "lowrank")
+
 
 class CacheFuser(nn.Module):
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, *, channel: str = "gates", rank: int = 8, kv_dim: int | None = None,
+                 seed: int = 0) -> None:
+        """channel: "gates" (the gates alone) or "lowrank" (the gates on a trained low-rank rewrite of
+        each direct sender's keys and values, of rank `rank`; kv_dim = KV heads × head dim)."""
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        if channel not in CHANNELS:
+            raise ValueError(f"channel={channel!r} is not one of {list(CHANNELS)}")
         self.layer_bias = nn.Parameter(torch.zeros(num_layers))  # a_l
         self.logit_slope = nn.Parameter(torch.zeros(()))  # b
+        self.channel = channel
+        if channel == "lowrank":
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"channel rank must be an integer >= 1, got {rank!r}")
+            if isinstance(kv_dim, bool) or not isinstance(kv_dim, int) or kv_dim < 1:
+                raise ValueError(f"the lowrank channel needs kv_dim (KV heads x head dim) >= 1, got {kv_dim!r}")
+            init = torch.Generator().manual_seed(seed)
+            # index 0: keys, 1: values
+            self.channel_down = nn.Parameter(torch.randn(num_layers, 2, kv_dim, rank, generator=init) / kv_dim**0.5)
+            self.channel_up = nn.Parameter(torch.zeros(num_layers, 2, rank, kv_dim))  # W: zero = identity
+            self.channel_bias = nn.Parameter(torch.zeros(num_layers, 2, kv_dim))  # c
+
+    def describe(self) -> dict:
+        """What decides the meaning of the channel's parameters (a checkpoint's identity)."""
+        if self.channel == "gates":
+            return {"kind": "gates"}
+        return {"kind": self.channel, "rank": self.channel_up.shape[2], "kv_dim": self.channel_up.shape[3]}
 
     @property
     def num_layers(self) -> int:
@@ -50,6 +94,30 @@ class CacheFuser(nn.Module):
         )
         return 2.0 * torch.sigmoid(pre)
 
+    def rewrite(self, segment: kv.KV) -> kv.KV:
+        """The channel applied to one sender's segment (B rows): every layer's keys and values
+        (B, H, T, Dh) -> x + (x U) W + c over the flattened heads; the identity for `gates`.
+        Computed in float32 and returned in the cache's dtype and device."""
+        if self.channel == "gates" or segment.seq_len == 0:
+            return segment
+        if len(segment.cache.layers) != self.num_layers:
+            raise ValueError(f"the segment has {len(segment.cache.layers)} layers, the channel {self.num_layers}")
+        layers = []
+        for layer_idx, (k, v) in enumerate(segment.layers()):
+            pair = []
+            for j, x in enumerate((k, v)):
+                b, h, t, dh = x.shape
+                if h * dh != self.channel_up.shape[-1]:
+                    raise ValueError(f"the segment has {h} x {dh} key/value dims per position, the channel "
+                                     f"{self.channel_up.shape[-1]}")
+                down, up, bias = (p[layer_idx, j].to(x.device) for p in
+                                  (self.channel_down, self.channel_up, self.channel_bias))
+                flat = x.transpose(1, 2).reshape(b, t, h * dh).float()  # (B, T, D)
+                flat = flat + (flat @ down) @ up + bias  # (B, T, D)
+                pair.append(flat.to(x.dtype).reshape(b, t, h, dh).transpose(1, 2))  # (B, H, T, Dh)
+            layers.append(tuple(pair))
+        return kv.KV(kv.cache_from_layers(layers), segment.mask)
+
     def fuse(
         self,
         senders: Sequence[kv.KV],
@@ -58,7 +126,8 @@ class CacheFuser(nn.Module):
         gated: Sequence[bool] | None = None,
     ) -> kv.KV:
         """Fuse senders' caches (each with B rows) for B receivers; edge_logits (S, B) or None (= 0).
-        `gated[s]` False: segment s is an ancestor read through a sender, not a sender: gate 1."""
+        `gated[s]` False: segment s is an ancestor read through a sender, not a sender: gate 1 and
+        no channel rewrite (the channel, like the gates, acts on the edges that exist)."""
         if not senders:
             raise ValueError("fuse needs at least one sender")
         batch = senders[0].batch_size
@@ -74,4 +143,5 @@ class CacheFuser(nn.Module):
                 raise ValueError(f"gated has {len(gated)} entries for {len(senders)} senders")
             keep = torch.tensor(list(gated), dtype=torch.bool, device=gates.device)[:, None, None]  # (S, 1, 1)
             gates = torch.where(keep, gates, torch.ones_like(gates))
+        senders = [self.rewrite(s) if gated is None or gated[i] else s for i, s in enumerate(senders)]
         return kv.concat(senders, rotary, list(gates.unbind(0)))

@@ -132,3 +132,19 @@ def oracle_adjacency(examples, n: int) -> Tensor:
         for src, dst in ex.oracle_edges:
             out[r, src, n if dst == -1 else dst] = True
     return out
+
+
+def wrong_senders(adjacency: Tensor) -> Tensor:
+    """The same graphs (R, N+1, N+1) with the judger reading, in place of each agent i it reads,
+    agent (i + 1) mod N: the judger's column shifted by one agent, every other edge kept (the
+    `wrong-sender` control: a trained channel reading a keeper that does not hold the answer).
+    Refuses a row whose judger reads every agent or none (shifting would change nothing)."""
+    adjacency = adjacency.detach().cpu().bool().clone()
+    n = adjacency.shape[-1] - 1
+    column = adjacency[:, :n, n]  # (R, N)
+    counts = column.sum(-1)
+    if bool(((counts == 0) | (counts == n)).any()):
+        raise ValueError("the wrong-sender control needs graphs whose judger reads some agents but not all "
+                         "(e.g. the oracle graph or a learned one); shifting an empty or full column changes nothing")
+    adjacency[:, :n, n] = column.roll(1, dims=1)
+    return adjacency

@@ -131,6 +131,7 @@ class Task(ABC):
     name: str = ""
     domain: str = ""  # "math" | "science" | "medical" | "code" | "lookup": chooses the default agent roster
     answer_format: str = ""  # one sentence: how the final answer must be written
+    oracle_graphs: bool = False  # every example carries `oracle_edges` (the graph that answers it)
 
     def __init__(
         self,

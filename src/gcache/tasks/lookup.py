@@ -123,6 +123,7 @@ class Lookup(NumberTask):
     name = "lookup"
     domain = "lookup"
     answer_format = "Reply with only the final number."
+    oracle_graphs = True
 
     def __init__(
         self,
