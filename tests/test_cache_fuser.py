@@ -183,3 +183,26 @@ def test_bad_channel_settings_are_refused():
     fuser = CacheFuser(2, channel="lowrank", rank=2, kv_dim=6)
     with pytest.raises(ValueError, match="2 x 16 key/value dims per position, the channel 6"):
         fuser.rewrite(_segment())
+
+
+def test_an_untrained_realignment_correction_is_the_base_map_and_a_trained_one_follows_the_formula():
+    from gcache.policy.cache_fuser import TrainedRealignment
+
+    llm = LocalLM.tiny_random(seed=0)
+    base = llm.realignment("ridge")
+    hidden = torch.randn(3, llm.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    trained = TrainedRealignment(hidden.shape[-1], steps=2, rank=3)
+    assert torch.equal(trained.bind(base)(hidden, 1), base(hidden))
+    with torch.no_grad():
+        trained.offsets.normal_(0, 0.1)
+        trained.up.normal_(0, 0.1)
+    unit = hidden / hidden.norm(dim=-1, keepdim=True)
+    for step, offset in ((0, 0), (1, 1), (5, 1)):  # steps past the offsets use the last one
+        expected = base(hidden) + base.target_norm * (trained.offsets[offset] + unit @ trained.down @ trained.up)
+        torch.testing.assert_close(trained.bind(base)(hidden, step), expected)
+    bf16 = trained.bind(base)(hidden.bfloat16(), 0)
+    assert bf16.dtype == torch.bfloat16  # follows the hidden state (the LM's dtype)
+    fuser = CacheFuser(2, channel="realign", rank=3, hidden_dim=hidden.shape[-1], latent_steps=2)
+    assert fuser.describe() == {"kind": "realign", "rank": 3, "hidden_dim": hidden.shape[-1], "latent_steps": 2}
+    with pytest.raises(ValueError, match="needs latent_steps >= 1, got 0"):
+        CacheFuser(2, channel="realign", rank=3, hidden_dim=8, latent_steps=0)

@@ -440,3 +440,44 @@ def test_rope_whose_frequencies_depend_on_length_is_refused_with_the_supported_t
         if rope_type == "longrope" else {}
     with pytest.raises(ValueError, match=rf"rope_type='{rope_type}' is not supported.*'default', 'linear', 'llama3', 'yarn'"):
         LocalLM.tiny_random(seed=0, rope_parameters={"rope_type": rope_type, "factor": 2.0, **extra})
+
+
+@torch.no_grad()
+def test_soft_realignment_is_the_embedding_mixture_and_at_low_temperature_the_greedy_text(llm, model):
+    start = kv.prefill(model, *_left_pad(_ids(5, 7, seed=23)))
+    soft = llm.realignment("soft", temperature=0.7)
+    table = model.get_input_embeddings().weight
+    weights = torch.softmax(kv.next_token_logits(model, start.hidden) / 0.7, -1)  # (B, V)
+    torch.testing.assert_close(soft(start.hidden), weights @ table)  # hand-built: softmax(W_out h / t) W_in
+    # t -> 0: each latent step feeds the embedding of the greedy token, so the latent cache is the
+    # cache of the greedily decoded text
+    cold = llm.realignment("soft", temperature=1e-4)
+    latent = kv.latent_steps(model, start, 4, cold).step.kv
+    tokens, _ = kv.decode(model, start.kv, start.logits, max_new_tokens=4, eos_token_ids=[-1], pad_token_id=0)
+    text = kv.forward(model, start.kv, torch.ones(2, 3, dtype=torch.long), input_ids=tokens[:, :3])[0]
+    for (k0, v0), (k1, v1) in zip(latent.layers(), text.layers(), strict=True):
+        torch.testing.assert_close(k0[:, :, :-1], k1, atol=1e-4, rtol=0)
+        torch.testing.assert_close(v0[:, :, :-1], v1, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        llm.realignment("soft", temperature=0)
+
+
+def test_latent_steps_with_grad_equal_the_loops_and_reach_a_trained_realignment(llm, model):
+    from gcache.policy.cache_fuser import TrainedRealignment
+
+    start = kv.prefill(model, *_left_pad(_ids(4, 8, seed=24)))
+    start = kv.Step(start.kv, start.hidden.detach(), None)
+    trained = TrainedRealignment(model.config.hidden_size, steps=2, rank=2)
+    with torch.no_grad():
+        trained.offsets.normal_(0, 0.05)
+        trained.up.normal_(0, 0.05)
+    realign = trained.bind(llm.realignment("ridge"))
+    with torch.no_grad():
+        looped = kv.latent_steps(model, start, 3, realign).step.kv  # step 3 uses the last offset
+    graphed = kv.latent_steps_with_grad(model, start, 3, realign)
+    for (k0, v0), (k1, v1) in zip(looped.layers(), graphed.layers(), strict=True):
+        torch.testing.assert_close(k0, k1.detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(v0, v1.detach(), atol=1e-5, rtol=0)
+    sum(v[:, :, -3:].sum() for _, v in graphed.layers()).backward()
+    assert all(p.grad is not None and bool(p.grad.ne(0).any()) for p in trained.parameters())
+    assert all(p.grad is None for p in model.parameters())

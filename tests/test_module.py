@@ -53,11 +53,19 @@ def _graph_batch(module, batch):
     return a
 
 
-def _rollout_nll(module, batch, logits) -> torch.Tensor:
+def _flat_batch(module, batch):
+    """Agents 1, 2, 3 send to the judger, nobody to an agent: the senders' inputs do not depend on the fuser."""
+    n = module.roster.num_agents
+    a = torch.zeros(len(batch), n + 1, n + 1, dtype=torch.bool)
+    a[:, 1:4, n] = True
+    return a
+
+
+def _rollout_nll(module, batch, logits, graph=_graph_batch) -> torch.Tensor:
     """Re-run the rollout with the module's current fuser and score the reference answer on the cache
     the judger actually read (no autograd: what a finite difference measures)."""
     rows = module.engine.run(
-        [ex.question for ex in batch], _graph_batch(module, batch), list(range(len(batch))),
+        [ex.question for ex in batch], graph(module, batch), list(range(len(batch))),
         answer_format=module.task.answer_format, edge_logits=logits, keep_judger_inputs=True,
     )
     llm = module.llm
@@ -70,17 +78,27 @@ def _rollout_nll(module, batch, logits) -> torch.Tensor:
     return nll.double().mean()
 
 
-@pytest.mark.parametrize("channel,retention", [("gates", "full"), ("lowrank", "full"), ("lowrank", "latent_only")])
+@pytest.mark.parametrize("channel,retention", [("gates", "full"), ("lowrank", "full"), ("lowrank", "latent_only"),
+                                               ("realign", "latent_only"), ("realign", "role_latent")])
 def test_fuser_gradient_equals_a_finite_difference_of_the_whole_rollout(channel, retention):
-    """Gates, and the low-rank channel (all of its parameters in the direction), under `full` retention
-    (ancestors read through senders: not rewritten) and `latent_only`."""
+    """Gates, the low-rank channel and the trained realignment (all of a fuser's parameters in the
+    direction), under `full` retention (ancestors read through senders: not rewritten), `role_latent`
+    and `latent_only`. The realignment's gradient goes through the direct senders' latent steps and
+    stops at their inputs, so its graph has no agent -> agent edge (where a finite difference of the
+    whole rollout would also move what the senders received)."""
     task, module = _module(f"rollout.retention={retention}", f"policy.channel={channel}", "policy.channel_rank=3")
     _nontrivial(module)
+    if channel == "realign":
+        g = torch.Generator().manual_seed(6)
+        with torch.no_grad():
+            module.fuser.realign.offsets.copy_(torch.randn(module.fuser.realign.offsets.shape, generator=g) * 0.05)
+            module.fuser.realign.up.copy_(torch.randn(module.fuser.realign.up.shape, generator=g) * 0.05)
+    graph = _flat_batch if channel == "realign" else _graph_batch
     batch = task.splits()["train"][:2]
     n = module.roster.num_agents
     logits = torch.randn(2, n + 1, n + 1, generator=torch.Generator().manual_seed(3)) * 2
     rows = module.engine.run(
-        [ex.question for ex in batch], _graph_batch(module, batch), [0, 1],
+        [ex.question for ex in batch], graph(module, batch), [0, 1],
         answer_format=task.answer_format, edge_logits=logits, keep_judger_inputs=True,
     )
     module.fuser.zero_grad()
@@ -94,7 +112,7 @@ def test_fuser_gradient_equals_a_finite_difference_of_the_whole_rollout(channel,
         with torch.no_grad():
             for p, d in zip(params, direction, strict=True):
                 p.add_(sign * eps * d)
-        value = float(_rollout_nll(module, batch, logits))
+        value = float(_rollout_nll(module, batch, logits, graph))
         with torch.no_grad():
             for p, d in zip(params, direction, strict=True):
                 p.sub_(sign * eps * d)
@@ -163,10 +181,12 @@ def test_training_step_with_nonzero_advantages_changes_every_parameter_and_no_lm
 # ---- oracle graphs: the channel trained alone ---------------------------------------------------
 
 
-def test_oracle_graphs_train_the_channel_alone_on_each_questions_oracle_graph():
+@pytest.mark.parametrize("channel,trained", [("lowrank", ("channel_up", "channel_bias", "layer_bias")),
+                                             ("realign", ("realign.offsets", "realign.up", "layer_bias"))])
+def test_oracle_graphs_train_the_channel_alone_on_each_questions_oracle_graph(channel, trained):
     from gcache.policy.topology import oracle_adjacency
 
-    task, module = _module("task=lookup", "policy.graphs=oracle", "policy.channel=lowrank", "policy.channel_rank=2",
+    task, module = _module("task=lookup", "policy.graphs=oracle", f"policy.channel={channel}", "policy.channel_rank=2",
                            "rollout.retention=latent_only")
     _quiet(module)
     batch = task.splits()["train"][:3]
@@ -185,13 +205,14 @@ def test_oracle_graphs_train_the_channel_alone_on_each_questions_oracle_graph():
     optimizer.step()
     for name, param in module.policy.named_parameters():
         assert torch.equal(param, policy_before[name]), f"the policy moved under oracle graphs: {name}"
-    for name in ("channel_up", "channel_bias", "layer_bias"):
-        assert not torch.equal(getattr(module.fuser, name), fuser_before[name]), f"fuser.{name} did not train"
+    after = dict(module.fuser.named_parameters())
+    for name in trained:
+        assert not torch.equal(after[name], fuser_before[name]), f"fuser.{name} did not train"
     # validation and test run the oracle graph too
     _, _, rows = module.evaluate_batch(batch)
     assert [r.judger_senders for r in rows.rollouts] == [[ex.meta["keeper"]] for ex in batch]
     assert module.run_identity["graphs"] == "oracle"
-    assert module.run_identity["channel"] == {"kind": "lowrank", "rank": 2, "kv_dim": module.llm.kv_dim}
+    assert module.run_identity["channel"] == module.fuser.describe() and module.fuser.describe()["kind"] == channel
 
 
 def test_oracle_graphs_and_bad_channel_settings_are_refused_with_the_allowed_values():
@@ -200,7 +221,7 @@ def test_oracle_graphs_and_bad_channel_settings_are_refused_with_the_allowed_val
 
     with pytest.raises(ValueError, match="graphs='oracle' needs a task with oracle graphs"):
         _module("policy.graphs=oracle")  # gsm8k has none
-    for override, message in (("policy.channel=wide", r"policy.channel='wide' is not one of \['gates', 'lowrank'\]"),
+    for override, message in (("policy.channel=wide", r"policy.channel='wide' is not one of \['gates', 'lowrank', 'realign'\]"),
                               ("policy.graphs=best", r"policy.graphs='best' is not one of \['learned', 'oracle'\]"),
                               ("policy.channel_rank=0", "policy.channel_rank must be an integer >= 1, got 0")):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

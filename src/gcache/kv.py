@@ -357,12 +357,40 @@ class Realignment:
         q2, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
         return Realignment((q1 * singular) @ q2.T, self.target_norm)
 
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, hidden: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """(B, D) -> (B, D) next input embeddings; `step` (the latent step's index) is for realignments
+        that depend on it (`gcache.policy.cache_fuser.TrainedRealignment`), unused here."""
         x = hidden.float()  # (B, D)
         if self.matrix is not None:
             x = x @ self.matrix.to(x.device)
         x = x * (self.target_norm / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         return x.to(hidden.dtype)
+
+
+class SoftRealignment:
+    """The next input embedding as the model's own predicted token, softly: softmax(W_out h / τ) · W_in,
+    the input embeddings averaged under the next-token distribution at temperature τ.
+
+    Why: the ridge map sends a hidden state to the embedding of its output direction, which is not
+    the embedding of the token the model predicts; on SmolLM2-135M its latent chains drift within
+    one or two steps (the LM head reads "----" at every latent position), so latent positions carry
+    nothing a reader can use. This map follows the model's own prediction (τ → 0: greedy text;
+    τ = 1: the expected embedding) and stays a continuous, differentiable mixture for τ > 0. It
+    costs one LM head per latent step. `target_norm` (the mean input-embedding norm) is the scale
+    a trained correction is measured in (`gcache.policy.cache_fuser.TrainedRealignment`)."""
+
+    def __init__(self, model: torch.nn.Module, temperature: float) -> None:
+        if not temperature > 0:
+            raise ValueError(f"the soft realignment's temperature must be > 0, got {temperature!r}")
+        self.model = model
+        self.temperature = float(temperature)
+        with torch.no_grad():
+            self.target_norm = float(model.get_input_embeddings().weight.float().norm(dim=-1).mean())
+
+    def __call__(self, hidden: torch.Tensor, step: int = 0) -> torch.Tensor:
+        weights = torch.softmax(next_token_logits(self.model, hidden) / self.temperature, dim=-1)  # (B, V) fp32
+        table = self.model.get_input_embeddings().weight  # (V, D)
+        return (weights.to(table.dtype) @ table).to(hidden.dtype)  # (B, D)
 
 
 @torch.no_grad()
@@ -422,12 +450,26 @@ def latent_steps(model: torch.nn.Module, start: Step, steps: int, realign: Reali
                             start.hidden.new_zeros(start.kv.batch_size, 0, width))
     loop = token_loop(model, start.kv, steps, "embeds", pool)
     hidden, fed = start.hidden, []
-    for _ in range(steps):
-        embedding = realign(hidden)  # (B, D)
+    for t in range(steps):
+        embedding = realign(hidden, t)  # (B, D)
         fed.append(embedding)
         hidden = loop.step(inputs_embeds=embedding[:, None, :])  # (B, D)
     out_logits = next_token_logits(model, hidden) if logits else None
     return LatentResult(Step(_loop_kv(loop), hidden, out_logits), torch.stack(fed, 1))
+
+
+def latent_steps_with_grad(model: torch.nn.Module, start: Step, steps: int, realign) -> KV:
+    """The same latent steps as `latent_steps`, out of place, so that autograd reaches a trainable
+    `realign` (a trained realignment) through the frozen LM: the start's cache (B rows) extended by
+    `steps` positions. For training losses only (the rollout's loops are faster and keep no graph)."""
+    if steps < 1:
+        raise ValueError(f"latent_steps_with_grad needs steps >= 1, got {steps}")
+    state, hidden = start.kv, start.hidden
+    ones = torch.ones(state.batch_size, 1, dtype=torch.long, device=state.mask.device)
+    for t in range(steps):
+        state, out = forward(model, state, ones, inputs_embeds=realign(hidden, t)[:, None, :])
+        hidden = out[:, -1]  # (B, D)
+    return state
 
 
 # ---- truncation and fusion --------------------------------------------------------------------

@@ -368,7 +368,9 @@ class GCacheModule(L.LightningModule):
         return decision if trainer is None else trainer.strategy.reduce_boolean_decision(decision, all=True)
 
     def fuser_loss(self, batch: list[Example], rows, logits: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced NLL of the reference answer given the judger prompt on its fused cache."""
+        """Teacher-forced NLL of the reference answer given the judger prompt on its fused cache. With
+        the `realign` channel the direct senders' segments are recomputed from their starts with autograd
+        through their latent steps (what they received stays fixed: the gradient stops at a sender's inputs)."""
         n = self.roster.num_agents
         per_q = self.loss_config.fuser_rows_per_question
         seen: dict[int, int] = {}
@@ -380,7 +382,11 @@ class GCacheModule(L.LightningModule):
                 continue
             seen[inp.question_index] = seen.get(inp.question_index, 0) + 1
             s = logits[inp.source_question, inp.senders, n][:, None]  # (S, 1)
-            fused.append(self.fuser.fuse(inp.sender_kvs, s, self.llm.rotary, gated=inp.gated))
+            senders = inp.sender_kvs
+            if self.fuser.realign is not None:  # direct senders' latent steps again, with autograd
+                senders = [self.engine.segment_with_grad(start) if gated and start is not None else segment
+                           for segment, gated, start in zip(senders, inp.gated, inp.sender_starts, strict=True)]
+            fused.append(self.fuser.fuse(senders, s, self.llm.rotary, gated=inp.gated))
             prompts.append(inp.prompt)
             targets.append(self.task.target_text(batch[inp.question_index]))
         if not fused:

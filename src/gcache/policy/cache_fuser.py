@@ -50,14 +50,50 @@ from torch import nn
 
 from gcache import kv
 
-CHANNELS = ("gates", "lowrank")
+CHANNELS = ("gates", "lowrank", "realign")
+
+
+class TrainedRealignment(nn.Module):
+    """A trained correction of the latent steps' realignment (the `realign` channel): at latent step t,
+
+        e_t = base(h, t) + n · (o_t + (h / ‖h‖) · U · W)        o_t (D,), U (D, r), W (r, D)
+
+    with n the base map's target norm (the mean input-embedding norm), so o and U W are measured
+    in embeddings. o and W start at zero: an untrained correction is the base map exactly. Step
+    indices beyond the offsets use the last offset. Applied to every agent's latent steps; trained
+    by the answer NLL through the direct senders' latent steps (`kv.latent_steps_with_grad`)."""
+
+    def __init__(self, hidden_dim: int, steps: int, rank: int, seed: int = 0) -> None:
+        super().__init__()
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"the realign channel needs latent_steps >= 1, got {steps!r}")
+        init = torch.Generator().manual_seed(seed)
+        self.offsets = nn.Parameter(torch.zeros(steps, hidden_dim))  # o_t
+        self.down = nn.Parameter(torch.randn(hidden_dim, rank, generator=init) / hidden_dim**0.5)  # U
+        self.up = nn.Parameter(torch.zeros(rank, hidden_dim))  # W
+
+    def bind(self, base):
+        """The realignment to run: base (a `kv.Realignment` or `kv.SoftRealignment`) plus this correction;
+        a callable (hidden (B, D), step) -> (B, D) in the hidden state's dtype and device."""
+        scale = float(base.target_norm)
+
+        def realign(hidden: torch.Tensor, step: int = 0) -> torch.Tensor:
+            h = hidden.float()
+            offset = self.offsets[min(step, self.offsets.shape[0] - 1)].to(h.device)
+            unit = h / h.norm(dim=-1, keepdim=True).clamp_min(1e-6)
+            correction = scale * (offset + (unit @ self.down.to(h.device)) @ self.up.to(h.device))  # (B, D)
+            return (base(hidden, step).float() + correction).to(hidden.dtype)
+
+        return realign
 
 
 class CacheFuser(nn.Module):
     def __init__(self, num_layers: int, *, channel: str = "gates", rank: int = 8, kv_dim: int | None = None,
-                 seed: int = 0) -> None:
-        """channel: "gates" (the gates alone) or "lowrank" (the gates on a trained low-rank rewrite of
-        each direct sender's keys and values, of rank `rank`; kv_dim = KV heads × head dim)."""
+                 hidden_dim: int | None = None, latent_steps: int | None = None, seed: int = 0) -> None:
+        """channel: "gates" (the gates alone), "lowrank" (the gates on a trained low-rank rewrite of
+        each direct sender's keys and values, of rank `rank`; kv_dim = KV heads × head dim) or
+        "realign" (the gates, and a `TrainedRealignment` of every agent's latent steps: hidden_dim,
+        latent_steps offsets, rank `rank`)."""
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
@@ -76,11 +112,21 @@ class CacheFuser(nn.Module):
             self.channel_down = nn.Parameter(torch.randn(num_layers, 2, kv_dim, rank, generator=init) / kv_dim**0.5)
             self.channel_up = nn.Parameter(torch.zeros(num_layers, 2, rank, kv_dim))  # W: zero = identity
             self.channel_bias = nn.Parameter(torch.zeros(num_layers, 2, kv_dim))  # c
+        self.realign = None
+        if channel == "realign":
+            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+                raise ValueError(f"channel rank must be an integer >= 1, got {rank!r}")
+            if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1:
+                raise ValueError(f"the realign channel needs hidden_dim >= 1, got {hidden_dim!r}")
+            self.realign = TrainedRealignment(hidden_dim, latent_steps, rank, seed=seed)
 
     def describe(self) -> dict:
         """What decides the meaning of the channel's parameters (a checkpoint's identity)."""
         if self.channel == "gates":
             return {"kind": "gates"}
+        if self.channel == "realign":
+            steps, dim = self.realign.offsets.shape
+            return {"kind": "realign", "rank": self.realign.down.shape[1], "hidden_dim": dim, "latent_steps": steps}
         return {"kind": self.channel, "rank": self.channel_up.shape[2], "kv_dim": self.channel_up.shape[3]}
 
     @property
@@ -98,7 +144,7 @@ class CacheFuser(nn.Module):
         """The channel applied to one sender's segment (B rows): every layer's keys and values
         (B, H, T, Dh) -> x + (x U) W + c over the flattened heads; the identity for `gates`.
         Computed in float32 and returned in the cache's dtype and device."""
-        if self.channel == "gates" or segment.seq_len == 0:
+        if self.channel != "lowrank" or segment.seq_len == 0:
             return segment
         if len(segment.cache.layers) != self.num_layers:
             raise ValueError(f"the segment has {len(segment.cache.layers)} layers, the channel {self.num_layers}")
