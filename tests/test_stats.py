@@ -425,7 +425,7 @@ def test_markdown_has_no_nan_and_dashes_absent_values():
 
 def test_markdown_names_the_pooled_test_and_interval_under_the_table():
     text = study_markdown(aggregate(constructed_study(), iterations=200), "arith")
-    lines = text.splitlines()
+    lines = text[: text.index("## Compute per question")].splitlines()  # the comparisons' section
     last_row = max(i for i, line in enumerate(lines) if line.startswith("| better |"))
     sentence = next((line for line in lines[last_row + 1:] if line.strip()), "")
     assert "sign-flip permutation test over questions (exact)" in sentence
@@ -466,3 +466,21 @@ def test_figures_skipped_when_absent(tmp_path):
     only_curves = {0: history(0, with_edges=False)}
     assert study_figures(empty, nan_only, tmp_path) == []
     assert [p.name for p in study_figures(empty, only_curves, tmp_path)] == ["curves.png"]
+
+
+def test_compute_per_question_divides_accuracy_by_each_cost():
+    def rows(method, rewards, tokens, agents, seconds, handed):
+        return [{"id": f"q{q}", "method": method, "reward": r, "prompt_tokens": tokens, "agents_run": agents,
+                 "seconds": seconds, "handed_bytes": handed, "decoded_tokens": 3} for q, r in enumerate(rewards)]
+
+    study = {0: rows("gcache", [1.0, 1.0, 1.0, 0.0], 200, 1, 0.5, 46_080)
+             + rows("fixed-full", [1.0, 0.0, 1.0, 0.0], 800, 4, 2.0, 184_320)}
+    text = study_markdown(aggregate(study, reference="gcache", iterations=200), "compute")
+    section = text[text.index("## Compute per question"):]
+    assert md_cell(section, "gcache", "prompt tok/q") == "200.0"
+    assert md_cell(section, "gcache", "agents run/q") == "1.00"
+    assert md_cell(section, "gcache", "bytes read/q") == "46.1 kB"
+    assert md_cell(section, "gcache", "acc per 1k prompt tok") == "3.750"  # 0.75 / 0.2
+    assert md_cell(section, "fixed-full", "acc per 1k prompt tok") == "0.625"  # 0.5 / 0.8
+    assert md_cell(section, "fixed-full", "acc per agent run") == "0.125"  # 0.5 / 4
+    assert md_cell(section, "gcache", "acc per s") == "1.500"  # 0.75 / 0.5

@@ -167,6 +167,7 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
         graphs_per_question=policy.graphs_per_question,
         policy_lr=policy.policy_lr,
         fuser_lr=policy.fuser_lr,
+        channel_lr=policy.get("channel_lr", 1e-3),
         loss=LossConfig(
             edge_cost=policy.edge_cost, entropy_coef=policy.entropy_coef,
             fuser_weight=policy.fuser_weight, fuser_rows_per_question=policy.fuser_rows_per_question,

@@ -141,6 +141,7 @@ class GCacheModule(L.LightningModule):
         graphs_per_question: int = 4,
         policy_lr: float = 1e-3,
         fuser_lr: float = 1e-2,
+        channel_lr: float = 1e-3,
         loss: LossConfig = LossConfig(),
         judger_edges: str = "sampled",
         fuser_trains_policy: bool = False,
@@ -172,6 +173,7 @@ class GCacheModule(L.LightningModule):
         self.graphs_per_question = graphs_per_question
         self.policy_lr = policy_lr
         self.fuser_lr = fuser_lr
+        self.channel_lr = channel_lr
         self.loss_config = loss
         self.generator_mode = generator_mode  # gcache.modes.* object or None (= local)
         self.seed = seed
@@ -507,7 +509,10 @@ class GCacheModule(L.LightningModule):
         return torch.optim.Adam(
             [
                 {"params": self.policy.parameters(), "lr": self.policy_lr},
-                {"params": self.fuser.parameters(), "lr": self.fuser_lr},
+                {"params": [p for n, p in self.fuser.named_parameters() if n in ("layer_bias", "logit_slope")],
+                 "lr": self.fuser_lr},
+                *([{"params": [p for n, p in self.fuser.named_parameters() if n not in ("layer_bias", "logit_slope")],
+                    "lr": self.channel_lr}] if self.fuser.channel != "gates" else []),
             ]
         )
 

@@ -38,7 +38,15 @@ the sender (no backward through the senders' latent steps), reads nothing but th
 the retention hands on (its positions, nothing of the prompt under `latent_only`), and costs
 one (T, D)·(D, r) product per layer. Keys are rewritten at the segment's own positions
 0…T−1, before `kv.concat` re-rotates them, so a rewrite learned at one offset in the judger's
-cache holds at every offset.
+cache holds at every offset. Measured on `lookup` (latent_only, ridge realignment, 4 latent steps):
+it learns the answer's format but not its digits — the latent positions hold nothing about the
+answer to rewrite (README, "What travels through the channel").
+
+The realign channel (`channel="realign"`) changes what senders compute instead: a
+`TrainedRealignment` corrects the map from an agent's last hidden state to its next latent
+input, for every agent's latent steps. Its gradient runs through the direct senders' latent
+steps (recomputed with autograd from where they began, `RolloutEngine.segment_with_grad`) and
+stops at what they received. Its learning rate is `policy.channel_lr`, apart from the gates'.
 """
 
 from __future__ import annotations
