@@ -110,9 +110,9 @@ class CacheFuser(nn.Module):
         self.layer_bias = nn.Parameter(torch.zeros(num_layers))  # a_l
         self.logit_slope = nn.Parameter(torch.zeros(()))  # b
         self.channel = channel
+        if channel != "gates" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"channel rank must be an integer >= 1, got {rank!r}")
         if channel == "lowrank":
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"channel rank must be an integer >= 1, got {rank!r}")
             if isinstance(kv_dim, bool) or not isinstance(kv_dim, int) or kv_dim < 1:
                 raise ValueError(f"the lowrank channel needs kv_dim (KV heads x head dim) >= 1, got {kv_dim!r}")
             init = torch.Generator().manual_seed(seed)
@@ -122,8 +122,6 @@ class CacheFuser(nn.Module):
             self.channel_bias = nn.Parameter(torch.zeros(num_layers, 2, kv_dim))  # c
         self.realign = None
         if channel == "realign":
-            if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-                raise ValueError(f"channel rank must be an integer >= 1, got {rank!r}")
             if isinstance(hidden_dim, bool) or not isinstance(hidden_dim, int) or hidden_dim < 1:
                 raise ValueError(f"the realign channel needs hidden_dim >= 1, got {hidden_dim!r}")
             self.realign = TrainedRealignment(hidden_dim, latent_steps, rank, seed=seed)
