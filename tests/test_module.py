@@ -196,6 +196,10 @@ def test_oracle_graphs_train_the_channel_alone_on_each_questions_oracle_graph(ch
     # the judger read exactly the keeper holding the answer
     assert [r.judger_senders for r in trajectory.rows.rollouts] == [[ex.meta["keeper"]] for ex in batch]
     optimizer = module.configure_optimizers()
+    groups = [(group["lr"], {id(p) for p in group["params"]}) for group in optimizer.param_groups]
+    assert [lr for lr, _ in groups] == [module.policy_lr, module.fuser_lr, module.channel_lr]
+    assert groups[1][1] == {id(module.fuser.layer_bias), id(module.fuser.logit_slope)}  # the gates apart
+    assert groups[2][1] | groups[1][1] == {id(p) for p in module.fuser.parameters()}
     policy_before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     fuser_before = {n: p.detach().clone() for n, p in module.fuser.named_parameters()}
     losses = module.losses(trajectory)

@@ -379,14 +379,15 @@ class GCacheModule(L.LightningModule):
         fused, prompts, targets = [], [], []
         if not self.fuser_trains_policy:
             logits = logits.detach()  # the NLL trains the fuser only; the topology learns from reward
+        realign = self.engine.agent_realignment() if self.fuser.realign is not None else None
         for inp in rows.judger_inputs:
             if seen.get(inp.question_index, 0) >= per_q or not inp.sender_kvs:
                 continue
             seen[inp.question_index] = seen.get(inp.question_index, 0) + 1
             s = logits[inp.source_question, inp.senders, n][:, None]  # (S, 1)
             senders = inp.sender_kvs
-            if self.fuser.realign is not None:  # direct senders' latent steps again, with autograd
-                senders = [self.engine.segment_with_grad(start) if gated and start is not None else segment
+            if realign is not None:  # direct senders' latent steps again, with autograd
+                senders = [self.engine.segment_with_grad(start, realign) if gated and start is not None else segment
                            for segment, gated, start in zip(senders, inp.gated, inp.sender_starts, strict=True)]
             fused.append(self.fuser.fuse(senders, s, self.llm.rotary, gated=inp.gated))
             prompts.append(inp.prompt)
@@ -509,10 +510,9 @@ class GCacheModule(L.LightningModule):
         return torch.optim.Adam(
             [
                 {"params": self.policy.parameters(), "lr": self.policy_lr},
-                {"params": [p for n, p in self.fuser.named_parameters() if n in ("layer_bias", "logit_slope")],
-                 "lr": self.fuser_lr},
-                *([{"params": [p for n, p in self.fuser.named_parameters() if n not in ("layer_bias", "logit_slope")],
-                    "lr": self.channel_lr}] if self.fuser.channel != "gates" else []),
+                {"params": self.fuser.gate_parameters(), "lr": self.fuser_lr},
+                *([{"params": self.fuser.channel_parameters(), "lr": self.channel_lr}]
+                  if self.fuser.channel != "gates" else []),
             ]
         )
 

@@ -364,7 +364,7 @@ class RolloutEngine:
         plan = self.plan(adjacency, question_index, active)
         done: dict[int, _Done] = {}
         realign = self.base_realignment()
-        agent_realign = self.agent_realignment()
+        agent_realign = self.agent_realignment(realign)
         keep_starts = keep_judger_inputs and self.trains_realignment
         for level in range(plan.levels):
             pending = [x for x, node in enumerate(plan.nodes) if node.level == level]
@@ -388,17 +388,17 @@ class RolloutEngine:
     def trains_realignment(self) -> bool:
         return self.fuser is not None and self.fuser.realign is not None
 
-    def agent_realignment(self):
-        """What agents' latent steps feed back: the base realignment, corrected by a fuser's trained
-        realignment (the `realign` channel)."""
-        base = self.base_realignment()
+    def agent_realignment(self, base=None):
+        """What agents' latent steps feed back: the base realignment (default: the config's), corrected
+        by a fuser's trained realignment (the `realign` channel)."""
+        base = self.base_realignment() if base is None else base
         return self.fuser.realign.bind(base) if self.trains_realignment else base
 
-    def segment_with_grad(self, start: SenderStart) -> kv.KV:
+    def segment_with_grad(self, start: SenderStart, realign) -> kv.KV:
         """An agent's handed-on segment recomputed from its start with autograd through its latent
-        steps (the trained realignment's gradient path): the same slots the rollout kept."""
-        result = kv.latent_steps_with_grad(self.llm.model, start.step, self.config.latent_steps,
-                                           self.agent_realignment())
+        steps fed by `realign` (`agent_realignment()`: the trained realignment's gradient path): the
+        same slots the rollout kept."""
+        result = kv.latent_steps_with_grad(self.llm.model, start.step, self.config.latent_steps, realign)
         return kv.tail(kv.keep_last(result, start.width, self.llm.rotary), start.length)
 
     def _agent_prompt(self, plan: Plan, node: AgentNode, questions, agent_facts, done) -> str:

@@ -199,6 +199,7 @@ class LocalLM:
         # {"enable_thinking": False} (its template thinks by default).
         self.chat_template_kwargs: dict[str, Any] = dict(chat_template_kwargs or {})
         self._realign: kv.Realignment | None = None
+        self._soft_realign: dict[float, kv.SoftRealignment] = {}
         self._loop_pool: kv_static.LoopPool | None = None
 
     # ---- loading -------------------------------------------------------------------------
@@ -322,8 +323,10 @@ class LocalLM:
         at `temperature`: `kv.SoftRealignment`)."""
         if kind not in REALIGNMENTS:
             raise ValueError(f"realign={kind!r} is not one of {REALIGNMENTS}")
-        if kind == "soft":
-            return kv.SoftRealignment(self.model, temperature)
+        if kind == "soft":  # one per temperature: its target norm is read off the embedding table once
+            if temperature not in self._soft_realign:
+                self._soft_realign[temperature] = kv.SoftRealignment(self.model, temperature)
+            return self._soft_realign[temperature]
         if self._realign is None:
             self._realign = kv.realignment(self.model)
         if kind == "identity":

@@ -126,6 +126,15 @@ class CacheFuser(nn.Module):
                 raise ValueError(f"the realign channel needs hidden_dim >= 1, got {hidden_dim!r}")
             self.realign = TrainedRealignment(hidden_dim, latent_steps, rank, seed=seed)
 
+    def gate_parameters(self) -> list[nn.Parameter]:
+        """a and b (trained at `policy.fuser_lr`)."""
+        return [self.layer_bias, self.logit_slope]
+
+    def channel_parameters(self) -> list[nn.Parameter]:
+        """The trained channel's parameters (at `policy.channel_lr`); none for `gates`."""
+        gates = {id(p) for p in self.gate_parameters()}
+        return [p for p in self.parameters() if id(p) not in gates]
+
     def describe(self) -> dict:
         """What decides the meaning of the channel's parameters (a checkpoint's identity)."""
         if self.channel == "gates":
