@@ -484,3 +484,48 @@ def test_compute_per_question_divides_accuracy_by_each_cost():
     assert md_cell(section, "fixed-full", "acc per 1k prompt tok") == "0.625"  # 0.5 / 0.8
     assert md_cell(section, "fixed-full", "acc per agent run") == "0.125"  # 0.5 / 4
     assert md_cell(section, "gcache", "acc per s") == "1.500"  # 0.75 / 0.5
+
+
+def test_routing_counts_what_the_judger_read_against_the_oracle_graph():
+    def row(q, method, senders, oracle):
+        return {"id": f"q{q}", "method": method, "reward": 1.0, "judger_senders": senders, "oracle_edges": oracle}
+
+    one_hop = [[2, -1]]
+    chain = [[0, 1], [1, -1]]  # agent 0 -> agent 1 -> judger: the judger needs agent 1, agent 0 is relevant
+    study = {
+        0: [row(0, "gcache", [2], one_hop), row(1, "gcache", [2, 3], one_hop), row(2, "gcache", [3], one_hop),
+            row(3, "gcache", [0, 1], chain), row(4, "gcache", [1, 3], chain),
+            *(row(q, "single", [], one_hop) for q in range(3))],
+        1: [row(0, "gcache", [2, 3, 0], one_hop)],
+    }
+    summary = aggregate(study, reference="gcache", iterations=100)
+    g = summary["routing"]["gcache"]
+    # Seed 0's five records and seed 1's one: needed read in q0, q1, q3, q4 and seed 1's q0.
+    assert g["reads_needed"] == pytest.approx(5 / 6)
+    assert g["exact"] == pytest.approx(2 / 6)  # seed 0's q0 and q3 (agent 0 belongs to the chain)
+    assert g["distractors_per_question"] == pytest.approx((0 + 1 + 1 + 0 + 1 + 2) / 6)
+    assert g["by_needed"]["2"]["questions"] == 4 and g["by_needed"]["2"]["confused"] == {3: 3, 0: 1}
+    assert g["by_needed"]["1"]["reads_needed"] == 1.0 and g["by_needed"]["1"]["confused"] == {3: 1}
+    assert summary["routing"]["single"]["reads_needed"] == 0.0
+    assert aggregate({0: [record(0, "x", 1.0)]}, iterations=10)["routing"] == {}  # no oracle graphs
+
+    summary["agents"] = ["door", "locker", "train", "room"]
+    summary["training"] = {0: {"steps": 24, "first_step_p_oracle_above_0.9": 12.0, "last_p_oracle": 0.97,
+                               "last_p_distractor": 0.04},
+                           1: {"steps": 24, "first_step_p_oracle_above_0.9": None, "last_p_oracle": 0.6,
+                               "last_p_distractor": 0.3}}
+    text = study_markdown(summary, "routing")
+    section = text[text.index("## Routing"):text.index("## Compute") if "## Compute" in text else None]
+    assert "| 0 | 24 | 12 | 0.970 | 0.040 |" in section and "| 1 | 24 | never | 0.600 | 0.300 |" in section
+    assert md_cell(section, "gcache", "reads needed") == "0.833"
+    assert md_cell(section, "single", "distractors read/q") == "0.00"
+    assert "| train | 4 | 0.750 | 0.250 | 1.00 | room (3), door (1) |" in section
+    assert "| locker | 2 | 1.000 | 0.500 | 0.50 | room (1) |" in section
+
+
+def test_first_step_above():
+    from gcache.stats import first_step_above
+
+    history = [{"step": 0, "p": 0.5}, {"step": 6, "p": 0.9}, {"step": 12, "p": 0.95}, {"step": 18, "p": 0.99}]
+    assert first_step_above(history, "p", 0.9) == 12.0
+    assert first_step_above(history, "p", 0.99) is None

@@ -43,8 +43,19 @@ def test_study_trains_evaluates_and_aggregates_every_seed_and_resumes(tmp_path):
     oracle = study["methods"]["oracle"]
     assert len(oracle["per_seed"]) == 2
     assert "single" in study["comparisons"] and "pooled" in study["comparisons"]["single"]
+    # Routing against the oracle graph: the oracle reads exactly the keeper each question needs,
+    # fixed-full every keeper, single none; the learning of the graph per seed.
+    routing = study["routing"]
+    assert routing["oracle"]["exact"] == 1.0 and routing["oracle"]["distractors_per_question"] == 0.0
+    assert routing["fixed-full"]["reads_needed"] == 1.0 and routing["fixed-full"]["distractors_per_question"] == 3.0
+    assert routing["single"]["reads_needed"] == 0.0
+    assert study["agents"] == ["Door Keeper", "Locker Keeper", "Train Keeper", "Room Keeper"]
+    for seed in ("0", "1"):
+        assert 0.0 <= study["training"][seed]["last_p_oracle"] <= 1.0
+        assert "first_step_p_oracle_above_0.9" in study["training"][seed]
     text = (tmp_path / "study.md").read_text()
     assert "| oracle |" in text and "nan" not in text
+    assert "## Routing" in text and "What gcache confused" in text and "Keeper" in text
     for picture in ("curves.png", "edges.png", "comparison.png"):
         assert (tmp_path / picture).is_file(), picture
 

@@ -107,6 +107,8 @@ def _record(example, method: str, answer: str, detail: dict, config: dict, **cos
         "answer": answer,
         "extracted": detail.get("extracted"),
         "reference": example.answer[:200],
+        # The task's oracle graph ((sender, receiver), -1 = the judger), for the study's routing table.
+        "oracle_edges": [list(edge) for edge in example.oracle_edges] if example.oracle_edges else None,
         **costs,  # decoded_tokens, prompt_tokens, seconds, peak_cache_bytes, edges, judger_senders, agents_run
         "config": config,
     }

@@ -271,7 +271,57 @@ def aggregate(
                 comparisons[name] = _comparison(
                     [(s, tables[s].get(reference, {}), tables[s].get(name, {})) for s in seeds], reference,
                     iterations, seed)
-    return {"reference": reference, "seeds": seeds, "methods": methods, "comparisons": comparisons}
+    routing = {name: r for name in names
+               if (r := routing_summary([row for s in seeds for row in tables[s].get(name, {}).values()]))}
+    return {"reference": reference, "seeds": seeds, "methods": methods, "comparisons": comparisons,
+            "routing": routing}
+
+
+def routing_summary(records: Sequence[dict]) -> dict[str, Any] | None:
+    """What the judger read against the task's oracle graph, over records that carry both
+    `judger_senders` and `oracle_edges` (None when none does).
+
+    Relevant = the agents of the oracle graph; needed = its senders into the judger (-1). Per
+    record: "reads_needed" when the judger read every needed agent, "exact" when it also read
+    no other agent, "distractors" = agents read outside the oracle graph. "by_needed" groups the
+    records by their needed agents (e.g. "2": questions keeper 2 answers) with the same rates
+    and how often each distractor was read ("confused": agent -> count, most read first).
+    """
+    rows = [r for r in records if r.get("oracle_edges") and r.get("judger_senders") is not None]
+    if not rows:
+        return None
+    groups: dict[str, list[tuple[bool, bool, list[int]]]] = {}
+    for r in rows:
+        edges = [tuple(e) for e in r["oracle_edges"]]
+        needed = sorted({i for i, j in edges if j == -1})
+        relevant = {i for i, _ in edges} | {j for _, j in edges if j != -1}
+        read = set(r["judger_senders"])
+        distractors = sorted(read - relevant)
+        reads_needed = set(needed) <= read
+        groups.setdefault(",".join(map(str, needed)), []).append((reads_needed, reads_needed and not distractors,
+                                                                    distractors))
+
+    def rates(items):
+        confused: dict[int, int] = {}
+        for _, _, distractors in items:
+            for d in distractors:
+                confused[d] = confused.get(d, 0) + 1
+        return {
+            "questions": len(items),
+            "reads_needed": sum(x[0] for x in items) / len(items),
+            "exact": sum(x[1] for x in items) / len(items),
+            "distractors_per_question": sum(len(x[2]) for x in items) / len(items),
+            "confused": dict(sorted(confused.items(), key=lambda kv: (-kv[1], kv[0]))),
+        }
+
+    return {**rates([x for items in groups.values() for x in items]),
+            "by_needed": {k: rates(groups[k]) for k in sorted(groups, key=lambda k: [int(x) for x in k.split(",")])}}
+
+
+def first_step_above(history: Sequence[dict], key: str, threshold: float) -> float | None:
+    """The first step of `history` whose `key` exceeds `threshold` (None if none did)."""
+    steps, values = _series(history, key)
+    return next((step for step, value in zip(steps, values, strict=True) if value > threshold), None)
 
 
 def _method_summary(rows_by_seed: list[dict], seeds: list[int], iterations: int, seed: int) -> dict[str, Any]:
@@ -431,8 +481,53 @@ def study_markdown(summary: dict, title: str) -> str:
             f"questions with all their seeds ({iterations} resamples), so a question repeated over "
             "seeds counts as one question, not as new evidence.",
         ]
+    lines += routing_markdown(summary)
     lines += compute_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def routing_markdown(summary: dict) -> list[str]:
+    """"Routing": how the graph learned (per seed, from the validation history in
+    summary["training"]) and what each method's judger read against the oracle graph
+    (summary["routing"]), with what the reference method confused. Agents are named by
+    summary["agents"] when given. Empty without oracle graphs."""
+    routing, training = summary.get("routing") or {}, summary.get("training") or {}
+    names = summary.get("agents") or []
+
+    def name(i) -> str:
+        return names[int(i)] if int(i) < len(names) else f"agent {i}"
+
+    lines: list[str] = []
+    learned = {s: t for s, t in training.items() if t.get("last_p_oracle") is not None}
+    if learned:
+        lines += ["", "## Routing", "", "Validation of the trained graph policy: p(oracle) is the mean probability "
+                  "of the oracle graph's edges, p(distractor) of the other agents' edges into the judger.", "",
+                  "| seed | steps | first step p(oracle) > 0.9 | last p(oracle) | last p(distractor) |",
+                  "|---|---|---|---|---|"]
+        for s, t in learned.items():
+            first = t.get("first_step_p_oracle_above_0.9")
+            lines.append(f"| {s} | {t.get('steps', '—')} | {'never' if first is None else f'{first:.0f}'} | "
+                         f"{_fmt(t['last_p_oracle'])} | {_fmt(t.get('last_p_distractor'))} |")
+    if routing:
+        if not lines:
+            lines += ["", "## Routing"]
+        lines += ["", "What the judger read on the test questions: needed = the oracle graph's senders into the "
+                  "judger; exact = those and no agent outside the oracle graph.", "",
+                  "| method | reads needed | exact | distractors read/q |", "|---|---|---|---|"]
+        for method, r in routing.items():
+            lines.append(f"| {method} | {_fmt(r['reads_needed'])} | {_fmt(r['exact'])} | "
+                         f"{_fmt(r['distractors_per_question'], '.2f')} |")
+        ref = summary.get("reference")
+        if ref in routing:
+            lines += ["", f"What {ref} confused, by the agent the question needs (all seeds):", "",
+                      "| needed | questions | reads needed | exact | distractors read/q | distractors read most |",
+                      "|---|---|---|---|---|---|"]
+            for needed, r in routing[ref]["by_needed"].items():
+                most = ", ".join(f"{name(a)} ({n})" for a, n in list(r["confused"].items())[:3]) or "none"
+                lines.append(f"| {' + '.join(name(a) for a in needed.split(','))} | {r['questions']} | "
+                             f"{_fmt(r['reads_needed'])} | {_fmt(r['exact'])} | "
+                             f"{_fmt(r['distractors_per_question'], '.2f')} | {most} |")
+    return lines
 
 
 def compute_markdown(summary: dict) -> list[str]:

@@ -74,10 +74,12 @@ def run_seed(cfg: DictConfig) -> dict[str, Any]:
     return {"summary": summary, "report": report}
 
 
-def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: str = "") -> dict:
-    """Aggregate every `seed*/` of a study directory into study.json, study.md and pictures."""
+def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: str = "",
+                    agents: list[str] | None = None) -> dict:
+    """Aggregate every `seed*/` of a study directory into study.json, study.md and pictures;
+    `agents` names the agents (node order) in the routing table."""
     from gcache.report import read_results
-    from gcache.stats import aggregate, study_figures, study_markdown
+    from gcache.stats import aggregate, first_step_above, study_figures, study_markdown
 
     directory = Path(directory)
     records, histories = {}, {}
@@ -99,6 +101,16 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
             trained = json.loads(path.read_text())
             summary["training"][seed] = {k: trained.get(k) for k in ("steps", "wall_seconds", "val_accuracy",
                                                                       "test_accuracy")}
+        else:
+            summary["training"][seed] = {}
+        edges = [h for h in histories[seed] if h.get("p_oracle") is not None]
+        if edges:  # how fast the graph policy found the oracle graph (tasks that have one)
+            summary["training"][seed].update({
+                "first_step_p_oracle_above_0.9": first_step_above(edges, "p_oracle", 0.9),
+                "last_p_oracle": edges[-1]["p_oracle"], "last_p_distractor": edges[-1].get("p_distractor"),
+            })
+    if agents:
+        summary["agents"] = list(agents)
     (directory / "study.json.tmp").write_text(json.dumps(summary, indent=2))
     (directory / "study.json.tmp").replace(directory / "study.json")
     text = study_markdown(summary, title or f"study: {directory}")
@@ -114,7 +126,7 @@ class Aggregate(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         directory = Path(config.hydra.sweep.dir)
-        summary = aggregate_study(directory, reference=config.study.reference,
+        summary = aggregate_study(directory, reference=config.study.reference, agents=_agent_names(config),
                                   title=f"{config.task.name}: {config.model.name}, seeds "
                                         f"{', '.join(str(s) for s in sorted(_seeds(directory)))}")
         if is_wandb(config.get("logger")):
@@ -130,6 +142,13 @@ class Aggregate(Callback):
                 table.add_data(name, stats.get("accuracy"), low, high)
             run.log({"study": table, **{f"study/{p.stem}": wandb.Image(str(p)) for p in directory.glob("*.png")}})
             run.finish()
+
+
+def _agent_names(config: DictConfig) -> list[str]:
+    """The study's agents in node order (for its routing table)."""
+    from gcache.build import build_roster, build_task
+
+    return [role.name for role in build_roster(config, build_task(config)).roles]
 
 
 def _seeds(directory: Path) -> list[int]:
