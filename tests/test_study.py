@@ -93,3 +93,17 @@ def test_a_study_with_an_api_mode_evaluates_the_api_model_alone_and_keeps_each_s
     assert all(stats["api_completion_tokens_per_question"] > 0 for stats in report.values())
     study = json.loads((tmp_path / "study.json").read_text())
     assert "api_single" in study["methods"] and "api_single" in study["comparisons"]
+
+
+def test_a_study_evaluates_the_checkpoint_its_training_run_tested(tmp_path):
+    result = _study(tmp_path, "select_checkpoint=best", "study.methods=[gcache,single]", base=(*TINY, "seed=0"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    seed_dir = tmp_path / "seed0"
+    summary = json.loads((seed_dir / "summary.json").read_text())
+    assert Path(summary["checkpoint"]).name == "best-step1.ckpt"  # every validation scores 0: the first
+    config = [json.loads(x)["config"] for x in (seed_dir / "eval" / "results.jsonl").read_text().splitlines()]
+    assert {c["checkpoint"] for c in config if c["fuser"] == "trained"} == {summary["checkpoint"]}
+    trained = [json.loads(x) for x in (seed_dir / "test_predictions.jsonl").read_text().splitlines()]
+    mine = {json.loads(x)["id"]: json.loads(x)["answer"] for x in (seed_dir / "eval" / "results.jsonl").read_text()
+            .splitlines() if json.loads(x)["method"] == "gcache"}
+    assert [mine[t["id"]] for t in trained] == [t["answer"] for t in trained]

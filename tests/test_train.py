@@ -150,3 +150,57 @@ def test_every_experiment_composes(experiment):
 def test_smoke_experiment_trains(tmp_path):
     summary = run(_compose(["experiment=smoke", "task=gsm8k"], tmp_path))
     assert summary["steps"] == 2 and (tmp_path / "summary.json").is_file()
+
+
+def test_best_checkpoint_keeps_the_highest_validation_and_the_earliest_of_ties(tmp_path):
+    """`select_checkpoint=best`: a real Trainer whose validations score 0.25, 0.75, 0.5, 0.75 in
+    turn keeps the weights of the second (the later 0.75 is not strictly better)."""
+    import lightning as L
+
+    from gcache.build import best_checkpoint
+
+    scores = iter([0.25, 0.75, 0.5, 0.75])
+
+    class Scripted(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.weight - 1.0).pow(2).sum()  # moves the weight every step
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/accuracy", next(scores), batch_size=1)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    data = torch.utils.data.DataLoader(torch.zeros(4, 1), batch_size=1)
+    callback = best_checkpoint(tmp_path)
+    trainer = L.Trainer(max_steps=4, val_check_interval=1, limit_val_batches=1, callbacks=[callback],
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=True, num_sanity_val_steps=0)
+    trainer.fit(Scripted(), train_dataloaders=data, val_dataloaders=data)
+    assert [p.name for p in tmp_path.glob("*.ckpt")] == ["best-step2.ckpt"]
+    assert Path(callback.best_model_path).name == "best-step2.ckpt" and float(callback.best_model_score) == 0.75
+    weights = torch.load(callback.best_model_path, weights_only=True)["state_dict"]["weight"]
+    assert weights.item() == pytest.approx(1 - 0.8**2)  # two SGD steps from 0 towards 1, not four
+
+
+def test_select_checkpoint_best_tests_the_best_validations_weights(tmp_path):
+    cfg = _compose([*TINY, "task=lookup", "limit_test=2", "val_every_n_steps=1", "select_checkpoint=best"], tmp_path)
+    summary = run(cfg)
+    # The tiny random model scores 0 on every validation: the first validation of training is kept.
+    assert Path(summary["checkpoint"]).name == "best-step1.ckpt" and Path(summary["checkpoint"]).is_file()
+    assert summary["steps"] == 2 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    tested = torch.load(summary["checkpoint"], weights_only=False)["state_dict"]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert any(not torch.equal(tested[k], last[k]) for k in tested)  # a second step moved the policy
+
+
+def test_select_checkpoint_refuses_an_unknown_value():
+    from gcache.build import validate
+    from gcache.cli import ConfigError
+
+    with pytest.raises(ConfigError, match=r"select_checkpoint='final' is not one of \['last', 'best'\]"):
+        validate(_compose([*TINY, "select_checkpoint=final"]))

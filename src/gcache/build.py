@@ -39,12 +39,13 @@ from gcache.rollout import RolloutConfig
 from gcache.secrets import KEY_SOURCES, is_secret_key
 
 __all__ = ["CONF_DIR", "ConfigError", "build_datamodule", "build_logger", "build_module", "build_roster",
-           "build_rollout", "build_task", "build_trainer", "is_wandb", "start_wandb_run", "use_this_ranks_gpu",
+           "build_rollout", "build_task", "build_trainer", "best_checkpoint", "is_wandb", "start_wandb_run", "use_this_ranks_gpu",
            "validate"]
 
 # key: smallest allowed value; keys a config does not have (evaluate.yaml has no training keys) are skipped.
 INTEGERS = {"policy.graphs_per_question": 1, "batch_size": 1, "eval_batch_size": 1, "ckpt_every_n_steps": 1}
 OPTIONAL_INTEGERS = {"agents.num_agents": 1, "limit_train": 1, "limit_val": 1, "limit_test": 1}
+SELECT_CHECKPOINT = ("last", "best")  # the weights a training run tests (train.yaml select_checkpoint)
 
 
 # ---- checks ------------------------------------------------------------------------------------
@@ -66,6 +67,9 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.policy.get(key, allowed[0])
         if value not in allowed:
             raise ConfigError(f"policy.{key}={value!r} is not one of {list(allowed)}")
+    select = cfg.get("select_checkpoint", "last")
+    if select not in SELECT_CHECKPOINT:
+        raise ConfigError(f"select_checkpoint={select!r} is not one of {list(SELECT_CHECKPOINT)}")
     rank = cfg.policy.get("channel_rank", 8)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ConfigError(f"policy.channel_rank must be an integer >= 1, got {rank!r}")
@@ -251,6 +255,7 @@ def build_trainer(cfg: DictConfig, datamodule: TaskDataModule, out: Path) -> tup
             every_n_train_steps=cfg.ckpt_every_n_steps, save_on_train_epoch_end=True,
             auto_insert_metric_name=False, save_on_exception=True,
         ),
+        *([best_checkpoint(out / "checkpoints")] if cfg.get("select_checkpoint") == "best" else []),
         TopologyPictures(out / "topology", question=datamodule.split("val")[0].question),
         Completions(out / "completions"),
         History(out),
@@ -265,6 +270,15 @@ def build_trainer(cfg: DictConfig, datamodule: TaskDataModule, out: Path) -> tup
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_logger(cfg),
                           plugins=[AtomicCheckpointIO()], **extra)
     return trainer, stop
+
+
+def best_checkpoint(directory: Path) -> L.pytorch.callbacks.ModelCheckpoint:
+    """Keeps `best-step<N>.ckpt`: the weights of the validation with the highest val/accuracy (a
+    later one replaces it only when strictly better, so the earliest of equal scores stays)."""
+    return L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=directory, filename="best-step{step}", monitor="val/accuracy", mode="max", save_top_k=1,
+        auto_insert_metric_name=False, save_on_train_epoch_end=False, enable_version_counter=False,
+    )
 
 
 def world_size(cfg: DictConfig) -> int:

@@ -67,7 +67,8 @@ def run_seed(cfg: DictConfig) -> dict[str, Any]:
         eval_cfg.split = "test"
         eval_cfg.limit = cfg.study.limit or cfg.limit_test
         eval_cfg.batch_size = cfg.eval_batch_size
-        eval_cfg.ckpt_path = str(out / "checkpoints" / "last.ckpt")
+        # The weights the seed's training run tested (select_checkpoint: last, or the best validation's).
+        eval_cfg.ckpt_path = summary.get("checkpoint") or str(out / "checkpoints" / "last.ckpt")
         eval_cfg.baseline_topology = cfg.study.baseline_topology
         eval_cfg.output_dir = str(out / "eval")
     report = evaluate(eval_cfg)

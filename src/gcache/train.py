@@ -87,7 +87,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if trainer.logger:
             trainer.logger.log_hyperparams(redacted_config(cfg))
         try:
-            val, test, comparison = _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out)
+            val, test, comparison, tested = _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out)
         except SIGTERMException:
             signum = stop.received or signal.SIGTERM  # another rank's signal, or Lightning's own handling
             last = out / "checkpoints" / "last.ckpt"
@@ -102,7 +102,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "test": test,
             "val": val,
             "wall_seconds": round(time.perf_counter() - start, 2),
-            "checkpoint": str(out / "checkpoints" / "last.ckpt"),
+            "checkpoint": tested,  # the weights the test split ran (select_checkpoint)
             "comparison": comparison,
             "config": _choices(),
         }
@@ -128,16 +128,28 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             wandb.finish()
 
 
-def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tuple[dict, dict, dict | None]:
-    """Validation metrics after training, test metrics, and the comparison with `cfg.compare`."""
+def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tuple[dict, dict, dict | None, str]:
+    """Validation metrics after training, test metrics, the comparison with `cfg.compare`, and the
+    checkpoint whose weights the test ran (`select_checkpoint`: last.ckpt, or the best validation's)."""
     if cfg.get("validate_at_start") and ckpt_path is None:  # step 0 of the learning curve
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    tested = str(out / "checkpoints" / "last.ckpt")
+    best = next((c for c in trainer.checkpoint_callbacks if c.monitor == "val/accuracy"), None)
+    if best is not None:
+        if best.best_model_path:
+            tested = best.best_model_path
+            log.info("testing the best validation's weights: %s (val/accuracy %.3f; the last validation %.3f)",
+                     tested, float(best.best_model_score), val.get("val/accuracy", float("nan")))
+        else:
+            log.warning("select_checkpoint=best, but no validation ran during training: testing the last weights")
     if not cfg.run_test:
-        return val, {}, None
+        return val, {}, None, tested
     module.test_records = []
-    results = trainer.test(module, datamodule=datamodule, verbose=False)
+    # The best checkpoint's weights replace the module's (the comparison's controls then use them too).
+    results = trainer.test(module, datamodule=datamodule, verbose=False,
+                           ckpt_path=tested if best is not None and best.best_model_path else None)
     test = {k: float(v) for k, v in (results[0] if results else {}).items()}
     module.test_records = gather_records(module.test_records, datamodule.split("test"))
     comparison = None
@@ -148,7 +160,7 @@ def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tup
                                      batch_size=cfg.eval_batch_size)
         if comparison:
             log_comparison(trainer.loggers, comparison, trainer.global_step)
-    return val, test, comparison
+    return val, test, comparison, tested
 
 
 def compare_methods(cfg: DictConfig) -> list[str]:
