@@ -220,3 +220,29 @@ def test_api_columns_per_question_and_per_correct_answer():
     assert unpriced["api_cost_usd_per_question"] is None and unpriced["api_cost_usd_per_correct"] is None
     assert api_columns(rows[1:])["api_cost_usd_per_correct"] is None  # nothing correct
     assert api_columns([{"reward": 1.0}]) == {}  # a local method: no API columns
+
+
+def test_oracle_flat_sends_the_chains_agents_to_the_judger_side_by_side(tmp_path):
+    from types import SimpleNamespace
+
+    from gcache.policy.topology import oracle_adjacency
+
+    chain = SimpleNamespace(id="q", oracle_edges=((0, 2), (2, -1)))  # pointer 0 -> value keeper 2 -> judger
+    flat, oracle = oracle_adjacency([chain], 4, flat=True)[0], oracle_adjacency([chain], 4)[0]
+    assert oracle.nonzero().tolist() == [[0, 2], [2, 4]]
+    assert flat.nonzero().tolist() == [[0, 4], [2, 4]]
+
+    # Through evaluate, on two-hop lookup: under latent_only the oracle's judger reads the value keeper
+    # (which read the pointer), oracle-flat's reads both, neither having read the other.
+    cfg = _cfg(tmp_path, "task=lookup", "task.hops=2", "task.facts_per_agent=2", "task.partner=next",
+               "rollout.retention=latent_only", "methods=[oracle,oracle-flat]")
+    evaluate(cfg)
+    records = read_results(tmp_path / "results.jsonl")
+    for r in records:
+        (pointer, value), _ = r["oracle_edges"]
+        assert r["agents_run"] == 2
+        if r["method"] == "oracle":
+            assert r["judger_senders"] == [value] and r["config"]["graph"] == "oracle"
+        else:
+            assert sorted(r["judger_senders"]) == sorted([pointer, value]) and r["config"]["graph"] == "oracle-flat"
+    assert {r["method"] for r in records} == {"oracle", "oracle-flat"} and len(records) == 6

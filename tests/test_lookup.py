@@ -207,3 +207,26 @@ def test_relevant_keeper_cache_carries_the_answer_to_the_judger():
         reply = llm.generate([llm.chat_text(judger)], past=past, max_new_tokens=16).texts[0]
         replies.append(task.score_one(reply, ex)["correct"])
     assert replies == [True, False]
+
+
+def test_two_hops_partner_next_is_the_next_keeper_and_random_is_unchanged():
+    n = 5
+    nexts = _task(hops=2, num_agents=n, facts_per_agent=2, partner="next").load_examples()
+    for ex in nexts:
+        (p, v), _ = ex.oracle_edges
+        assert v == (p + 1) % n and ex.meta["value_keeper"] == v
+        assert ex.answer in _numbers(ex.agent_facts[v])
+    assert {ex.meta["keeper"] for ex in nexts} == set(range(n))
+    # The default draws the value keeper per question, the same questions as before the option existed.
+    default = _task(hops=2, num_agents=n, facts_per_agent=2).load_examples()
+    first = next(ex for ex in Lookup(hops=2, num_agents=n, facts_per_agent=2, num_questions=1, data_seed=0)
+                 .load_examples())
+    assert (first.question, first.answer, first.oracle_edges) == (
+        "What is the floor of the yellow room?", "348", ((3, 2), (2, -1)))
+    offsets = {(ex.oracle_edges[0][1] - ex.oracle_edges[0][0]) % n for ex in default}
+    assert offsets == {1, 2, 3, 4}
+
+
+def test_partner_refuses_an_unknown_value():
+    with pytest.raises(ValueError, match=r"partner='previous' is not allowed; use one of \('random', 'next'\)"):
+        Lookup(hops=2, partner="previous")

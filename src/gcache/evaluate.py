@@ -18,6 +18,9 @@ Baselines:
   run's retention, plain concatenation.
 - `oracle`: the task's oracle graph (tasks that define one, e.g. `lookup`), plain
   concatenation (an untrained fuser: gates 1, channel the identity).
+- `oracle-flat`: the oracle graph's agents all send to the judger directly, none reading another
+  (on a two-hop chain: pointer and value keeper side by side) — whether the chain's agent -> agent
+  edge itself is needed.
 - `text-oracle`: the oracle graph's agents hand on text instead of caches, `latent_steps`
   tokens each: the latent channel's number of positions, as text (its records' `handed_bytes`
   are the UTF-8 bytes the judger read; a latent method's are the cache bytes).
@@ -87,10 +90,11 @@ from gcache.stats import mcnemar_exact, wilson_interval
 log = logging.getLogger(__name__)
 
 FIXED_METHODS = tuple(f"fixed-{name}" for name in TOPOLOGIES if name != "direct")
+ORACLE_METHODS = ("oracle", "oracle-flat", "text-oracle")  # need the task's oracle graphs
 TRAINED_METHODS = ("gcache", "gcache-policy-only", "gcache-fuser-only")
 CONTROLS = ("mismatched", "zeroed", "shuffled", "realign-identity", "realign-random", "wrong-sender")
 API_METHODS = ("api_single", "api_text_mas")
-METHODS = ("single", "single_budget", "text_mas", "latent_mas", *FIXED_METHODS, "oracle", "text-oracle",
+METHODS = ("single", "single_budget", "text_mas", "latent_mas", *FIXED_METHODS, *ORACLE_METHODS,
            *TRAINED_METHODS,
            *CONTROLS, *API_METHODS)
 
@@ -155,8 +159,8 @@ class Evaluator:
             config.update(graph=self.baseline_topology, retention="full")
         elif subject.startswith("fixed-"):
             config["graph"] = subject.removeprefix("fixed-")
-        elif subject == "oracle":
-            config["graph"] = "oracle"
+        elif subject in ("oracle", "oracle-flat"):
+            config["graph"] = subject
         elif subject == "text-oracle":
             config.update(graph="oracle", method="text", retention=None, realign=None,
                           agent_max_new_tokens=base.latent_steps)
@@ -185,8 +189,8 @@ class Evaluator:
         n = self.module.roster.num_agents
         if config["graph"] == "none":
             return torch.zeros(len(batch), n + 1, n + 1, dtype=torch.bool), None
-        if config["graph"] == "oracle":
-            return oracle_adjacency(batch, n), None
+        if config["graph"] in ("oracle", "oracle-flat"):
+            return oracle_adjacency(batch, n, flat=config["graph"] == "oracle-flat"), None
         if config["graph"] == "learned":
             with torch.no_grad():
                 logits = self.module.edge_logits([ex.question for ex in batch])
@@ -314,15 +318,17 @@ def evaluate(cfg: DictConfig, *, module=None) -> dict:
     return report
 
 
-def compare_on_test(module, methods: list[str], examples: list, out: Path, *, batch_size: int) -> dict | None:
+def compare_on_test(module, methods: list[str], examples: list, out: Path, *, batch_size: int,
+                    ckpt_path: str | None = None) -> dict | None:
     """A training run's trained policy (its test predictions, `module.test_records`) next to baseline
     `methods` on the same test questions, with paired exact McNemar tests (and under an API mode
     API tokens, USD per question and per correct answer); the baselines' records are written to
-    `out/comparison.jsonl`. `oracle` is left out for tasks without oracle graphs."""
-    methods = [m for m in methods if m not in ("oracle", "text-oracle") or all(ex.oracle_edges for ex in examples)]
+    `out/comparison.jsonl`. `oracle` is left out for tasks without oracle graphs. `ckpt_path`: the
+    checkpoint whose weights the module holds (default `out/checkpoints/last.ckpt`)."""
+    methods = [m for m in methods if m not in ORACLE_METHODS or all(ex.oracle_edges for ex in examples)]
     if not methods:
         return None
-    evaluator = Evaluator(module, ckpt_path=str(out / "checkpoints" / "last.ckpt"))
+    evaluator = Evaluator(module, ckpt_path=ckpt_path or str(out / "checkpoints" / "last.ckpt"))
     trained = {r["id"]: r for r in module.test_records}
     rows_of = {"gcache": [trained[ex.id] for ex in examples]}
     records = []

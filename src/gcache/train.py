@@ -157,7 +157,7 @@ def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tup
         (out / "test_predictions.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in module.test_records))
         (out / "test_predictions.jsonl.tmp").replace(out / "test_predictions.jsonl")
         comparison = compare_on_test(module, compare_methods(cfg), datamodule.split("test"), out,
-                                     batch_size=cfg.eval_batch_size)
+                                     batch_size=cfg.eval_batch_size, ckpt_path=tested)
         if comparison:
             log_comparison(trainer.loggers, comparison, trainer.global_step)
     return val, test, comparison, tested

@@ -123,14 +123,21 @@ def with_judger_edges(adjacency: Tensor, active: list[int], judger_edges: str) -
     return adjacency
 
 
-def oracle_adjacency(examples, n: int) -> Tensor:
-    """The tasks' oracle graphs (R, N+1, N+1) from `Example.oracle_edges` (-1 = the judger)."""
+def oracle_adjacency(examples, n: int, *, flat: bool = False) -> Tensor:
+    """The tasks' oracle graphs (R, N+1, N+1) from `Example.oracle_edges` (-1 = the judger).
+    `flat`: every agent of the oracle graph sends to the judger instead, with no agent -> agent
+    edge (the `oracle-flat` control: the same agents, side by side, none reading another)."""
     out = torch.zeros(len(examples), n + 1, n + 1, dtype=torch.bool)
     for r, ex in enumerate(examples):
         if not ex.oracle_edges:
             raise ValueError(f"method 'oracle': question {ex.id!r} of this task has no oracle graph")
         for src, dst in ex.oracle_edges:
-            out[r, src, n if dst == -1 else dst] = True
+            if flat:
+                out[r, src, n] = True
+                if dst != -1:
+                    out[r, dst, n] = True
+            else:
+                out[r, src, n if dst == -1 else dst] = True
     return out
 
 

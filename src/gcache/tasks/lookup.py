@@ -13,7 +13,9 @@ built from the same list) and holds ``facts_per_agent`` facts "The <attribute> o
 (uniformly random) holds the answer; the others hold confusable distractors over the same
 colours. With ``hops=2`` the asked keeper holds a pointer instead ("The code of the green
 door is the same as the combination of the blue locker.") and a second keeper holds the value;
-the oracle graph is then pointer -> value keeper -> judger. Questions are generated from
+the oracle graph is then pointer -> value keeper -> judger. The value keeper is any other keeper
+(``partner="random"``), or keeper i + 1 mod N for a question of domain i (``partner="next"``:
+the answering graph then follows from the question, so a policy can learn it). Questions are generated from
 ``data_seed`` (not the split ``seed``). Scored like GSM8K (the number in the reply).
 
 Calibration (scripts/calibrate_lookup.py: embedded SmolLM2-135M, greedy, 20 test questions,
@@ -81,6 +83,9 @@ COLOURS: tuple[str, ...] = (
     "orange", "purple", "pink", "brown", "grey", "silver",
 )  # fmt: skip
 HOPS = (1, 2)
+# hops=2: which keeper holds the value a pointer names: any other keeper, drawn per question (the
+# question does not tell which), or always the next keeper of the roster (it does).
+PARTNERS = ("random", "next")
 
 
 def _check_int(name: str, value, low: int, high: int | None, why: str = "") -> None:
@@ -91,7 +96,7 @@ def _check_int(name: str, value, low: int, high: int | None, why: str = "") -> N
 
 
 def generate_question(
-    rng: random.Random, num_agents: int, facts_per_agent: int, hops: int
+    rng: random.Random, num_agents: int, facts_per_agent: int, hops: int, partner: str = "random"
 ) -> tuple[str, int, tuple[str, ...], tuple[tuple[int, int], ...], dict]:
     """One question: (question, answer, agent_facts, oracle_edges, meta)."""
     values = iter(rng.sample(range(100, 1000), num_agents * facts_per_agent))
@@ -109,7 +114,10 @@ def generate_question(
     else:
         # The asked item's fact becomes a pointer to an item of another keeper, which keeps
         # the value; the asked keeper's own value for it is never written.
-        holder = rng.choice([i for i in range(num_agents) if i != asked])
+        if partner == "next":  # the graph that answers follows from the question's domain
+            holder = (asked + 1) % num_agents
+        else:
+            holder = rng.choice([i for i in range(num_agents) if i != asked])
         target_colour, answer = rng.choice(held[holder])
         slot = [c for c, _ in held[asked]].index(colour)
         texts[asked][slot] = domain.pointer(colour, DOMAINS[holder], target_colour)
@@ -131,6 +139,7 @@ class Lookup(NumberTask):
         num_agents: int = 4,
         facts_per_agent: int = 1,
         hops: int = 1,
+        partner: str = "random",
         num_questions: int = 600,
         data_seed: int = 0,
         **kwargs,
@@ -154,7 +163,10 @@ class Lookup(NumberTask):
                 f"task 'lookup': hops=2 needs num_agents >= 2 (a pointer keeper and a value keeper), "
                 f"got num_agents={num_agents!r}"
             )
+        if partner not in PARTNERS:
+            raise ValueError(f"task 'lookup': partner={partner!r} is not allowed; use one of {PARTNERS}")
         self.num_agents, self.facts_per_agent, self.hops = num_agents, facts_per_agent, hops
+        self.partner = partner
         self.num_questions, self.data_seed = num_questions, data_seed
 
     def _load(self) -> list[Example]:
@@ -162,7 +174,7 @@ class Lookup(NumberTask):
         examples = []
         for i in range(self.num_questions):
             question, answer, facts, oracle, meta = generate_question(
-                rng, self.num_agents, self.facts_per_agent, self.hops
+                rng, self.num_agents, self.facts_per_agent, self.hops, self.partner
             )
             examples.append(
                 Example(
