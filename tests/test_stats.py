@@ -510,13 +510,15 @@ def test_routing_counts_what_the_judger_read_against_the_oracle_graph():
     assert aggregate({0: [record(0, "x", 1.0)]}, iterations=10)["routing"] == {}  # no oracle graphs
 
     summary["agents"] = ["door", "locker", "train", "room"]
-    summary["training"] = {0: {"steps": 24, "first_step_p_oracle_above_0.9": 12.0, "last_p_oracle": 0.97,
+    summary["training"] = {0: {"steps": 24, "first_step_p_oracle_above_0.9": 12.0,
+                               "first_step_p_distractor_below_0.1": 18.0, "last_p_oracle": 0.97,
                                "last_p_distractor": 0.04},
-                           1: {"steps": 24, "first_step_p_oracle_above_0.9": None, "last_p_oracle": 0.6,
+                           1: {"steps": 24, "first_step_p_oracle_above_0.9": None,
+                               "first_step_p_distractor_below_0.1": None, "last_p_oracle": 0.6,
                                "last_p_distractor": 0.3}}
     text = study_markdown(summary, "routing")
     section = text[text.index("## Routing"):text.index("## Compute") if "## Compute" in text else None]
-    assert "| 0 | 24 | 12 | 0.970 | 0.040 |" in section and "| 1 | 24 | never | 0.600 | 0.300 |" in section
+    assert "| 0 | 24 | 12 | 18 | 0.970 | 0.040 |" in section and "| 1 | 24 | never | never | 0.600 | 0.300 |" in section
     assert md_cell(section, "gcache", "reads needed") == "0.833"
     assert md_cell(section, "single", "distractors read/q") == "0.00"
     assert "| train | 4 | 0.750 | 0.250 | 1.00 | room (3), door (1) |" in section
@@ -524,8 +526,9 @@ def test_routing_counts_what_the_judger_read_against_the_oracle_graph():
 
 
 def test_first_step_above():
-    from gcache.stats import first_step_above
+    from gcache.stats import first_step_above, first_step_below
 
     history = [{"step": 0, "p": 0.5}, {"step": 6, "p": 0.9}, {"step": 12, "p": 0.95}, {"step": 18, "p": 0.99}]
     assert first_step_above(history, "p", 0.9) == 12.0
     assert first_step_above(history, "p", 0.99) is None
+    assert first_step_below(history, "p", 0.91) == 0.0 and first_step_below(history, "p", 0.5) is None

@@ -324,6 +324,12 @@ def first_step_above(history: Sequence[dict], key: str, threshold: float) -> flo
     return next((step for step, value in zip(steps, values, strict=True) if value > threshold), None)
 
 
+def first_step_below(history: Sequence[dict], key: str, threshold: float) -> float | None:
+    """The first step of `history` whose `key` is under `threshold` (None if none was)."""
+    steps, values = _series(history, key)
+    return next((step for step, value in zip(steps, values, strict=True) if value < threshold), None)
+
+
 def _method_summary(rows_by_seed: list[dict], seeds: list[int], iterations: int, seed: int) -> dict[str, Any]:
     """One method of `aggregate`: its records by seed ({question: record} per seed)."""
     per_seed, score_lists, rows_all = [], [], []
@@ -502,11 +508,16 @@ def routing_markdown(summary: dict) -> list[str]:
     if learned:
         lines += ["", "## Routing", "", "Validation of the trained graph policy: p(oracle) is the mean probability "
                   "of the oracle graph's edges, p(distractor) of the other agents' edges into the judger.", "",
-                  "| seed | steps | first step p(oracle) > 0.9 | last p(oracle) | last p(distractor) |",
-                  "|---|---|---|---|---|"]
+                  "| seed | steps | first step p(oracle) > 0.9 | first step p(distractor) < 0.1 | last p(oracle) "
+                  "| last p(distractor) |",
+                  "|---|---|---|---|---|---|"]
+
+        def step(value) -> str:
+            return "never" if value is None else f"{value:.0f}"
+
         for s, t in learned.items():
-            first = t.get("first_step_p_oracle_above_0.9")
-            lines.append(f"| {s} | {t.get('steps', '—')} | {'never' if first is None else f'{first:.0f}'} | "
+            lines.append(f"| {s} | {t.get('steps', '—')} | {step(t.get('first_step_p_oracle_above_0.9'))} | "
+                         f"{step(t.get('first_step_p_distractor_below_0.1'))} | "
                          f"{_fmt(t['last_p_oracle'])} | {_fmt(t.get('last_p_distractor'))} |")
     if routing:
         if not lines:

@@ -80,7 +80,7 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
     """Aggregate every `seed*/` of a study directory into study.json, study.md and pictures;
     `agents` names the agents (node order) in the routing table."""
     from gcache.report import read_results
-    from gcache.stats import aggregate, first_step_above, study_figures, study_markdown
+    from gcache.stats import aggregate, first_step_above, first_step_below, study_figures, study_markdown
 
     directory = Path(directory)
     records, histories = {}, {}
@@ -108,6 +108,7 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
         if edges:  # how fast the graph policy found the oracle graph (tasks that have one)
             summary["training"][seed].update({
                 "first_step_p_oracle_above_0.9": first_step_above(edges, "p_oracle", 0.9),
+                "first_step_p_distractor_below_0.1": first_step_below(edges, "p_distractor", 0.1),
                 "last_p_oracle": edges[-1]["p_oracle"], "last_p_distractor": edges[-1].get("p_distractor"),
             })
     if agents:
