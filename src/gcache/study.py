@@ -80,7 +80,13 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
     """Aggregate every `seed*/` of a study directory into study.json, study.md and pictures;
     `agents` names the agents (node order) in the routing table."""
     from gcache.report import read_results
-    from gcache.stats import aggregate, first_step_above, first_step_below, study_figures, study_markdown
+    from gcache.stats import (
+        aggregate,
+        first_step_above,
+        first_step_below,
+        study_figures,
+        study_markdown,
+    )
 
     directory = Path(directory)
     records, histories = {}, {}
