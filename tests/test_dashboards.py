@@ -20,7 +20,8 @@ from gcache.train import run
 # lookup: four keepers, an oracle graph, agent -> judger edges sampled (topology=debate).
 TINY = ["model=tiny-random", "limit_train=4", "limit_val=2", "limit_test=2", "batch_size=2",
         "policy.graphs_per_question=2", "rollout.latent_steps=2", "rollout.max_new_tokens=4", "val_every_n_steps=2"]
-EDGES = [f"val/p_edge/{keeper} Keeper -> Judger" for keeper in ("Door", "Locker", "Train", "Room")]
+KEEPERS = ("Door", "Locker", "Train", "Room")
+EDGES = [f"val/p_edge/{keeper} Keeper -> Judger" for keeper in KEEPERS]
 VALIDATION_STEPS = [0, 2]  # validate_at_start, then the end of the 2-step epoch
 # Lightning logs metrics of the validation that ends the last step at that step's index (1), not at
 # the global step (2) that the completions, topology pictures and history.jsonl are named after.
@@ -35,12 +36,20 @@ def _run(tmp_path: Path, logger: str) -> dict:
     return run(cfg)
 
 
-def _check_completions(rows: list[dict], step: int) -> None:
-    assert len(rows) == 2 and list(rows[0]) == list(Completions.COLUMNS)
+def _check_completions(rows: list[dict], step: int, *, files: bool = True) -> None:
+    """`files`: the step<N>.jsonl files, which also hold what the judger read (the W&B table does not)."""
+    assert len(rows) == 2 and list(rows[0]) == [*Completions.COLUMNS, *(Completions.EXTRA if files else ())]
     for row in rows:
         assert row["step"] == step and row["id"].startswith("lookup/") and row["question"].startswith("What is")
         assert row["graph"] == "(the judger alone)" or "-> Judger" in row["graph"]
         assert row["reference"] and row["reward"] in (0.0, 1.0) and "extracted" in row
+        if not files:
+            continue
+        # The agents the judger read are the graph's senders into it; the oracle: one keeper -> the judger.
+        readers = sorted(KEEPERS.index(e.split(" ")[0]) for e in row["graph"].split(", ") if e.endswith("-> Judger"))
+        assert sorted(row["judger_senders"]) == readers
+        ((keeper, judger),) = row["oracle_edges"]
+        assert judger == -1 and 0 <= keeper < 4
 
 
 def wandb_records(path: Path):
@@ -105,7 +114,8 @@ def test_an_offline_wandb_run_holds_completions_tables_edge_series_and_the_compa
                                               if k.startswith("val/completions/")}
         assert meta["_type"] == "table-file" and meta["nrows"] == 2
         table = json.loads((run_dir / "files" / meta["path"]).read_text())
-        _check_completions([dict(zip(table["columns"], values, strict=True)) for values in table["data"]], step)
+        _check_completions([dict(zip(table["columns"], values, strict=True)) for values in table["data"]], step,
+                           files=False)
 
     # The final comparison: metrics, a table and the run summary.
     comparison = summary["comparison"]

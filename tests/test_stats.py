@@ -532,3 +532,26 @@ def test_first_step_above():
     assert first_step_above(history, "p", 0.9) == 12.0
     assert first_step_above(history, "p", 0.99) is None
     assert first_step_below(history, "p", 0.91) == 0.0 and first_step_below(history, "p", 0.5) is None
+
+
+def test_routing_during_training_per_validation_step_and_what_was_confused_most():
+    from gcache.stats import most_confused, routing_by_step
+
+    def row(step, senders, keeper):
+        return {"step": step, "id": f"q{keeper}", "judger_senders": senders, "oracle_edges": [[keeper, -1]]}
+
+    completions = [row(0, [0, 1, 2, 3], 2), row(0, [0, 2], 1), row(0, [1], 1), row(0, [3], 2),
+                   row(6, [2], 2), row(6, [1, 0], 1), row(12, [2], 2), {"step": 12, "id": "x"}]  # no graph: skipped
+    during = routing_by_step(completions)
+    assert list(during) == ["0", "6", "12"]
+    assert during["0"]["reads_needed"] == 0.5 and during["0"]["exact"] == 0.25
+    assert during["0"]["distractors_per_question"] == pytest.approx((3 + 2 + 0 + 1) / 4)
+    # Needed 2 read 3 twice (q0, q3), 0 and 1 once; needed 1 read 0 and 2 once each.
+    assert most_confused(during["0"]) == [("2", 3, 2), ("1", 0, 1), ("1", 2, 1)]
+    assert during["12"]["exact"] == 1.0 and most_confused(during["12"]) == []
+
+    summary = aggregate({0: [record(0, "gcache", 1.0)]}, iterations=10)
+    summary.update(routing_during_training=during, agents=["door", "locker", "train", "room"])
+    text = study_markdown(summary, "during")
+    assert "| 0 | 4 | 0.500 | 0.250 | 1.50 | train → room (2), locker → door (1), locker → train (1) |" in text
+    assert "| 12 | 1 | 1.000 | 1.000 | 0.00 | none |" in text

@@ -50,6 +50,8 @@ def test_study_trains_evaluates_and_aggregates_every_seed_and_resumes(tmp_path):
     assert routing["fixed-full"]["reads_needed"] == 1.0 and routing["fixed-full"]["distractors_per_question"] == 3.0
     assert routing["single"]["reads_needed"] == 0.0
     assert study["agents"] == ["Door Keeper", "Locker Keeper", "Train Keeper", "Room Keeper"]
+    during = study["routing_during_training"]  # the validations of steps 0, 1, 2 of both seeds, 2 questions each
+    assert list(during) == ["0", "1", "2"] and all(r["questions"] == 4 for r in during.values())
     for seed in ("0", "1"):
         assert 0.0 <= study["training"][seed]["last_p_oracle"] <= 1.0
         for key in ("first_step_p_oracle_above_0.9", "first_step_p_distractor_below_0.1"):

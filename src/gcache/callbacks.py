@@ -87,6 +87,7 @@ class Completions(L.Callback):
     table `val/completions` at that step."""
 
     COLUMNS = ("step", "id", "question", "graph", "answer", "extracted", "reference", "reward")
+    EXTRA = ("judger_senders", "oracle_edges")  # in the files only: what the judger read, against the oracle
 
     def __init__(self, directory: str | Path, max_rows: int = 32) -> None:
         self.directory = Path(directory)
@@ -98,7 +99,8 @@ class Completions(L.Callback):
         rows = pl_module.val_records[: self.max_rows]
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step{trainer.global_step:06d}.jsonl"
-        path.write_text("".join(json.dumps({c: r[c] for c in self.COLUMNS}) + "\n" for r in rows))
+        path.write_text("".join(json.dumps({c: r.get(c) for c in (*self.COLUMNS, *self.EXTRA)}) + "\n"
+                                for r in rows))
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_table(key="val/completions", columns=list(self.COLUMNS),

@@ -485,6 +485,9 @@ class GCacheModule(L.LightningModule):
                 "graph": ", ".join(edges) or "(the judger alone)", "answer": answer,
                 "extracted": None if answer is None else self.task.extract_answer(answer),
                 "reference": ex.answer, "reward": reward,
+                # for the study's routing during training (`gcache.stats.routing_summary`)
+                "judger_senders": list(rollout.judger_senders),
+                "oracle_edges": [list(edge) for edge in ex.oracle_edges] if ex.oracle_edges else None,
             })
         return records
 

@@ -318,6 +318,24 @@ def routing_summary(records: Sequence[dict]) -> dict[str, Any] | None:
             "by_needed": {k: rates(groups[k]) for k in sorted(groups, key=lambda k: [int(x) for x in k.split(",")])}}
 
 
+def routing_by_step(records: Sequence[dict]) -> dict[str, dict[str, Any]]:
+    """`routing_summary` of validation completions (records with a "step"), per step in order."""
+    steps = sorted({int(r["step"]) for r in records if r.get("step") is not None})
+    out = {}
+    for step in steps:
+        summary = routing_summary([r for r in records if r.get("step") == step])
+        if summary:
+            out[str(step)] = summary
+    return out
+
+
+def most_confused(routing: dict[str, Any], top: int = 3) -> list[tuple[str, int, int]]:
+    """The `top` (needed agents, distractor read, times) pairs of a `routing_summary`, most frequent first."""
+    pairs = [(needed, agent, count) for needed, r in routing["by_needed"].items()
+             for agent, count in r["confused"].items()]
+    return sorted(pairs, key=lambda p: (-p[2], p[0], p[1]))[:top]
+
+
 def first_step_above(history: Sequence[dict], key: str, threshold: float) -> float | None:
     """The first step of `history` whose `key` exceeds `threshold` (None if none did)."""
     steps, values = _series(history, key)
@@ -519,6 +537,19 @@ def routing_markdown(summary: dict) -> list[str]:
             lines.append(f"| {s} | {t.get('steps', '—')} | {step(t.get('first_step_p_oracle_above_0.9'))} | "
                          f"{step(t.get('first_step_p_distractor_below_0.1'))} | "
                          f"{_fmt(t['last_p_oracle'])} | {_fmt(t.get('last_p_distractor'))} |")
+    during = summary.get("routing_during_training") or {}
+    if during:
+        if not lines:
+            lines += ["", "## Routing"]
+        lines += ["", "What the judger read on the validation questions during training (all seeds); most "
+                  "confused = the distractors read most often, as needed agent → agent read (times).", "",
+                  "| step | questions | reads needed | exact | distractors read/q | most confused |",
+                  "|---|---|---|---|---|---|"]
+        for step, r in during.items():
+            confused = ", ".join(f"{' + '.join(name(a) for a in needed.split(','))} → {name(agent)} ({n})"
+                                 for needed, agent, n in most_confused(r)) or "none"
+            lines.append(f"| {step} | {r['questions']} | {_fmt(r['reads_needed'])} | {_fmt(r['exact'])} | "
+                         f"{_fmt(r['distractors_per_question'], '.2f')} | {confused} |")
     if routing:
         if not lines:
             lines += ["", "## Routing"]

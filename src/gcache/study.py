@@ -84,6 +84,7 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
         aggregate,
         first_step_above,
         first_step_below,
+        routing_by_step,
         study_figures,
         study_markdown,
     )
@@ -117,6 +118,11 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
                 "first_step_p_distractor_below_0.1": first_step_below(edges, "p_distractor", 0.1),
                 "last_p_oracle": edges[-1]["p_oracle"], "last_p_distractor": edges[-1].get("p_distractor"),
             })
+    # What the judger read on the validation questions at each validation of every seed.
+    completions = [json.loads(line) for seed in records
+                   for path in sorted((directory / f"seed{seed}" / "completions").glob("step*.jsonl"))
+                   for line in path.read_text().splitlines() if line]
+    summary["routing_during_training"] = routing_by_step(completions)
     if agents:
         summary["agents"] = list(agents)
     (directory / "study.json.tmp").write_text(json.dumps(summary, indent=2))
