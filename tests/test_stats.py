@@ -525,13 +525,15 @@ def test_routing_counts_what_the_judger_read_against_the_oracle_graph():
     assert "| locker | 2 | 1.000 | 0.500 | 0.50 | room (1) |" in section
 
 
-def test_first_step_above():
-    from gcache.stats import first_step_above, first_step_below
+def test_first_step_over_or_under_a_threshold():
+    from gcache.stats import first_step
 
     history = [{"step": 0, "p": 0.5}, {"step": 6, "p": 0.9}, {"step": 12, "p": 0.95}, {"step": 18, "p": 0.99}]
-    assert first_step_above(history, "p", 0.9) == 12.0
-    assert first_step_above(history, "p", 0.99) is None
-    assert first_step_below(history, "p", 0.91) == 0.0 and first_step_below(history, "p", 0.5) is None
+    assert first_step(history, "p", above=0.9) == 12.0
+    assert first_step(history, "p", above=0.99) is None
+    assert first_step(history, "p", below=0.91) == 0.0 and first_step(history, "p", below=0.5) is None
+    with pytest.raises(ValueError, match="exactly one of above= and below="):
+        first_step(history, "p", above=0.5, below=0.9)
 
 
 def test_routing_during_training_per_validation_step_and_what_was_confused_most():

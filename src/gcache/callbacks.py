@@ -99,8 +99,7 @@ class Completions(L.Callback):
         rows = pl_module.val_records[: self.max_rows]
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step{trainer.global_step:06d}.jsonl"
-        path.write_text("".join(json.dumps({c: r.get(c) for c in (*self.COLUMNS, *self.EXTRA)}) + "\n"
-                                for r in rows))
+        path.write_text("".join(json.dumps({c: r[c] for c in (*self.COLUMNS, *self.EXTRA)}) + "\n" for r in rows))
         for logger in trainer.loggers:
             if type(logger).__name__ == "WandbLogger":
                 logger.log_table(key="val/completions", columns=list(self.COLUMNS),

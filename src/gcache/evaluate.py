@@ -112,7 +112,7 @@ def _record(example, method: str, answer: str, detail: dict, config: dict, **cos
         "extracted": detail.get("extracted"),
         "reference": example.answer[:200],
         # The task's oracle graph ((sender, receiver), -1 = the judger), for the study's routing table.
-        "oracle_edges": [list(edge) for edge in example.oracle_edges] if example.oracle_edges else None,
+        "oracle_edges": example.oracle_edges or None,  # JSON: [[sender, receiver], ...]
         **costs,  # decoded_tokens, prompt_tokens, seconds, peak_cache_bytes, edges, judger_senders, agents_run
         "config": config,
     }

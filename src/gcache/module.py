@@ -487,7 +487,7 @@ class GCacheModule(L.LightningModule):
                 "reference": ex.answer, "reward": reward,
                 # for the study's routing during training (`gcache.stats.routing_summary`)
                 "judger_senders": list(rollout.judger_senders),
-                "oracle_edges": [list(edge) for edge in ex.oracle_edges] if ex.oracle_edges else None,
+                "oracle_edges": ex.oracle_edges or None,  # JSON: [[sender, receiver], ...]
             })
         return records
 

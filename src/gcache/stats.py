@@ -336,16 +336,14 @@ def most_confused(routing: dict[str, Any], top: int = 3) -> list[tuple[str, int,
     return sorted(pairs, key=lambda p: (-p[2], p[0], p[1]))[:top]
 
 
-def first_step_above(history: Sequence[dict], key: str, threshold: float) -> float | None:
-    """The first step of `history` whose `key` exceeds `threshold` (None if none did)."""
+def first_step(history: Sequence[dict], key: str, *, above: float | None = None,
+               below: float | None = None) -> float | None:
+    """The first step of `history` whose `key` is over `above` or under `below` (None if none was)."""
+    if (above is None) == (below is None):
+        raise ValueError("first_step: give exactly one of above= and below=")
     steps, values = _series(history, key)
-    return next((step for step, value in zip(steps, values, strict=True) if value > threshold), None)
-
-
-def first_step_below(history: Sequence[dict], key: str, threshold: float) -> float | None:
-    """The first step of `history` whose `key` is under `threshold` (None if none was)."""
-    steps, values = _series(history, key)
-    return next((step for step, value in zip(steps, values, strict=True) if value < threshold), None)
+    return next((step for step, value in zip(steps, values, strict=True)
+                 if (value > above if above is not None else value < below)), None)
 
 
 def _method_summary(rows_by_seed: list[dict], seeds: list[int], iterations: int, seed: int) -> dict[str, Any]:
@@ -518,13 +516,13 @@ def routing_markdown(summary: dict) -> list[str]:
     routing, training = summary.get("routing") or {}, summary.get("training") or {}
     names = summary.get("agents") or []
 
-    def name(i) -> str:
-        return names[int(i)] if int(i) < len(names) else f"agent {i}"
+    def name(agents: str) -> str:  # "2" or "0,2" (a routing_summary key) -> "Train Keeper" or "agent 0 + …"
+        return " + ".join(names[int(i)] if int(i) < len(names) else f"agent {i}" for i in str(agents).split(","))
 
     lines: list[str] = []
     learned = {s: t for s, t in training.items() if t.get("last_p_oracle") is not None}
     if learned:
-        lines += ["", "## Routing", "", "Validation of the trained graph policy: p(oracle) is the mean probability "
+        lines += ["", "Validation of the trained graph policy: p(oracle) is the mean probability "
                   "of the oracle graph's edges, p(distractor) of the other agents' edges into the judger.", "",
                   "| seed | steps | first step p(oracle) > 0.9 | first step p(distractor) < 0.1 | last p(oracle) "
                   "| last p(distractor) |",
@@ -539,20 +537,16 @@ def routing_markdown(summary: dict) -> list[str]:
                          f"{_fmt(t['last_p_oracle'])} | {_fmt(t.get('last_p_distractor'))} |")
     during = summary.get("routing_during_training") or {}
     if during:
-        if not lines:
-            lines += ["", "## Routing"]
         lines += ["", "What the judger read on the validation questions during training (all seeds); most "
                   "confused = the distractors read most often, as needed agent → agent read (times).", "",
                   "| step | questions | reads needed | exact | distractors read/q | most confused |",
                   "|---|---|---|---|---|---|"]
         for step, r in during.items():
-            confused = ", ".join(f"{' + '.join(name(a) for a in needed.split(','))} → {name(agent)} ({n})"
+            confused = ", ".join(f"{name(needed)} → {name(agent)} ({n})"
                                  for needed, agent, n in most_confused(r)) or "none"
             lines.append(f"| {step} | {r['questions']} | {_fmt(r['reads_needed'])} | {_fmt(r['exact'])} | "
                          f"{_fmt(r['distractors_per_question'], '.2f')} | {confused} |")
     if routing:
-        if not lines:
-            lines += ["", "## Routing"]
         lines += ["", "What the judger read on the test questions: needed = the oracle graph's senders into the "
                   "judger; exact = those and no agent outside the oracle graph.", "",
                   "| method | reads needed | exact | distractors read/q |", "|---|---|---|---|"]
@@ -566,10 +560,10 @@ def routing_markdown(summary: dict) -> list[str]:
                       "|---|---|---|---|---|---|"]
             for needed, r in routing[ref]["by_needed"].items():
                 most = ", ".join(f"{name(a)} ({n})" for a, n in list(r["confused"].items())[:3]) or "none"
-                lines.append(f"| {' + '.join(name(a) for a in needed.split(','))} | {r['questions']} | "
+                lines.append(f"| {name(needed)} | {r['questions']} | "
                              f"{_fmt(r['reads_needed'])} | {_fmt(r['exact'])} | "
                              f"{_fmt(r['distractors_per_question'], '.2f')} | {most} |")
-    return lines
+    return ["", "## Routing", *lines] if lines else []
 
 
 def compute_markdown(summary: dict) -> list[str]:

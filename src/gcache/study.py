@@ -82,8 +82,7 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
     from gcache.report import read_results
     from gcache.stats import (
         aggregate,
-        first_step_above,
-        first_step_below,
+        first_step,
         routing_by_step,
         study_figures,
         study_markdown,
@@ -114,8 +113,8 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
         edges = [h for h in histories[seed] if h.get("p_oracle") is not None]
         if edges:  # how fast the graph policy found the oracle graph (tasks that have one)
             summary["training"][seed].update({
-                "first_step_p_oracle_above_0.9": first_step_above(edges, "p_oracle", 0.9),
-                "first_step_p_distractor_below_0.1": first_step_below(edges, "p_distractor", 0.1),
+                "first_step_p_oracle_above_0.9": first_step(edges, "p_oracle", above=0.9),
+                "first_step_p_distractor_below_0.1": first_step(edges, "p_distractor", below=0.1),
                 "last_p_oracle": edges[-1]["p_oracle"], "last_p_distractor": edges[-1].get("p_distractor"),
             })
     # What the judger read on the validation questions at each validation of every seed.

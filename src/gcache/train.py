@@ -135,21 +135,19 @@ def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tup
         trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    tested = str(out / "checkpoints" / "last.ckpt")
     best = next((c for c in trainer.checkpoint_callbacks if c.monitor == "val/accuracy"), None)
-    if best is not None:
-        if best.best_model_path:
-            tested = best.best_model_path
-            log.info("testing the best validation's weights: %s (val/accuracy %.3f; the last validation %.3f)",
-                     tested, float(best.best_model_score), val.get("val/accuracy", float("nan")))
-        else:
-            log.warning("select_checkpoint=best, but no validation ran during training: testing the last weights")
+    best_path = best.best_model_path if best is not None else None  # select_checkpoint=best
+    if best_path:
+        log.info("testing the best validation's weights: %s (val/accuracy %.3f; the last validation %.3f)",
+                 best_path, float(best.best_model_score), val.get("val/accuracy", float("nan")))
+    elif best is not None:
+        log.warning("select_checkpoint=best, but no validation ran during training: testing the last weights")
+    tested = best_path or str(out / "checkpoints" / "last.ckpt")
     if not cfg.run_test:
         return val, {}, None, tested
     module.test_records = []
     # The best checkpoint's weights replace the module's (the comparison's controls then use them too).
-    results = trainer.test(module, datamodule=datamodule, verbose=False,
-                           ckpt_path=tested if best is not None and best.best_model_path else None)
+    results = trainer.test(module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None)
     test = {k: float(v) for k, v in (results[0] if results else {}).items()}
     module.test_records = gather_records(module.test_records, datamodule.split("test"))
     comparison = None
