@@ -167,8 +167,9 @@ def test_ddp_with_a_test_split_compares_on_every_ranks_test_questions(tmp_path):
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "MASTER_ADDR": "127.0.0.1"}
     env.pop("MASTER_PORT", None)
     out = tmp_path / "run"
+    # on the GPU's static token loops, less the capture (tests/test_gpu_path.py): one pool per rank
     cmd = [sys.executable, "-m", "gcache.train", "trainer=ddp", "experiment=smoke", "limit_train=8",
-           "val_every_n_steps=2", "limit_test=4", f"hydra.run.dir={out}"]
+           "val_every_n_steps=2", "limit_test=4", "rollout.cuda_graphs=static", f"hydra.run.dir={out}"]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -34,6 +34,16 @@ def model(llm):
     return llm.model
 
 
+LOOPS = ["eager", "static"]
+
+
+@pytest.fixture(params=LOOPS)
+def pool(request, model) -> kv_static.LoopPool | None:
+    """The token loops under test: eager buffers (CPU's default) or the static workspaces a GPU runs
+    (`rollout.cuda_graphs=static`: the same code less the CUDA-graph capture and replay)."""
+    return None if request.param == "eager" else kv_static.LoopPool(model, capture=False, budget_bytes=kv_static.GIB)
+
+
 def _ids(*lengths: int, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(10, 2000, (n,), generator=g) for n in lengths]
@@ -78,26 +88,26 @@ def test_continuation_with_padding_in_both_segments_matches_each_row_alone(model
 
 
 @torch.no_grad()
-def test_left_padded_batch_equals_each_prompt_alone_also_after_latent_steps(llm, model):
+def test_left_padded_batch_equals_each_prompt_alone_also_after_latent_steps(llm, model, pool):
     prompts = _ids(5, 11, 8, seed=3)
     realign = llm.realignment("ridge")
     batched = kv.prefill(model, *_left_pad(prompts))
-    batched_latent = kv.latent_steps(model, batched, 4, realign)
+    batched_latent = kv.latent_steps(model, batched, 4, realign, pool=pool)
     for i, p in enumerate(prompts):
         alone = kv.prefill(model, *_ones(p))
         torch.testing.assert_close(batched.logits[i], alone.logits[0], atol=ATOL, rtol=0)
         torch.testing.assert_close(batched.hidden[i], alone.hidden[0], atol=ATOL, rtol=0)
-        alone_latent = kv.latent_steps(model, alone, 4, realign)
+        alone_latent = kv.latent_steps(model, alone, 4, realign, pool=pool)
         torch.testing.assert_close(batched_latent.step.hidden[i], alone_latent.step.hidden[0], atol=ATOL, rtol=0)
         torch.testing.assert_close(batched_latent.fed[i], alone_latent.fed[0], atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
-def test_latent_step_feeds_the_rescaled_last_hidden_state_without_realignment(llm, model):
+def test_latent_step_feeds_the_rescaled_last_hidden_state_without_realignment(llm, model, pool):
     realign = llm.realignment("identity")
     assert realign.matrix is None
     start = kv.prefill(model, *_ones(_ids(7)[0]))
-    result = kv.latent_steps(model, start, 3, realign)
+    result = kv.latent_steps(model, start, 3, realign, pool=pool)
     target = float(model.get_input_embeddings().weight.norm(dim=-1).mean())
     hidden = start.hidden
     state = start
@@ -173,13 +183,13 @@ def test_truncation_keeps_n_positions_and_continues_after_the_original_ones(llm,
 
 
 @torch.no_grad()
-def test_truncating_a_padded_batch_matches_each_row_alone(llm, model):
+def test_truncating_a_padded_batch_matches_each_row_alone(llm, model, pool):
     prompts, suffixes = _ids(6, 10, seed=5), _ids(3, 5, seed=6)
-    batched = kv.latent_steps(model, kv.prefill(model, *_left_pad(prompts)), 3, llm.realignment("ridge")).step
+    batched = kv.latent_steps(model, kv.prefill(model, *_left_pad(prompts)), 3, llm.realignment("ridge"), pool=pool).step
     kept = kv.keep_last(batched.kv, 3, llm.rotary)
     cont = kv.prefill(model, *_left_pad(suffixes), past=kept)
     for i in range(2):
-        alone = kv.latent_steps(model, kv.prefill(model, *_ones(prompts[i])), 3, llm.realignment("ridge")).step
+        alone = kv.latent_steps(model, kv.prefill(model, *_ones(prompts[i])), 3, llm.realignment("ridge"), pool=pool).step
         alone_cont = kv.prefill(model, *_ones(suffixes[i]), past=kv.keep_last(alone.kv, 3, llm.rotary))
         torch.testing.assert_close(cont.logits[i], alone_cont.logits[0], atol=ATOL, rtol=0)
 
@@ -238,24 +248,24 @@ def test_value_scale_of_one_is_plain_concatenation(llm, model):
 
 
 @torch.no_grad()
-def test_decode_does_not_change_the_callers_cache(llm, model):
+def test_decode_does_not_change_the_callers_cache(llm, model, pool):
     step = kv.prefill(model, *_ones(_ids(8, seed=12)[0]))
     before = [(k.clone(), v.clone()) for k, v in step.kv.layers()]
     mask_before = step.kv.mask.clone()
     kwargs = dict(max_new_tokens=6, eos_token_ids=[-1], pad_token_id=0)
-    first, _ = kv.decode(model, step.kv, step.logits, **kwargs)
+    first, _ = kv.decode(model, step.kv, step.logits, **kwargs, pool=pool)
     assert step.kv.seq_len == 8 and torch.equal(step.kv.mask, mask_before)
     for (k0, v0), (k1, v1) in zip(before, step.kv.layers(), strict=True):
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
-    second, _ = kv.decode(model, step.kv, step.logits, **kwargs)  # a second consumer sees the same cache
+    second, _ = kv.decode(model, step.kv, step.logits, **kwargs, pool=pool)  # a second consumer sees the same cache
     assert torch.equal(first, second)
 
 
 @torch.no_grad()
-def test_greedy_decode_matches_step_by_step_full_forwards(model):
+def test_greedy_decode_matches_step_by_step_full_forwards(model, pool):
     seq = _ids(6, seed=13)[0]
     step = kv.prefill(model, *_ones(seq))
-    tokens, counts = kv.decode(model, step.kv, step.logits, max_new_tokens=5, eos_token_ids=[-1], pad_token_id=0)
+    tokens, counts = kv.decode(model, step.kv, step.logits, max_new_tokens=5, eos_token_ids=[-1], pad_token_id=0, pool=pool)
     assert counts.tolist() == [5]
     cur = seq
     for t in range(5):
@@ -317,38 +327,39 @@ class _HostReads:
 
 
 @torch.no_grad()
-def test_token_loops_read_the_device_at_most_once_per_k_tokens(llm, model, monkeypatch):
+def test_token_loops_read_the_device_at_most_once_per_k_tokens(llm, model, monkeypatch, pool):
     step = kv.prefill(model, *_left_pad(_ids(5, 9, 7, seed=20)))
     realign = llm.realignment("ridge")
     reads = _HostReads(monkeypatch)
-    kv.latent_steps(model, step, 12, realign)
+    kv.latent_steps(model, step, 12, realign, pool=pool)
     assert reads.count == 0, f"{reads.count} host reads in 12 latent steps"
     tokens, k = 40, 8
-    kv.decode(model, step.kv, step.logits, max_new_tokens=tokens, eos_token_ids=[-1], pad_token_id=0, check_every=k)
+    kv.decode(model, step.kv, step.logits, max_new_tokens=tokens, eos_token_ids=[-1], pad_token_id=0, check_every=k,
+              pool=pool)
     # one "have all rows ended?" every k tokens, one to cut trailing padding at the end
     assert reads.count <= tokens // k + 1, f"{reads.count} host reads in {tokens} decoded tokens"
 
 
 @torch.no_grad()
-def test_decode_checking_for_the_end_every_k_tokens_returns_the_same_tokens(model):
+def test_decode_checking_for_the_end_every_k_tokens_returns_the_same_tokens(model, pool):
     # rows end at different steps (EOS = a token greedy decoding produces), trailing padding is cut
     step = kv.prefill(model, *_left_pad(_ids(6, 10, 4, seed=21)))
     kwargs = dict(max_new_tokens=12, eos_token_ids=[-1], pad_token_id=0)
-    free, _ = kv.decode(model, step.kv, step.logits, **kwargs)
+    free, _ = kv.decode(model, step.kv, step.logits, **kwargs, pool=pool)
     eos = int(free[1, 3])  # row 1 ends at its 4th token (and any row producing it earlier)
     kwargs["eos_token_ids"] = [eos]
-    every, every_counts = kv.decode(model, step.kv, step.logits, check_every=1, **kwargs)
-    rarely, rarely_counts = kv.decode(model, step.kv, step.logits, check_every=5, **kwargs)
+    every, every_counts = kv.decode(model, step.kv, step.logits, check_every=1, **kwargs, pool=pool)
+    rarely, rarely_counts = kv.decode(model, step.kv, step.logits, check_every=5, **kwargs, pool=pool)
     assert torch.equal(every, rarely) and torch.equal(every_counts, rarely_counts)
     assert int(every_counts[1]) <= 4 and every.shape[1] == int(every_counts.max())
 
 
 @torch.no_grad()
-def test_latent_steps_in_buffers_equal_steps_through_forward(llm, model):
+def test_latent_steps_in_buffers_equal_steps_through_forward(llm, model, pool):
     # the hand-built reference: each latent step as a `forward` over a DynamicCache
     start = kv.prefill(model, *_left_pad(_ids(4, 8, seed=22)))
     realign = llm.realignment("ridge")
-    result = kv.latent_steps(model, start, 5, realign, logits=True)
+    result = kv.latent_steps(model, start, 5, realign, logits=True, pool=pool)
     state, hidden = start.kv, start.hidden
     ones = torch.ones(2, 1, dtype=torch.long)
     for _ in range(5):
@@ -360,13 +371,13 @@ def test_latent_steps_in_buffers_equal_steps_through_forward(llm, model):
     for (k0, v0), (k1, v1) in zip(result.step.kv.layers(), state.layers(), strict=True):
         torch.testing.assert_close(k0, k1, atol=1e-5, rtol=0)
         torch.testing.assert_close(v0, v1, atol=1e-5, rtol=0)
-    assert kv.latent_steps(model, start, 3, realign).step.logits is None  # the LM head only where read
+    assert kv.latent_steps(model, start, 3, realign, pool=pool).step.logits is None  # the LM head only where read
 
 
 @torch.no_grad()
 def test_static_loops_equal_eager_loops(llm, model):
     # static shapes (whole buffer attended, device write position): what CUDA graphs capture
-    pool = kv_static.LoopPool(model, capture=False)
+    pool = kv_static.LoopPool(model, capture=False, budget_bytes=kv_static.GIB)
     realign = llm.realignment("ridge")
     for lengths in ((5, 9, 7), (3, 12)):  # two batch buckets, workspaces reused across calls
         start = kv.prefill(model, *_left_pad(_ids(*lengths, seed=len(lengths))))
@@ -379,13 +390,108 @@ def test_static_loops_equal_eager_loops(llm, model):
         ids_eager, n_eager = kv.decode(model, eager.step.kv, eager.step.logits, **kwargs)
         ids_static, n_static = kv.decode(model, static.step.kv, static.step.logits, pool=pool, **kwargs)
         assert torch.equal(ids_eager, ids_static) and torch.equal(n_eager, n_static)
-    assert len(pool.workspaces) >= 2
-    small = kv_static.LoopPool(model, capture=False, max_workspaces=1)  # buffers are bounded
-    start = kv.prefill(model, *_left_pad(_ids(5, 9, 7)))
-    for steps in (3, 40):  # two capacity buckets
-        torch.testing.assert_close(kv.latent_steps(model, start, steps, realign, pool=small).step.hidden,
-                                   kv.latent_steps(model, start, steps, realign).step.hidden, atol=1e-5, rtol=0)
-    assert list(small.workspaces) == [(4, 64, "embeds")]
+    assert set(pool.workspaces) == {(4, 16, "embeds"), (4, 32, "ids"), (2, 32, "embeds"), (2, 32, "ids")}
+    assert pool.created == 4 and pool.nbytes == sum(ws.nbytes for ws in pool.workspaces.values())
+
+
+def _start(model, *lengths: int, seed: int = 0) -> kv.Step:
+    return kv.prefill(model, *_left_pad(_ids(*lengths, seed=seed)))
+
+
+@torch.no_grad()
+def test_the_pool_keeps_workspaces_within_a_budget_in_bytes_and_reuses_larger_ones(llm, model, caplog):
+    realign = llm.realignment("ridge")
+    start = _start(model, 5, 9, 7)
+    template = start.kv.layers()
+    size = {c: kv_static.workspace_bytes(model, template, 4, c, "embeds") for c in (16, 64)}
+    pool = kv_static.LoopPool(model, capture=False, budget_bytes=size[64] + size[16] - 1)  # not both
+    eager = {steps: kv.latent_steps(model, start, steps, realign).step.hidden for steps in (3, 40)}
+    for steps in (40, 3, 3):  # 9 + 3 slots fit the 64-slot workspace: reused, no second allocation
+        torch.testing.assert_close(kv.latent_steps(model, start, steps, realign, pool=pool).step.hidden,
+                                   eager[steps], atol=1e-5, rtol=0)
+    assert list(pool.workspaces) == [(4, 64, "embeds")] and pool.created == 1
+    assert pool.nbytes == size[64]  # the estimate a budget is checked against is what was allocated
+    pool.set_budget(size[16])  # evicted by bytes, least recently used first
+    assert not pool.workspaces
+    kv.latent_steps(model, start, 3, realign, pool=pool)
+    assert list(pool.workspaces) == [(4, 16, "embeds")] and pool.created == 2
+    # A workspace that cannot fit at all is reported once, with its size, and that loop runs eagerly.
+    with caplog.at_level("WARNING", logger="gcache.kv_static"):
+        for _ in range(2):
+            torch.testing.assert_close(kv.latent_steps(model, start, 40, realign, pool=pool).step.hidden,
+                                       eager[40], atol=1e-5, rtol=0)
+    reports = [r.getMessage() for r in caplog.records if "budget" in r.getMessage()]
+    assert len(reports) == 1 and f"{size[64] / kv_static.GIB:.2f} GiB" in reports[0] and "4 rows x 64 slots" in reports[0]
+    assert list(pool.workspaces) == [(4, 16, "embeds")]
+
+
+def test_workspace_budgets_are_gib_or_a_percentage_of_free_memory():
+    assert kv_static.budget_bytes(2, torch.device("cpu")) == 2 * kv_static.GIB
+    free = kv_static.free_memory(torch.device("cpu"))
+    assert 0 < kv_static.budget_bytes("50%", torch.device("cpu")) <= free
+    for bad in (0, -1, True, "0%", "150%", "abc", "25"):
+        with pytest.raises(ValueError, match="a number of GiB > 0 or a percentage"):
+            kv_static.check_memory(bad)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.9])
+@torch.no_grad()
+def test_sampled_decoding_draws_the_same_tokens_with_eager_and_static_loops_and_any_check_interval(model, top_p):
+    # Rows end at different steps (EOS = a token that sampling produces early in row 1), and eager loops
+    # drop ended rows: what is drawn for the running rows must not depend on that.
+    step = _start(model, 6, 10, 4, seed=31)
+    pool = kv_static.LoopPool(model, capture=False, budget_bytes=kv_static.GIB)
+
+    def sample(eos, check_every, loops):
+        generator = torch.Generator().manual_seed(7)
+        return kv.decode(model, step.kv, step.logits, max_new_tokens=12, eos_token_ids=eos, pad_token_id=0,
+                         temperature=1.5, top_p=top_p, generator=generator, check_every=check_every, pool=loops)
+
+    free, _ = sample([-1], 1, None)
+    eos = [int(free[1, 2])]
+    reference, counts = sample(eos, 1, None)
+    assert int(counts.min()) < int(counts.max())  # rows do end at different steps
+    for check_every in (1, 3, 8):
+        for loops in (None, pool):
+            tokens, n = sample(eos, check_every, loops)
+            assert torch.equal(tokens, reference) and torch.equal(n, counts), (check_every, loops)
+    assert len(set(map(tuple, free.tolist()))) == 3  # sampled: the rows differ
+
+
+def test_nothing_built_under_inference_mode_is_an_inference_tensor():
+    # Lightning validates under torch.inference_mode(); the next training step writes the workspaces in
+    # place and saves the realignment for backward (a trained realignment's loss).
+    llm = LocalLM.tiny_random(seed=0)
+    model = llm.model
+    pool = llm.loop_pool(capture=False, memory=1)
+    with torch.inference_mode():
+        start = _start(model, 5, 9)
+        realigns = {kind: llm.realignment(kind) for kind in ("ridge", "identity", "random", "soft")}
+        kv.decode(model, kv.latent_steps(model, start, 3, realigns["ridge"], logits=True, pool=pool).step.kv,
+                  start.logits, max_new_tokens=3, eos_token_ids=[-1], pad_token_id=0, pool=pool)
+    kept = [t for ws in pool.workspaces.values()
+            for t in (ws.position, ws.next_position, ws.bias, ws.input, ws.hidden,
+                      *(b for layer in ws.cache.layers for b in (layer.key_buffer, layer.value_buffer)))]
+    kept += [r.matrix for r in realigns.values() if getattr(r, "matrix", None) is not None]
+    assert kept and not any(t.is_inference() for t in kept)
+    with torch.no_grad():  # the training step after validation: in-place writes into the same workspaces
+        kv.latent_steps(model, _start(model, 5, 9), 3, realigns["ridge"], pool=pool)
+    hidden = torch.randn(2, model.config.hidden_size, requires_grad=True)
+    realigns["ridge"](hidden).sum().backward()  # the matrix is saved for backward
+    assert hidden.grad is not None
+
+
+def test_the_random_realignment_is_made_once_per_model_and_kept_on_its_device(monkeypatch):
+    llm = LocalLM.tiny_random(seed=0)
+    calls = []
+    original = torch.linalg.svdvals
+    monkeypatch.setattr(torch.linalg, "svdvals", lambda *a, **k: calls.append(1) or original(*a, **k))
+    first = llm.realignment("random")
+    assert llm.realignment("random") is first and len(calls) == 1
+    assert first.matrix.device == llm.device
+    ridge = llm.realignment("ridge").matrix
+    assert not torch.allclose(first.matrix, ridge)  # a control: same spectrum, other directions
+    torch.testing.assert_close(torch.linalg.svdvals(first.matrix), torch.linalg.svdvals(ridge), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -443,7 +549,7 @@ def test_rope_whose_frequencies_depend_on_length_is_refused_with_the_supported_t
 
 
 @torch.no_grad()
-def test_soft_realignment_is_the_embedding_mixture_and_at_low_temperature_the_greedy_text(llm, model):
+def test_soft_realignment_is_the_embedding_mixture_and_at_low_temperature_the_greedy_text(llm, model, pool):
     start = kv.prefill(model, *_left_pad(_ids(5, 7, seed=23)))
     soft = llm.realignment("soft", temperature=0.7)
     table = model.get_input_embeddings().weight
@@ -452,8 +558,8 @@ def test_soft_realignment_is_the_embedding_mixture_and_at_low_temperature_the_gr
     # t -> 0: each latent step feeds the embedding of the greedy token, so the latent cache is the
     # cache of the greedily decoded text
     cold = llm.realignment("soft", temperature=1e-4)
-    latent = kv.latent_steps(model, start, 4, cold).step.kv
-    tokens, _ = kv.decode(model, start.kv, start.logits, max_new_tokens=4, eos_token_ids=[-1], pad_token_id=0)
+    latent = kv.latent_steps(model, start, 4, cold, pool=pool).step.kv
+    tokens, _ = kv.decode(model, start.kv, start.logits, max_new_tokens=4, eos_token_ids=[-1], pad_token_id=0, pool=pool)
     text = kv.forward(model, start.kv, torch.ones(2, 3, dtype=torch.long), input_ids=tokens[:, :3])[0]
     for (k0, v0), (k1, v1) in zip(latent.layers(), text.layers(), strict=True):
         torch.testing.assert_close(k0[:, :, :-1], k1, atol=1e-4, rtol=0)
@@ -462,7 +568,7 @@ def test_soft_realignment_is_the_embedding_mixture_and_at_low_temperature_the_gr
         llm.realignment("soft", temperature=0)
 
 
-def test_latent_steps_with_grad_equal_the_loops_and_reach_a_trained_realignment(llm, model):
+def test_latent_steps_with_grad_equal_the_loops_and_reach_a_trained_realignment(llm, model, pool):
     from gcache.policy.cache_fuser import TrainedRealignment
 
     start = kv.prefill(model, *_left_pad(_ids(4, 8, seed=24)))
@@ -473,7 +579,7 @@ def test_latent_steps_with_grad_equal_the_loops_and_reach_a_trained_realignment(
         trained.up.normal_(0, 0.05)
     realign = trained.bind(llm.realignment("ridge"))
     with torch.no_grad():
-        looped = kv.latent_steps(model, start, 3, realign).step.kv  # step 3 uses the last offset
+        looped = kv.latent_steps(model, start, 3, realign, pool=pool).step.kv  # step 3 uses the last offset
     graphed = kv.latent_steps_with_grad(model, start, 3, realign)
     for (k0, v0), (k1, v1) in zip(looped.layers(), graphed.layers(), strict=True):
         torch.testing.assert_close(k0, k1.detach(), atol=1e-5, rtol=0)

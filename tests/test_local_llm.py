@@ -112,13 +112,18 @@ THINKING_TEMPLATE = (
 )
 
 
-def test_chat_template_kwargs_reach_every_prompt_gcache_builds():
+@pytest.mark.parametrize("template", ["written", "qwen3"])
+def test_chat_template_kwargs_reach_every_prompt_gcache_builds(template, request):
+    # `written`: the template above; `qwen3`: the real Qwen3 tokenizer and chat template (no weights)
     from gcache.agents import build_roster
     from gcache.policy.topology import fixed_adjacency, judger_senders_all
     from gcache.rollout import RolloutConfig, RolloutEngine
 
-    llm = LocalLM.tiny_random(seed=0)
-    llm.tokenizer.chat_template = THINKING_TEMPLATE
+    if template == "qwen3":
+        llm = LocalLM(*request.getfixturevalue("tiny_qwen3"), name="tiny-random-qwen3")
+    else:
+        llm = LocalLM.tiny_random(seed=0)
+        llm.tokenizer.chat_template = THINKING_TEMPLATE
     messages = [{"role": "user", "content": "What is 2 + 3?"}]
     assert llm.chat_text(messages).endswith("<|im_start|>assistant\n")  # the template's default: thinking
     llm.chat_template_kwargs = {"enable_thinking": False}

@@ -301,3 +301,27 @@ def test_evaluate_in_bfloat16_runs_the_same_graphs_as_float32(tmp_path):
         assert (a["id"], a["method"], a["judger_senders"], a["edges"]) == (b["id"], b["method"], b["judger_senders"],
                                                                            b["edges"])
         assert b["peak_cache_bytes"] * 2 == a["peak_cache_bytes"]  # 2 bytes per element instead of 4
+
+
+# ---- what outlives a phase ------------------------------------------------------------------------
+
+
+def test_a_training_step_after_a_validation_under_inference_mode_trains_on_the_static_loops():
+    # Lightning validates under torch.inference_mode(). What the validation leaves behind for the next
+    # training step (token-loop workspaces, the ridge realignment a trained `realign` channel saves for
+    # backward, role and question embeddings) must be ordinary tensors.
+    task, module = _module("task=lookup", "rollout.cuda_graphs=static", "policy.channel=realign",
+                           "policy.graphs=oracle", "rollout.retention=latent_only")
+    _quiet(module)
+    splits = task.splits()
+    with torch.inference_mode():
+        module.validation_step(splits["val"][:2], 0)
+    pool = module.engine.pool
+    assert pool is not None and pool.workspaces and not pool.capture
+    loss = module.training_step(splits["train"][:2], 0)
+    loss.backward()
+    assert module.fuser.realign.up.grad is not None and bool(module.fuser.realign.up.grad.ne(0).any())
+    kept = [t for ws in pool.workspaces.values()
+            for t in (ws.bias, ws.input, ws.hidden, *(b for layer in ws.cache.layers for b in (layer.key_buffer,)))]
+    kept += [module.llm.realignment("ridge").matrix, module._role_emb, *module.embedder._cache.values()]
+    assert not [t.shape for t in kept if t.is_inference()]

@@ -51,6 +51,13 @@ def roster():
     return build_roster("math")
 
 
+@pytest.fixture(params=["off", "static"])
+def loops(request) -> str:
+    """`rollout.cuda_graphs`: eager token loops (CPU's default) or the GPU's static workspaces without
+    the capture (what a CUDA run executes, less the graph capture and replay calls)."""
+    return request.param
+
+
 def _logits_on(llm, cache: kv.KV, prompt: str) -> torch.Tensor:
     ids, mask = llm.encode([prompt])
     return kv.prefill(llm.model, ids, mask, past=cache).logits[0]
@@ -145,9 +152,9 @@ def _reach(a, i, j) -> bool:
 @torch.no_grad()
 @pytest.mark.parametrize("retention", ["full", "role_latent", "latent_only"])
 @pytest.mark.parametrize("name", ["star", "diamond", "mesh"])
-def test_judger_reads_each_segment_once_and_equals_a_hand_built_cache(llm, roster, name, retention):
+def test_judger_reads_each_segment_once_and_equals_a_hand_built_cache(llm, roster, name, retention, loops):
     graph, steps = GRAPHS[name], 2
-    engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=steps, retention=retention, max_new_tokens=2))
+    engine = RolloutEngine(llm, roster, RolloutConfig(cuda_graphs=loops, latent_steps=steps, retention=retention, max_new_tokens=2))
     batch = engine.run(QUESTIONS[:1], graph, [0], answer_format=FORMAT, keep_judger_inputs=True)
     inp, rollout = batch.judger_inputs[0], batch.rollouts[0]
     ref, senders = _reference_judger_cache(llm, roster, QUESTIONS[0], graph, retention, steps)
@@ -160,8 +167,8 @@ def test_judger_reads_each_segment_once_and_equals_a_hand_built_cache(llm, roste
 
 
 @torch.no_grad()
-def test_star_under_full_retention_reads_the_hub_once_not_once_per_spoke(llm, roster):
-    engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, retention="full", max_new_tokens=2))
+def test_star_under_full_retention_reads_the_hub_once_not_once_per_spoke(llm, roster, loops):
+    engine = RolloutEngine(llm, roster, RolloutConfig(cuda_graphs=loops, latent_steps=2, retention="full", max_new_tokens=2))
     rollout = engine.run(QUESTIONS[:1], STAR, [0], answer_format=FORMAT).rollouts[0]
     unique = sum(rollout.agent_cache_lengths.values())
     assert rollout.judger_cache_length == unique  # was 1.5x with whole caches handed on
@@ -186,8 +193,8 @@ def _reference_chain(llm, roster, question, steps) -> tuple[torch.Tensor, str]:
 
 @torch.no_grad()
 @pytest.mark.parametrize("judger", ["last", "all"])
-def test_chain_with_full_retention_is_the_latentmas_chain(llm, roster, judger):
-    engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=3, retention="full", max_new_tokens=6))
+def test_chain_with_full_retention_is_the_latentmas_chain(llm, roster, judger, loops):
+    engine = RolloutEngine(llm, roster, RolloutConfig(cuda_graphs=loops, latent_steps=3, retention="full", max_new_tokens=6))
     chain = fixed_adjacency("chain", N).expand(2, -1, -1)
     adjacency = judger_senders_all(chain, [N - 1] if judger == "last" else None)
     batch = engine.run(QUESTIONS, adjacency, [0, 1], answer_format=FORMAT, keep_judger_inputs=True)
@@ -215,8 +222,8 @@ def _nontrivial_fuser(llm) -> CacheFuser:
 
 
 @torch.no_grad()
-def test_judger_gates_each_segment_once_with_its_own_edge_logit(llm, roster):
-    config = RolloutConfig(latent_steps=2, retention="full", max_new_tokens=2)
+def test_judger_gates_each_segment_once_with_its_own_edge_logit(llm, roster, loops):
+    config = RolloutConfig(cuda_graphs=loops, latent_steps=2, retention="full", max_new_tokens=2)
     fuser = _nontrivial_fuser(llm)
     logits = torch.randn(1, N + 1, N + 1, generator=torch.Generator().manual_seed(1)) * 2
     gated = RolloutEngine(llm, roster, config, fuser=fuser).run(
@@ -248,8 +255,8 @@ def test_judger_gates_each_segment_once_with_its_own_edge_logit(llm, roster):
 
 
 @torch.no_grad()
-def test_identity_fuser_reproduces_plain_concatenation(llm, roster):
-    config = RolloutConfig(latent_steps=2, retention="role_latent", max_new_tokens=4)
+def test_identity_fuser_reproduces_plain_concatenation(llm, roster, loops):
+    config = RolloutConfig(cuda_graphs=loops, latent_steps=2, retention="role_latent", max_new_tokens=4)
     logits = torch.randn(1, N + 1, N + 1)
     plain = RolloutEngine(llm, roster, config).run(QUESTIONS[:1], STAR, [0], answer_format=FORMAT,
                                                    keep_judger_inputs=True)
@@ -263,8 +270,8 @@ def test_identity_fuser_reproduces_plain_concatenation(llm, roster):
 
 @torch.no_grad()
 @pytest.mark.parametrize("retention", ["full", "role_latent", "latent_only"])
-def test_batched_rows_equal_rows_run_alone(llm, roster, retention):
-    config = RolloutConfig(latent_steps=2, retention=retention, max_new_tokens=3)
+def test_batched_rows_equal_rows_run_alone(llm, roster, retention, loops):
+    config = RolloutConfig(cuda_graphs=loops, latent_steps=2, retention=retention, max_new_tokens=3)
     engine = RolloutEngine(llm, roster, config)
     g = torch.Generator().manual_seed(0)
     adjacency = torch.triu(torch.rand(4, N + 1, N + 1, generator=g) < 0.5, diagonal=1)
@@ -279,11 +286,43 @@ def test_batched_rows_equal_rows_run_alone(llm, roster, retention):
 
 
 @torch.no_grad()
-def test_sharing_with_nontrivial_gates_changes_nothing(llm, roster):
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+@pytest.mark.parametrize("retention", ["full", "role_latent", "latent_only"])
+def test_static_loops_give_the_eager_engines_answers_token_for_token(llm, roster, retention, temperature,
+                                                                     monkeypatch):
+    # The GPU's path (static workspaces; here without capture) against CPU's eager loops, on a batch of
+    # graphs whose rows end at different steps, greedy and sampled from one seeded generator.
+    g = torch.Generator().manual_seed(4)
+    adjacency = judger_senders_all(torch.triu(torch.rand(6, N, N, generator=g) < 0.5, diagonal=1))
+    adjacency[0, :, N] = False  # one judger alone
+
+    def run(loops):
+        config = RolloutConfig(cuda_graphs=loops, latent_steps=2, retention=retention, max_new_tokens=10,
+                               temperature=temperature, judger_latent_steps=1)
+        return RolloutEngine(llm, roster, config).run(
+            QUESTIONS, adjacency, [0, 1, 0, 1, 0, 1], answer_format=FORMAT, keep_judger_inputs=True,
+            generator=torch.Generator().manual_seed(5))
+
+    # The random model never says <|im_end|>: end rows at a token one of them produces early.
+    first = run("off").rollouts[1].answer
+    eos = llm.tokenizer(first, add_special_tokens=False)["input_ids"][2]
+    monkeypatch.setattr(type(llm), "eos_token_ids", property(lambda self: [eos]))
+    eager, static = run("off"), run("static")
+    assert [r.answer for r in static.rollouts] == [r.answer for r in eager.rollouts]
+    assert [r.decoded_tokens for r in static.rollouts] == [r.decoded_tokens for r in eager.rollouts]
+    assert len({r.decoded_tokens for r in eager.rollouts}) > 1  # rows end at different steps
+    for a, b in zip(static.judger_inputs, eager.judger_inputs, strict=True):
+        for (k0, v0), (k1, v1) in zip(a.cache.layers(), b.cache.layers(), strict=True):
+            torch.testing.assert_close(k0, k1, atol=1e-5, rtol=0)
+            torch.testing.assert_close(v0, v1, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_sharing_with_nontrivial_gates_changes_nothing(llm, roster, loops):
     adjacency = judger_senders_all(torch.zeros(4, N, N, dtype=torch.bool))
     adjacency[:, 0, 1] = True  # four graphs of one question share agents 0, 2, 3 and (0 -> 1)
     adjacency[3, 1, 2] = True  # ... except that graph 3 also has 1 -> 2 (a different agent 2, and 3 unchanged)
-    config = RolloutConfig(latent_steps=2, retention="role_latent", max_new_tokens=3)
+    config = RolloutConfig(cuda_graphs=loops, latent_steps=2, retention="role_latent", max_new_tokens=3)
     logits = torch.randn(1, N + 1, N + 1, generator=torch.Generator().manual_seed(2)) * 2
     fuser = _nontrivial_fuser(llm)
     shared = RolloutEngine(llm, roster, config, fuser=fuser).run(
@@ -311,8 +350,8 @@ def test_text_method_passes_messages_and_counts_their_tokens(llm, roster):
 
 
 @torch.no_grad()
-def test_a_graph_without_judger_edges_is_the_judger_alone(llm, roster):
-    alone = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, max_new_tokens=3)).run(
+def test_a_graph_without_judger_edges_is_the_judger_alone(llm, roster, loops):
+    alone = RolloutEngine(llm, roster, RolloutConfig(cuda_graphs=loops, latent_steps=2, max_new_tokens=3)).run(
         QUESTIONS[:1], _graph([(0, 1), (1, 2)]), [0], answer_format=FORMAT, keep_judger_inputs=True)
     assert alone.prefills == 0 and alone.rollouts[0].judger_cache_length == 0 and alone.rollouts[0].agents_run == 0
     # Its prompt does not mention other agents' work; with a sender it does.
@@ -322,18 +361,18 @@ def test_a_graph_without_judger_edges_is_the_judger_alone(llm, roster):
                                pad_token_id=llm.tokenizer.pad_token_id)
     assert alone.rollouts[0].answer == llm.decode_ids(tokens, counts)[0]
     assert "Other agents" not in alone.judger_inputs[0].prompt
-    one = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, max_new_tokens=3)).run(
+    one = RolloutEngine(llm, roster, RolloutConfig(cuda_graphs=loops, latent_steps=2, max_new_tokens=3)).run(
         QUESTIONS[:1], _graph([], judger=(2,)), [0], answer_format=FORMAT, keep_judger_inputs=True)
     assert "Other agents" in one.judger_inputs[0].prompt and one.rollouts[0].agents_run == 1
 
 
 @torch.no_grad()
-def test_mismatched_control_reads_another_questions_segments(llm, roster):
+def test_mismatched_control_reads_another_questions_segments(llm, roster, loops):
     adjacency = judger_senders_all(fixed_adjacency("chain", N).expand(2, -1, -1))
-    config = RolloutConfig(latent_steps=2, judger_cache="mismatched", max_new_tokens=3)
+    config = RolloutConfig(cuda_graphs=loops, latent_steps=2, judger_cache="mismatched", max_new_tokens=3)
     batch = RolloutEngine(llm, roster, config).run(QUESTIONS, adjacency, [0, 1], answer_format=FORMAT,
                                                    keep_judger_inputs=True)
-    matched = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, max_new_tokens=3)).run(
+    matched = RolloutEngine(llm, roster, RolloutConfig(cuda_graphs=loops, latent_steps=2, max_new_tokens=3)).run(
         QUESTIONS, adjacency, [0, 1], answer_format=FORMAT, keep_judger_inputs=True)
     for r, other in ((0, 1), (1, 0)):
         inp = batch.judger_inputs[r]
@@ -345,11 +384,11 @@ def test_mismatched_control_reads_another_questions_segments(llm, roster):
 
 
 @torch.no_grad()
-def test_zeroed_and_shuffled_controls_change_what_the_judger_reads_as_named(llm, roster):
+def test_zeroed_and_shuffled_controls_change_what_the_judger_reads_as_named(llm, roster, loops):
     adjacency = judger_senders_all(fixed_adjacency("chain", N)[None])
     runs = {}
     for control in ("fused", "zeroed", "shuffled"):
-        config = RolloutConfig(latent_steps=2, judger_cache=control, max_new_tokens=2)
+        config = RolloutConfig(cuda_graphs=loops, latent_steps=2, judger_cache=control, max_new_tokens=2)
         runs[control] = RolloutEngine(llm, roster, config).run(
             QUESTIONS[:1], adjacency, [0], answer_format=FORMAT, keep_judger_inputs=True).judger_inputs[0]
     real, zeroed, shuffled = runs["fused"].cache, runs["zeroed"].cache, runs["shuffled"].cache
@@ -376,16 +415,16 @@ def test_bad_configs_and_graphs_are_refused_with_the_allowed_values(llm, roster)
 
 
 @torch.no_grad()
-def test_sampled_rows_share_prefills_but_draw_their_own_answers(llm, roster):
+def test_sampled_rows_share_prefills_but_draw_their_own_answers(llm, roster, loops):
     # G identical graphs of one question: the agents run once; a greedy judger decodes once, a sampled
     # one decodes per row (the leave-one-out baseline needs G draws, not G copies of one).
     rows = 4
     graph = STAR.expand(rows, -1, -1)
-    greedy = RolloutEngine(llm, roster, RolloutConfig(latent_steps=1, max_new_tokens=6))
+    greedy = RolloutEngine(llm, roster, RolloutConfig(cuda_graphs=loops, latent_steps=1, max_new_tokens=6))
     batch = greedy.run(QUESTIONS[:1], graph, [0] * rows, answer_format=FORMAT)
     assert batch.prefills == N and batch.judger_decodes == 1
     assert len({r.answer for r in batch.rollouts}) == 1
-    sampled = RolloutEngine(llm, roster, RolloutConfig(latent_steps=1, max_new_tokens=6, temperature=1.0))
+    sampled = RolloutEngine(llm, roster, RolloutConfig(cuda_graphs=loops, latent_steps=1, max_new_tokens=6, temperature=1.0))
     batch = sampled.run(QUESTIONS[:1], graph, [0] * rows, answer_format=FORMAT,
                         generator=torch.Generator().manual_seed(0))
     assert batch.prefills == N and batch.judger_decodes == rows
@@ -421,12 +460,12 @@ def test_shuffled_and_sampled_run_on_cuda_with_a_cuda_generator(roster):
 
 
 @torch.no_grad()
-def test_rows_reading_the_same_segments_with_other_direct_senders_are_not_shared(llm, roster):
+def test_rows_reading_the_same_segments_with_other_direct_senders_are_not_shared(llm, roster, loops):
     # Both judgers read agent 0 and agent 1 (computed on 0): in A both send to the judger, in B only 1
     # does, so A gates both segments and B only agent 1's. Sharing their input would gate one wrongly.
     a = _graph([(0, 1)], judger=(0, 1))
     b = _graph([(0, 1)], judger=(1,))
-    config = RolloutConfig(latent_steps=1, retention="full", max_new_tokens=2)
+    config = RolloutConfig(cuda_graphs=loops, latent_steps=1, retention="full", max_new_tokens=2)
     fuser = _nontrivial_fuser(llm)
     logits = torch.randn(1, N + 1, N + 1, generator=torch.Generator().manual_seed(2)) * 2
     engine = RolloutEngine(llm, roster, config, fuser=fuser)

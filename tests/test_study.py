@@ -12,7 +12,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny-random", "logger=csv", "task=lookup", "limit_train=4", "limit_val=2", "limit_test=3",
         "batch_size=2", "eval_batch_size=3", "policy.graphs_per_question=2", "rollout.latent_steps=1", "rollout.max_new_tokens=3",
-        "val_every_n_steps=1", "study.methods=[gcache,single,fixed-full,oracle,mismatched,zeroed]"]
+        "val_every_n_steps=1", "study.methods=[gcache,single,fixed-full,oracle,mismatched,zeroed]",
+        # the GPU's static token loops without the capture (tests/test_gpu_path.py): a study runs them too
+        "rollout.cuda_graphs=static"]
 
 
 def _study(out: Path, *extra: str, base: tuple[str, ...] = (*TINY, "seed=0,1")) -> subprocess.CompletedProcess:

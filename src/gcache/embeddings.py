@@ -90,10 +90,13 @@ class TextEmbedder:
         if isinstance(texts, str):
             raise TypeError("embed() takes a list of strings, got a single str")
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start : start + self.batch_size]
-            for text, row in zip(chunk, self._encode(chunk), strict=True):
-                self._cache[text] = row
+        # Cached rows outlive the call (a validation under `torch.inference_mode()`, then training):
+        # they are made as ordinary tensors, never inference tensors.
+        with torch.inference_mode(False):
+            for start in range(0, len(missing), self.batch_size):
+                chunk = missing[start : start + self.batch_size]
+                for text, row in zip(chunk, self._encode(chunk), strict=True):
+                    self._cache[text] = row
         if not texts:
             return torch.empty(0, self.dim)
         return torch.stack([self._cache[t] for t in texts])

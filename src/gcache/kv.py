@@ -346,6 +346,9 @@ class Realignment:
     def without_matrix(self) -> Realignment:
         return Realignment(None, self.target_norm)
 
+    def to(self, device: torch.device | str) -> Realignment:
+        return Realignment(None if self.matrix is None else self.matrix.to(device), self.target_norm)
+
     def random_like(self, seed: int = 0) -> Realignment:
         """A random matrix with the same singular values (Q1 diag(S) Q2ᵀ, Q Haar-orthogonal)."""
         if self.matrix is None:
@@ -565,16 +568,18 @@ def shuffle_slots(kv: KV, rotary: torch.nn.Module | None, generator: torch.Gener
 # ---- decoding and scoring ---------------------------------------------------------------------
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, noise: torch.Tensor | None) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V): greedy, or sampled with the exponential-race trick
+    argmax(p / E), E ~ Exp(1) per row and token (`noise`, (B, V)): a draw from p (top-p truncated)
+    that uses the same random numbers whichever rows are still decoding."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
+    return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(-1)  # E = 0 would divide by 0
 
 
 @torch.no_grad()
@@ -600,6 +605,10 @@ def decode(
     (and once at the end, to cut trailing padding), so a loop of n tokens syncs about n / k
     times. Then, in an eager loop, rows that have ended leave the batch: later steps compute
     only the running rows (a static loop keeps its shapes for its CUDA graph).
+
+    Sampling draws one (B, V) block of exponential noise from `generator` per token for the whole
+    batch, so the tokens of a seeded generator are the same with eager or static loops and for any
+    `check_every` (which rows are still running never changes what is drawn).
     """
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
@@ -612,8 +621,13 @@ def decode(
     ended = torch.zeros(batch, dtype=torch.bool, device=device)  # per row in the loop
     pad = torch.full((batch,), pad_token_id, dtype=torch.long, device=device)
     loop = token_loop(model, kv, max_new_tokens, "ids", pool) if max_new_tokens > 1 else None
+    sampled = temperature > 0
+    noise = torch.empty(batch, logits.shape[-1], device=device) if sampled else None  # (B, V)
     for t in range(max_new_tokens):
-        token = torch.where(ended, pad[: ended.shape[0]], _pick(logits, temperature, top_p, generator))
+        if sampled:
+            noise.exponential_(generator=generator)
+        picked = _pick(logits, temperature, top_p, noise[rows] if sampled and rows.shape[0] < batch else noise)
+        token = torch.where(ended, pad[: ended.shape[0]], picked)
         out[rows, t] = token
         counts.index_add_(0, rows, (~ended).long())
         ended |= torch.isin(token, eos)
@@ -623,7 +637,7 @@ def decode(
             running = (~ended).nonzero().squeeze(1)  # the one host read of these k tokens
             if running.numel() == 0:
                 break
-            if pool is None and running.numel() < ended.shape[0]:
+            if loop.shrinks and running.numel() < ended.shape[0]:
                 rows, ended, token, logits = rows[running], ended[running], token[running], logits[running]
                 loop.keep_rows(running)
         logits = next_token_logits(model, loop.step(input_ids=token[:, None]))

@@ -24,6 +24,7 @@ Both give the logits of `gcache.kv.forward` over a `DynamicCache` (tested to 1e-
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 import torch
@@ -107,7 +108,10 @@ def _masked(dtype: torch.dtype) -> float:
 
 
 class EagerLoop:
-    """Token loop over fresh buffers; each step attends over the used slots only."""
+    """Token loop over fresh buffers; each step attends over the used slots only, and rows that have
+    ended can leave (`keep_rows`)."""
+
+    shrinks = True
 
     def __init__(self, model: torch.nn.Module, layers: Layers, mask: torch.Tensor, steps: int) -> None:
         keys0 = layers[0][0]
@@ -161,6 +165,17 @@ class EagerLoop:
         return layers, self.bias[:, 0, 0, : self.used].eq(0).long()
 
 
+def workspace_bytes(model: torch.nn.Module, template: Layers, batch: int, capacity: int, kind: str) -> int:
+    """Bytes of the workspace a `LoopPool` would allocate for caches shaped like `template`: per layer
+    a key and a value buffer (B, H, C, Dh), the additive mask (B, 1, 1, C), the input (B, 1) ids or
+    (B, 1, D) embeddings, the hidden state (B, D) and the position counters."""
+    element = template[0][0].element_size()
+    width = model.get_input_embeddings().weight.shape[1]
+    per_slot = sum(k.shape[1] * k.shape[3] + v.shape[1] * v.shape[3] for k, v in template) + 1  # + the mask
+    inputs = batch * 8 if kind == "ids" else batch * width * element
+    return batch * capacity * per_slot * element + inputs + batch * width * element + (1 + batch) * 8
+
+
 class _Workspace:
     """The static buffers of one (batch, capacity, input kind) and its CUDA graph."""
 
@@ -169,22 +184,34 @@ class _Workspace:
         device, dtype = k0.device, k0.dtype
         self.model = model
         self.kind = kind
+        self.batch = batch
         self.capacity = capacity
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
-        self.cache = Cache(layers=[
-            BufferLayer(k.new_zeros(batch, k.shape[1], capacity, k.shape[3]),
-                        v.new_zeros(batch, v.shape[1], capacity, v.shape[3]), 0, self.position)
-            for k, v in template
-        ])
-        self.bias = torch.full((batch, 1, 1, capacity), _masked(dtype), dtype=dtype, device=device)
-        width = model.get_input_embeddings().weight.shape[1]
-        if kind == "ids":
-            self.input = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        else:
-            self.input = torch.zeros(batch, 1, width, dtype=dtype, device=device)
-        self.hidden = torch.zeros(batch, width, dtype=dtype, device=device)
+        # Built outside inference mode: a workspace first made during validation (which Lightning runs
+        # under `torch.inference_mode()`) is written in place by the next training step, and in-place
+        # updates of an inference tensor outside inference mode are refused.
+        with torch.inference_mode(False):
+            self.position = torch.zeros(1, dtype=torch.long, device=device)
+            self.next_position = torch.zeros(batch, dtype=torch.long, device=device)
+            self.cache = Cache(layers=[
+                BufferLayer(k.new_zeros(batch, k.shape[1], capacity, k.shape[3]),
+                            v.new_zeros(batch, v.shape[1], capacity, v.shape[3]), 0, self.position)
+                for k, v in template
+            ])
+            self.bias = torch.full((batch, 1, 1, capacity), _masked(dtype), dtype=dtype, device=device)
+            width = model.get_input_embeddings().weight.shape[1]
+            if kind == "ids":
+                self.input = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            else:
+                self.input = torch.zeros(batch, 1, width, dtype=dtype, device=device)
+            self.hidden = torch.zeros(batch, width, dtype=dtype, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_failed: str | None = None  # why capturing this workspace failed (it then runs eagerly)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.position, self.next_position, self.bias, self.input, self.hidden]
+        tensors += [b for layer in self.cache.layers for b in (layer.key_buffer, layer.value_buffer)]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def load(self, layers: Layers, mask: torch.Tensor) -> None:
         """Copy a starting cache (rows already padded to the batch) into the buffers."""
@@ -211,66 +238,163 @@ class _Workspace:
         self.next_position.add_(1)
 
     def capture(self, pool) -> None:
-        """Warm up once on a side stream (then undo its counters), capture one step."""
-        position, next_position = self.position.clone(), self.next_position.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self.forward()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.position.copy_(position)
-        self.next_position.copy_(next_position)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            self.forward()
+        """Warm up once on a side stream (then undo its counters), capture one step; on the
+        workspace's own device (a model on cuda:1 is captured there, not on the current device)."""
+        device = self.hidden.device
+        with torch.cuda.device(device):
+            position, next_position = self.position.clone(), self.next_position.clone()
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self.forward()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            self.position.copy_(position)
+            self.next_position.copy_(next_position)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.forward()
         self.graph = graph
+
+
+GIB = 1024**3
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on `device` now: the GPU's free memory, or the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_memory(memory: float | str, name: str = "memory") -> None:
+    """A memory budget is a number of GiB > 0 or a percentage of free memory ('25%', in (0, 100])."""
+    if isinstance(memory, (int, float)) and not isinstance(memory, bool) and memory > 0:
+        return
+    try:
+        percent = float(memory[:-1]) if isinstance(memory, str) and memory.endswith("%") else None
+    except ValueError:
+        percent = None
+    if percent is None or not 0 < percent <= 100:
+        raise ValueError(f"{name} must be a number of GiB > 0 or a percentage of the device's free memory "
+                         f"such as '25%' (in (0, 100]), got {memory!r}")
+
+
+def budget_bytes(memory: float | str, device: torch.device) -> int:
+    """A budget (`check_memory`) in bytes on `device`; a percentage is of the memory free now."""
+    check_memory(memory)
+    if isinstance(memory, str):
+        return int(float(memory[:-1]) / 100 * free_memory(device))
+    return int(memory * GIB)
 
 
 class LoopPool:
     """Static workspaces (and, with `capture`, their CUDA graphs) kept between token loops of one
-    model, keyed by (batch bucket, capacity bucket, input kind)."""
+    model, within a memory budget of `budget_bytes` for all of them.
 
-    def __init__(self, model: torch.nn.Module, *, capture: bool, max_workspaces: int = 8) -> None:
+    Keys: a loop of B rows, L cached slots and T new positions needs a workspace of
+    `bucket(B, 1)` rows and at least `bucket(L + T)` slots, for its input kind (token ids or
+    embeddings). An existing workspace with those rows and kind and up to `REUSE_FACTOR` times the
+    slots serves it (masked slots cost attention, not results), so training, validation, test and
+    comparison chunks of one run share workspaces and graphs instead of capturing per shape.
+    Beyond the budget the least recently used workspaces go (with their graphs); a workspace that
+    cannot fit at all, or whose allocation runs out of memory, is reported once with its size and
+    that loop runs eagerly. A capture that fails falls back for that workspace only."""
+
+    REUSE_FACTOR = 4
+
+    def __init__(self, model: torch.nn.Module, *, capture: bool, budget_bytes: int) -> None:
         if capture and not torch.cuda.is_available():
             raise ValueError("CUDA graph capture needs a CUDA device; use capture=False (static shapes only)")
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be an integer >= 0, got {budget_bytes!r}")
         self.model = model
         self.capture = capture
-        self.max_workspaces = max_workspaces  # the least recently used one goes (with its graph) beyond this
+        self.budget_bytes = budget_bytes
         self.workspaces: dict[tuple[int, int, str], _Workspace] = {}  # in order of last use
-        self.graph_pool = torch.cuda.graph_pool_handle() if capture else None
+        self.graph_pool = None  # one CUDA memory pool for every graph, made on the model's device at first capture
         self.captures = 0
+        self.created = 0  # workspaces allocated (a key allocated twice was evicted in between)
+        self.reported: set[tuple[int, int, str]] = set()  # keys whose fallback was reported
 
-    def loop(self, layers: Layers, mask: torch.Tensor, steps: int, kind: str) -> StaticLoop:
+    @property
+    def nbytes(self) -> int:
+        return sum(ws.nbytes for ws in self.workspaces.values())
+
+    def set_budget(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._evict(0)
+
+    def release(self) -> None:
+        """Drop every workspace and graph (the end of a run)."""
+        self.workspaces.clear()
+        self.graph_pool = None
+
+    def _evict(self, needed: int) -> None:
+        while self.workspaces and self.nbytes + needed > self.budget_bytes:
+            self.workspaces.pop(next(iter(self.workspaces)))
+
+    def _find(self, rows: int, capacity: int, kind: str) -> tuple[int, int, str] | None:
+        fits = [key for key in self.workspaces
+                if key[0] == rows and key[2] == kind and capacity <= key[1] <= capacity * self.REUSE_FACTOR]
+        return min(fits, key=lambda key: key[1]) if fits else None
+
+    def _report(self, key: tuple[int, int, str], message: str, *args) -> None:
+        if key not in self.reported:
+            self.reported.add(key)
+            log.warning(message, *args)
+
+    def loop(self, layers: Layers, mask: torch.Tensor, steps: int, kind: str) -> StaticLoop | EagerLoop:
         batch, length = mask.shape
         rows = bucket(batch, minimum=1)
         capacity = bucket(length + steps)
+        key = self._find(rows, capacity, kind)
+        if key is None:
+            key = (rows, capacity, kind)
+            size = workspace_bytes(self.model, layers, rows, capacity, kind)
+            if size > self.budget_bytes:
+                self._report(key, "a token-loop workspace of %d rows x %d slots needs %.2f GiB, more than the "
+                             "budget of %.2f GiB (rollout.workspace_memory): those loops run eagerly",
+                             rows, capacity, size / GIB, self.budget_bytes / GIB)
+                return EagerLoop(self.model, layers, mask, steps)
+            self._evict(size)
+            try:
+                self.workspaces[key] = _Workspace(self.model, layers, rows, capacity, kind)
+            except torch.OutOfMemoryError:
+                self._report(key, "out of memory allocating a token-loop workspace of %d rows x %d slots "
+                             "(%.2f GiB): those loops run eagerly", rows, capacity, size / GIB)
+                return EagerLoop(self.model, layers, mask, steps)
+            self.created += 1
+        workspace = self.workspaces.pop(key)
+        self.workspaces[key] = workspace  # most recently used last
         if rows > batch:  # pad the batch with copies of row 0 (results are cut back to B rows)
             index = torch.cat([torch.arange(batch), torch.zeros(rows - batch, dtype=torch.long)]).to(mask.device)
             layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
             mask = mask.index_select(0, index)
-        key = (rows, capacity, kind)
-        workspace = self.workspaces.pop(key, None)
-        if workspace is None:
-            while len(self.workspaces) >= self.max_workspaces:
-                self.workspaces.pop(next(iter(self.workspaces)))
-            workspace = _Workspace(self.model, layers, rows, capacity, kind)
-        self.workspaces[key] = workspace
         workspace.load(layers, mask)
         return StaticLoop(self, workspace, batch, length)
 
     def _capture(self, workspace: _Workspace) -> None:
-        if not self.capture or workspace.graph is not None:
+        if not self.capture or workspace.graph is not None or workspace.capture_failed:
             return
         try:
+            if self.graph_pool is None:
+                with torch.cuda.device(workspace.hidden.device):
+                    self.graph_pool = torch.cuda.graph_pool_handle()
             workspace.capture(self.graph_pool)
             self.captures += 1
-        except RuntimeError as error:  # a model whose forward cannot be captured: run eagerly
-            log.warning("CUDA graph capture failed (%s); token loops run without CUDA graphs", error)
-            self.capture = False
+        except RuntimeError as error:  # out of memory included (torch.OutOfMemoryError is a RuntimeError)
+            workspace.capture_failed = str(error).splitlines()[0] if str(error) else type(error).__name__
+            log.warning("CUDA graph capture of the %d rows x %d slots %s workspace failed (%s); that "
+                        "workspace runs without a CUDA graph", workspace.batch, workspace.capacity,
+                        workspace.kind, workspace.capture_failed)
 
 
 class StaticLoop:
-    """A token loop over a pool's workspace (same interface as `EagerLoop`)."""
+    """A token loop over a pool's workspace (the interface of `EagerLoop`; its rows never leave: the
+    shapes stay those of the captured graph)."""
+
+    shrinks = False
 
     def __init__(self, pool: LoopPool, workspace: _Workspace, batch: int, length: int) -> None:
         self.pool = pool

@@ -213,7 +213,8 @@ class GCacheModule(L.LightningModule):
     def _role_embeddings(self) -> torch.Tensor:
         if self._role_emb is None:
             texts = [*self.roster.profiles, self.roster.judger.profile]
-            self._role_emb = self.embedder.embed(texts)  # (N+1, D)
+            with torch.inference_mode(False):  # kept from a validation (inference mode) into training
+                self._role_emb = self.embedder.embed(texts)  # (N+1, D)
         return self._role_emb.to(self.device)
 
     def _anchor_edges(self) -> torch.Tensor:

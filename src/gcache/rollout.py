@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gcache import kv
+from gcache import kv, kv_static
 from gcache.agents import Roster
 from gcache.llm.local import REALIGNMENTS, LocalLM
 from gcache.policy.cache_fuser import CacheFuser
@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 RETENTIONS = ("full", "role_latent", "latent_only")
 METHODS = ("latent", "text")
 JUDGER_CACHES = ("fused", "mismatched", "zeroed", "shuffled")
-CUDA_GRAPHS = ("auto", "on", "off")
+CUDA_GRAPHS = ("auto", "on", "static", "off")
+LOOPS = ("eager", "static", "graphs")  # what `RolloutConfig.loops` resolves `cuda_graphs` to
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,8 @@ class RolloutConfig:
     judger_cache: str = "fused"  # fused | mismatched | zeroed | shuffled (controls)
     judger_latent_steps: int = 0  # latent steps of the judger before it answers (equal-budget single agent)
     max_batch: int = 32  # rows per forward
-    cuda_graphs: str = "auto"  # auto (on for CUDA, off for CPU) | on | off: decode and latent steps as CUDA graphs
+    cuda_graphs: str = "auto"  # auto (on for CUDA, off for CPU) | on | static | off: the token loops (`loops`)
+    workspace_memory: float | str = "25%"  # the static loops' workspaces: GiB, or "N%" of the device's free memory
 
     def __post_init__(self) -> None:
         """Every check of these values, in one place. Each message starts with the field's name (the CLI
@@ -108,15 +110,22 @@ class RolloutConfig:
             raise ValueError(f"realign={self.realign!r} is not one of {list(REALIGNMENTS)}")
         if self.cuda_graphs not in CUDA_GRAPHS:
             raise ValueError(f"cuda_graphs={self.cuda_graphs!r} is not one of {list(CUDA_GRAPHS)}")
+        kv_static.check_memory(self.workspace_memory, "workspace_memory")
         if self.retention == "latent_only" and self.latent_steps == 0 and self.method == "latent":
             raise ValueError("retention='latent_only' with latent_steps=0 hands on nothing; use latent_steps > 0")
 
 
-    def uses_cuda_graphs(self, device: torch.device) -> bool:
-        """Whether token loops on `device` run as CUDA graphs: `auto` = on CUDA devices."""
+    def loops(self, device: torch.device) -> str:
+        """How token loops (decoding, latent steps) run on `device`, one of `LOOPS`: `graphs` (static
+        workspaces captured as CUDA graphs: `on`, and `auto` on CUDA), `static` (the same workspaces and
+        steps without the capture and replay calls, on any device: the GPU path under test on CPU), or
+        `eager` (`off`, and `auto` on CPU: buffers that grow per call, rows leave as they end)."""
         if self.cuda_graphs == "on" and device.type != "cuda":
-            raise ValueError(f"cuda_graphs='on' needs the model on a CUDA device, it is on {device}; use auto or off")
-        return self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and device.type == "cuda")
+            raise ValueError(f"cuda_graphs='on' needs the model on a CUDA device, it is on {device}; "
+                             "use static (the same loops without capture), auto or off")
+        if self.cuda_graphs == "on" or (self.cuda_graphs == "auto" and device.type == "cuda"):
+            return "graphs"
+        return "static" if self.cuda_graphs == "static" else "eager"
 
 
 # ---- planning (pure) ----------------------------------------------------------------------------
@@ -330,7 +339,9 @@ class RolloutEngine:
         elem = next(llm.model.parameters()).element_size()
         # Bytes of keys + values that one position costs across all layers.
         self.bytes_per_position = 2 * llm.num_layers * llm.kv_dim * elem
-        self.pool = llm.loop_pool() if config.uses_cuda_graphs(llm.device) else None
+        loops = config.loops(llm.device)
+        self.pool = None if loops == "eager" else llm.loop_pool(capture=loops == "graphs",
+                                                                memory=config.workspace_memory)
 
     def plan(self, adjacency: torch.Tensor, question_index: Sequence[int], active: Sequence[int] | None) -> Plan:
         cfg = self.config
@@ -456,8 +467,9 @@ class RolloutEngine:
             self.llm.model, step.kv, step.logits, max_new_tokens=max_new_tokens,
             eos_token_ids=self.llm.eos_token_ids, pad_token_id=self.llm.tokenizer.pad_token_id,
             temperature=cfg.temperature, top_p=cfg.top_p, generator=generator, pool=self.pool,
-            # a host read is free on CPU (rows that end leave the batch at once); on a GPU it is a sync
-            check_every=1 if self.llm.device.type == "cpu" else 8,
+            # a host read is free on CPU, where eager loops let rows that end leave at once; on a GPU it
+            # is a sync, and static loops (the GPU's, also under test on CPU) keep their rows anyway
+            check_every=1 if self.pool is None and self.llm.device.type == "cpu" else 8,
         )
         tokens, counts = tokens.cpu(), counts.cpu()
         return self.llm.decode_ids(tokens, counts), counts.tolist()

@@ -198,9 +198,13 @@ class LocalLM:
         # Arguments of the tokenizer's chat template for every prompt gcache builds, e.g. Qwen3's
         # {"enable_thinking": False} (its template thinks by default).
         self.chat_template_kwargs: dict[str, Any] = dict(chat_template_kwargs or {})
-        self._realign: kv.Realignment | None = None
+        # State kept between rollouts and phases of a run, built lazily on the model's device and always
+        # outside inference mode (Lightning validates under `torch.inference_mode()`; what it would
+        # build there could not be written in place, or saved for backward, by a training step after).
+        self._realign: dict[str, kv.Realignment] = {}  # ridge, identity, random
         self._soft_realign: dict[float, kv.SoftRealignment] = {}
-        self._loop_pool: kv_static.LoopPool | None = None
+        self._loop_pools: dict[bool, kv_static.LoopPool] = {}  # by capture (CUDA graphs or static only)
+        self._pool_memory: dict[bool, float | str] = {}  # the budget each pool was given
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -325,21 +329,38 @@ class LocalLM:
             raise ValueError(f"realign={kind!r} is not one of {REALIGNMENTS}")
         if kind == "soft":  # one per temperature: its target norm is read off the embedding table once
             if temperature not in self._soft_realign:
-                self._soft_realign[temperature] = kv.SoftRealignment(self.model, temperature)
+                with torch.inference_mode(False):
+                    self._soft_realign[temperature] = kv.SoftRealignment(self.model, temperature)
             return self._soft_realign[temperature]
-        if self._realign is None:
-            self._realign = kv.realignment(self.model)
-        if kind == "identity":
-            return self._realign.without_matrix()
-        if kind == "random":
-            return self._realign.random_like(seed=0)
-        return self._realign
+        if kind not in self._realign:
+            with torch.inference_mode(False):
+                if "ridge" not in self._realign:
+                    self._realign["ridge"] = kv.realignment(self.model)
+                ridge = self._realign["ridge"]
+                if kind == "identity":
+                    self._realign[kind] = ridge.without_matrix()
+                elif kind == "random":  # once per model (an SVD and two QRs on the host), then on its device
+                    self._realign[kind] = ridge.random_like(seed=0).to(self.device)
+        return self._realign[kind]
 
-    def loop_pool(self) -> kv_static.LoopPool:
-        """The CUDA-graph workspaces of this model's token loops, shared by every engine that uses it."""
-        if self._loop_pool is None:
-            self._loop_pool = kv_static.LoopPool(self.model, capture=True)
-        return self._loop_pool
+    def loop_pool(self, *, capture: bool, memory: float | str = "25%") -> kv_static.LoopPool:
+        """The static workspaces of this model's token loops (captured as CUDA graphs with `capture`),
+        shared by every engine that uses the model, within `memory` (GiB, or a percentage of the
+        device's free memory when the pool is made or its budget changes)."""
+        pool = self._loop_pools.get(capture)
+        if pool is None:
+            pool = kv_static.LoopPool(self.model, capture=capture,
+                                      budget_bytes=kv_static.budget_bytes(memory, self.device))
+            self._loop_pools[capture] = pool
+        elif self._pool_memory[capture] != memory:
+            pool.set_budget(kv_static.budget_bytes(memory, self.device))
+        self._pool_memory[capture] = memory
+        return pool
+
+    def release(self) -> None:
+        """Free what token loops kept (workspaces, CUDA graphs): the end of a run."""
+        for pool in self._loop_pools.values():
+            pool.release()
 
     # ---- text ---------------------------------------------------------------------------
     def chat_text(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
