@@ -200,18 +200,29 @@ def _timed(device, fn, repeats: int = 1) -> float:
     return best
 
 
-def bench_decode(llm, batch: int, tokens: int) -> dict:
-    """Decoded tokens/s of the same prompts at batch B: gcache's decoding (prefill + `kv.decode`, every
-    row decodes all `tokens`) vs transformers `generate` with a dynamic and with a static cache."""
+def loop_pool(llm, cuda_graphs: str):
+    """The token loops a rollout with `rollout.cuda_graphs=cuda_graphs` runs: None (eager) or the pool."""
+    from gcache.rollout import RolloutConfig
+
+    config = RolloutConfig(cuda_graphs=cuda_graphs)
+    loops = config.loops(llm.device)
+    return None if loops == "eager" else llm.loop_pool(capture=loops == "graphs", memory=config.workspace_memory)
+
+
+def bench_decode(llm, batch: int, tokens: int, cuda_graphs: str = "auto") -> dict:
+    """Decoded tokens/s of the same prompts at batch B: gcache's decoding (prefill + `kv.decode` on the
+    loops of `cuda_graphs`, every row decodes all `tokens`) vs transformers `generate` with a dynamic
+    and with a static cache."""
     from gcache import kv
 
     ids, mask = llm.encode([PROMPT] * batch)
     device = ids.device
+    pool = loop_pool(llm, cuda_graphs)
 
     def ours():
         step = kv.prefill(llm.model, ids, mask)
         kv.decode(llm.model, step.kv, step.logits, max_new_tokens=tokens, eos_token_ids=[-1],
-                  pad_token_id=llm.tokenizer.pad_token_id)
+                  pad_token_id=llm.tokenizer.pad_token_id, pool=pool, check_every=8 if pool else 1)
 
     def generate(cache: str | None):
         kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
@@ -228,7 +239,8 @@ def bench_decode(llm, batch: int, tokens: int) -> dict:
     return result
 
 
-def bench_rollouts(llm, batches: list[int], rows: int, latent_steps: int, tokens: int) -> dict:
+def bench_rollouts(llm, batches: list[int], rows: int, latent_steps: int, tokens: int,
+                   cuda_graphs: str = "auto") -> dict:
     """Latent rollout rows/s on a chain of the math roster (4 agents x `latent_steps` latent steps, full
     retention, judger `tokens` tokens) at max_batch B, and peak GPU memory."""
     from gcache.agents import build_roster
@@ -242,7 +254,7 @@ def bench_rollouts(llm, batches: list[int], rows: int, latent_steps: int, tokens
     result = {}
     for size in batches:
         engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=latent_steps, max_new_tokens=tokens,
-                                                          max_batch=size, retention="full"))
+                                                          max_batch=size, retention="full", cuda_graphs=cuda_graphs))
         n = min(rows, max(size, 2))
 
         def run(engine=engine, n=n):
@@ -259,7 +271,7 @@ def bench_rollouts(llm, batches: list[int], rows: int, latent_steps: int, tokens
 FORMAT = "Give the final answer as \\boxed{number}."
 
 
-def count_syncs(llm, latent_steps: int, tokens: int) -> dict:
+def count_syncs(llm, latent_steps: int, tokens: int, cuda_graphs: str = "auto") -> dict:
     """Host-device synchronisations of one latent rollout row: CUDA's sync-debug warnings on a GPU,
     else the tensor -> host conversions (`.item()`, `bool(t)`, `int(t)`, `.tolist()`, ...) that
     would synchronise there."""
@@ -271,7 +283,8 @@ def count_syncs(llm, latent_steps: int, tokens: int) -> dict:
 
     roster = build_roster("math")
     adjacency = judger_senders_all(fixed_adjacency("chain", roster.num_agents).expand(1, -1, -1))
-    engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=latent_steps, max_new_tokens=tokens, max_batch=1))
+    engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=latent_steps, max_new_tokens=tokens, max_batch=1,
+                                                      cuda_graphs=cuda_graphs))
 
     def row():
         engine.run(["What is 2 + 3?"], adjacency, [0], answer_format=FORMAT)
@@ -312,11 +325,15 @@ def speed(llm, args) -> dict:
     """The speed rows of one model, in one process."""
     results = {"model": {"name": llm.name, "device": str(llm.device), "dtype": str(next(llm.model.parameters()).dtype),
                          "params M": sum(p.numel() for p in llm.model.parameters()) / 1e6}}
+    loops = args.cuda_graphs
     for batch in args.decode_batches:
-        results[f"decode B={batch} ({args.decode_tokens} tokens)"] = bench_decode(llm, batch, args.decode_tokens)
+        results[f"decode B={batch} ({args.decode_tokens} tokens)"] = bench_decode(llm, batch, args.decode_tokens, loops)
     results["latent rollout (chain of 4, 8 latent steps, judger 32 tokens)"] = bench_rollouts(
-        llm, args.rollout_batches, args.rollout_rows, latent_steps=8, tokens=32)
-    results["syncs"] = count_syncs(llm, latent_steps=8, tokens=32)
+        llm, args.rollout_batches, args.rollout_rows, latent_steps=8, tokens=32, cuda_graphs=loops)
+    results["syncs"] = count_syncs(llm, latent_steps=8, tokens=32, cuda_graphs=loops)
+    results["token loops"] = {"rollout.cuda_graphs": loops, **{f"{kind} {key}": value
+                              for kind, stats in llm.loop_stats().items() for key, value in stats.items()
+                              if key != "shapes"}}
     return results
 
 
@@ -334,11 +351,11 @@ def compare_with_ref(ref: str, argv: list[str], rounds: int) -> dict:
     try:
         best: dict[str, dict] = {"this": {}, "ref": {}}
         for _ in range(rounds):
-            for label, src in (("this", root / "src"), ("ref", base / "src")):
+            for label, tree in (("this", root), ("ref", base)):  # each tree runs its own benchmark script
                 out = Path(tempfile.mkdtemp()) / "speed.json"
-                env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-                subprocess.run([sys.executable, __file__, "--speed-only", "--speed-json", str(out), *argv],
-                               check=True, env=env)
+                env = {**os.environ, "PYTHONPATH": f"{tree / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+                subprocess.run([sys.executable, str(tree / "scripts" / "benchmark.py"), "--speed-only", "--speed-json",
+                                str(out), *argv], check=True, env=env)
                 for row, values in json.loads(out.read_text()).items():
                     for key, value in values.items():
                         if isinstance(value, float) and "/s" in key:  # throughput: higher is better
@@ -377,6 +394,8 @@ def main() -> None:
     speed_args.add_argument("--speed-only", action="store_true", help="only the speed rows")
     speed_args.add_argument("--device", default="auto", help="auto | cpu | cuda")
     speed_args.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16")
+    speed_args.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "static", "off"],
+                            help="gcache's token loops, as rollout.cuda_graphs (static: a GPU's loops without capture)")
     speed_args.add_argument("--random-shape", choices=sorted(RANDOM_SHAPES), default=None,
                             help="random weights of this model's config, built offline (speed and memory only)")
     speed_args.add_argument("--decode-batches", type=_ints, default=None, help="default 1,8 on CPU, 1,32 on CUDA")
@@ -399,6 +418,7 @@ def main() -> None:
 
     if args.compare_ref:
         child = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
+                 *(["--cuda-graphs", args.cuda_graphs] if args.cuda_graphs != "auto" else []),
                  "--decode-batches", ",".join(map(str, args.decode_batches)), "--decode-tokens", str(args.decode_tokens),
                  "--rollout-batches", ",".join(map(str, args.rollout_batches)),
                  "--rollout-rows", str(args.rollout_rows), "--model", args.model]

@@ -112,7 +112,13 @@ def _is_empty(kv: KV) -> bool:
 
 
 def select(kv: KV, rows: Sequence[int] | torch.Tensor) -> KV:
-    """Rows of a batch (index_select along B); rows may repeat."""
+    """Rows of a batch (index_select along B); rows may repeat. Consecutive host rows (e.g. [b]) are a
+    slice: no index is copied to the device."""
+    if not isinstance(rows, torch.Tensor) and len(rows) and list(rows) == list(range(rows[0], rows[0] + len(rows))):
+        part = slice(rows[0], rows[0] + len(rows))
+        if _is_empty(kv):
+            return KV(DynamicCache(), kv.mask[part])
+        return KV(cache_from_layers([(k[part], v[part]) for k, v in kv.layers()]), kv.mask[part])
     index = torch.as_tensor(rows, dtype=torch.long, device=kv.mask.device)
     if _is_empty(kv):
         return KV(DynamicCache(), kv.mask.index_select(0, index))
@@ -227,9 +233,9 @@ def rotation(shift: torch.Tensor, rotary: torch.nn.Module | None, head_dim: int)
 
 def rotate_with(keys: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """keys (B, H, L, Dh) rotated by a `rotation` (cos, sin), in the keys' dtype."""
-    cos, sin = rot
+    cos, sin = rot  # on the keys' device: computed from the masks of the same caches
     k = keys.float()
-    return (k * cos.to(k.device) + _rotate_half(k) * sin.to(k.device)).to(keys.dtype)
+    return (k * cos + _rotate_half(k) * sin).to(keys.dtype)
 
 
 def rotate_keys(keys: torch.Tensor, shift: torch.Tensor, rotary: torch.nn.Module | None) -> torch.Tensor:
@@ -364,8 +370,8 @@ class Realignment:
         """(B, D) -> (B, D) next input embeddings; `step` (the latent step's index) is for realignments
         that depend on it (`gcache.policy.cache_fuser.TrainedRealignment`), unused here."""
         x = hidden.float()  # (B, D)
-        if self.matrix is not None:
-            x = x @ self.matrix.to(x.device)
+        if self.matrix is not None:  # on the model's device (`realignment`, `LocalLM.realignment`)
+            x = x @ self.matrix
         x = x * (self.target_norm / x.norm(dim=-1, keepdim=True).clamp_min(1e-6))
         return x.to(hidden.dtype)
 
@@ -589,7 +595,7 @@ def decode(
     logits: torch.Tensor,
     *,
     max_new_tokens: int,
-    eos_token_ids: Sequence[int],
+    eos_token_ids: Sequence[int] | torch.Tensor,
     pad_token_id: int,
     temperature: float = 0.0,
     top_p: float = 1.0,
@@ -614,7 +620,7 @@ def decode(
         raise ValueError(f"check_every must be >= 1, got {check_every}")
     batch = kv.batch_size
     device = logits.device
-    eos = torch.tensor(list(eos_token_ids), device=device)
+    eos = torch.as_tensor(eos_token_ids, device=device)  # a tensor on the device already: no copy
     out = torch.full((batch, max(max_new_tokens, 0)), pad_token_id, dtype=torch.long, device=device)  # (B, T)
     counts = torch.zeros(batch, dtype=torch.long, device=device)
     rows = torch.arange(batch, device=device)  # the batch rows still in the loop

@@ -15,10 +15,14 @@ Two kinds of loop:
   grow by one per step.
 - `StaticLoop` (from a `LoopPool`): every step has the same shapes — the whole buffer is
   attended, unused slots masked — and the write position is a device tensor, so on CUDA a step
-  is captured once as a CUDA graph per (batch bucket, capacity bucket, input kind) and replayed.
-  The pool keeps the buffers and graphs between loops; a loop copies its starting cache in.
+  is captured once as a CUDA graph per workspace and replayed (`rollout.cuda_graphs=auto|on`).
+  Without capture (`static`) the same steps run on any device: the GPU's path under test on CPU.
+  The pool keeps the buffers and graphs between loops, within a budget in bytes; a loop copies its
+  starting cache in.
 
-Both give the logits of `gcache.kv.forward` over a `DynamicCache` (tested to 1e-5 in fp32).
+Both give the logits of `gcache.kv.forward` over a `DynamicCache` (tested to 1e-5 in fp32). What
+outlives a loop is made outside inference mode (Lightning validates under `torch.inference_mode()`,
+and the next training step writes the same workspaces).
 """
 
 from __future__ import annotations
@@ -315,11 +319,22 @@ class LoopPool:
         self.graph_pool = None  # one CUDA memory pool for every graph, made on the model's device at first capture
         self.captures = 0
         self.created = 0  # workspaces allocated (a key allocated twice was evicted in between)
+        self.loops = 0  # loops run on workspaces (the rest ran eagerly: `reported`)
         self.reported: set[tuple[int, int, str]] = set()  # keys whose fallback was reported
 
     @property
     def nbytes(self) -> int:
         return sum(ws.nbytes for ws in self.workspaces.values())
+
+    def stats(self) -> dict[str, int | float]:
+        """What the pool holds and did: kept workspaces and their MiB, workspaces allocated, loops run on
+        them, CUDA graphs captured and captures that failed, shapes that fell back to eager loops."""
+        return {"workspaces": len(self.workspaces), "MiB": round(self.nbytes / 2**20, 1),
+                "budget_GiB": round(self.budget_bytes / GIB, 2), "allocated": self.created, "loops": self.loops,
+                "captures": self.captures,
+                "capture_failures": sum(ws.capture_failed is not None for ws in self.workspaces.values()),
+                "eager_fallbacks": len(self.reported),
+                "shapes": [f"{rows} rows x {slots} slots ({kind})" for rows, slots, kind in self.workspaces]}
 
     def set_budget(self, budget_bytes: int) -> None:
         self.budget_bytes = budget_bytes
@@ -368,10 +383,12 @@ class LoopPool:
         workspace = self.workspaces.pop(key)
         self.workspaces[key] = workspace  # most recently used last
         if rows > batch:  # pad the batch with copies of row 0 (results are cut back to B rows)
-            index = torch.cat([torch.arange(batch), torch.zeros(rows - batch, dtype=torch.long)]).to(mask.device)
+            index = torch.arange(rows, device=mask.device)
+            index = torch.where(index < batch, index, 0)  # made on the device: no host copy
             layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
             mask = mask.index_select(0, index)
         workspace.load(layers, mask)
+        self.loops += 1
         return StaticLoop(self, workspace, batch, length)
 
     def _capture(self, workspace: _Workspace) -> None:
@@ -412,7 +429,8 @@ class StaticLoop:
         ws.input[: self.batch].copy_(new)
         self.pool._capture(ws)
         if ws.graph is not None:
-            ws.graph.replay()
+            with torch.cuda.device(ws.hidden.device):  # replayed where captured, whatever the current device
+                ws.graph.replay()
         else:
             ws.forward()
         self.used += 1

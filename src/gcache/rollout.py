@@ -454,10 +454,11 @@ class RolloutEngine:
                             (prompt_tokens[b] + counts[b]) * self.bytes_per_position)
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Left-padded prompts: the mask on the host (for lengths) and (ids, mask) on the model's device."""
+        """Left-padded prompts: the mask on the host (for lengths) and (ids, mask) on the model's device
+        (one copy for both)."""
         ids, mask = self.llm.tokenize(texts)
-        device = self.llm.device
-        return mask, (ids.to(device), mask.to(device))
+        ids_device, mask_device = torch.stack([ids, mask]).to(self.llm.device)  # (2, B, T)
+        return mask, (ids_device, mask_device)
 
     def _decode(self, step: kv.Step, max_new_tokens: int, generator) -> tuple[list[str], list[int]]:
         """Texts and token counts decoded from a prefilled batch with the config's sampling (one copy to
@@ -465,13 +466,14 @@ class RolloutEngine:
         cfg = self.config
         tokens, counts = kv.decode(
             self.llm.model, step.kv, step.logits, max_new_tokens=max_new_tokens,
-            eos_token_ids=self.llm.eos_token_ids, pad_token_id=self.llm.tokenizer.pad_token_id,
+            eos_token_ids=self.llm.eos_tensor(), pad_token_id=self.llm.tokenizer.pad_token_id,
             temperature=cfg.temperature, top_p=cfg.top_p, generator=generator, pool=self.pool,
             # a host read is free on CPU, where eager loops let rows that end leave at once; on a GPU it
             # is a sync, and static loops (the GPU's, also under test on CPU) keep their rows anyway
             check_every=1 if self.pool is None and self.llm.device.type == "cpu" else 8,
         )
-        tokens, counts = tokens.cpu(), counts.cpu()
+        host = torch.cat([tokens, counts[:, None]], 1).cpu()  # (B, T + 1): one copy to the host
+        tokens, counts = host[:, :-1], host[:, -1]
         return self.llm.decode_ids(tokens, counts), counts.tolist()
 
     def _concat(self, segments: list[kv.KV]) -> kv.KV:

@@ -105,6 +105,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "checkpoint": tested,  # the weights the test split ran (select_checkpoint)
             "comparison": comparison,
             "config": _choices(),
+            "token_loops": module.llm.loop_stats(),  # this process's static workspaces and CUDA graphs
         }
         api = api_totals(module)
         if api is not None:  # the model too: a sweep's jobs differ in it
@@ -120,6 +121,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 log_api_totals(trainer.loggers, api, module.generator_mode.client.model)
         return summary
     finally:
+        module.llm.release()  # the token loops' workspaces and graphs end with the run
         if isinstance(trainer.logger, WandbLogger):
             import wandb
 

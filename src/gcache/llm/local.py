@@ -205,6 +205,7 @@ class LocalLM:
         self._soft_realign: dict[float, kv.SoftRealignment] = {}
         self._loop_pools: dict[bool, kv_static.LoopPool] = {}  # by capture (CUDA graphs or static only)
         self._pool_memory: dict[bool, float | str] = {}  # the budget each pool was given
+        self._eos: tuple[list[int], torch.Tensor] | None = None  # `eos_tensor`: the ids and their tensor
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -319,6 +320,14 @@ class LocalLM:
             ids.add(im_end)
         return sorted(i for i in ids if i is not None)
 
+    def eos_tensor(self) -> torch.Tensor:
+        """`eos_token_ids` as a tensor on the model's device, made once (decoding loops compare with it)."""
+        ids = self.eos_token_ids
+        if self._eos is None or self._eos[0] != ids or self._eos[1].device != self.device:
+            with torch.inference_mode(False):
+                self._eos = (ids, torch.tensor(ids, device=self.device))
+        return self._eos[1]
+
     def realignment(self, kind: str = "ridge", temperature: float = SOFT_TEMPERATURE):
         """The latent-step realignment of this model (computed once, fp32), one of `REALIGNMENTS`:
         `ridge` (W_a, then the norm rescale), `identity` (the norm rescale only), `random` (a
@@ -356,6 +365,11 @@ class LocalLM:
             pool.set_budget(kv_static.budget_bytes(memory, self.device))
         self._pool_memory[capture] = memory
         return pool
+
+    def loop_stats(self) -> dict[str, dict]:
+        """Per pool ("graphs" or "static"), what its static token loops kept and did (`LoopPool.stats`);
+        empty when every loop ran eagerly."""
+        return {"graphs" if capture else "static": pool.stats() for capture, pool in self._loop_pools.items()}
 
     def release(self) -> None:
         """Free what token loops kept (workspaces, CUDA graphs): the end of a run."""
