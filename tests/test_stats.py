@@ -161,6 +161,35 @@ def test_seed_question_interval_counts_seed_variation():
 
 def test_seed_question_interval_empty():
     assert seed_question_interval([[], []])["mean"] is None
+    assert seed_question_interval([[np.nan, np.nan]])["mean"] is None
+
+
+def test_seeds_repeating_the_same_answers_do_not_narrow_the_interval():
+    # The seeds answer the same questions: three identical copies are no more evidence than one
+    # (resampled inside each seed on its own, 1 seed gave width 0.086 and 3 copies 0.050).
+    one = np.array([[1.0, 0.0, 1.0, 1.0, 0.0] * 100])
+    widths = [np.diff(seed_question_interval(np.repeat(one, k, 0), iterations=4000)["ci95"])[0] for k in (1, 3)]
+    assert widths[1] == pytest.approx(widths[0], abs=0.006) and widths[0] == pytest.approx(0.086, abs=0.006)
+
+
+@pytest.mark.parametrize("questions,seeds", [(100, 3), (164, 3), (100, 5), (164, 5)])
+def test_seed_question_interval_covers_the_true_accuracy(questions, seeds):
+    # Question difficulty Beta(0.3, 0.3) (true accuracy 0.5), the same questions in every seed, 300
+    # replications. Measured: 0.98, 0.97, 0.98, 0.95 (resampling inside each seed: 0.88, 0.84, 0.75, 0.77).
+    rng = np.random.default_rng(1)
+    hits = 0
+    for rep in range(300):
+        p = rng.beta(0.3, 0.3, size=questions)  # (Q,)
+        scores = (rng.random((seeds, questions)) < p).astype(float)  # (S, Q)
+        low, high = seed_question_interval(scores, iterations=1000, seed=rep)["ci95"]
+        hits += low <= 0.5 <= high
+    assert hits / 300 >= 0.93
+
+
+def test_seed_question_interval_aligns_questions_and_skips_unscored_ones():
+    # seed 1 did not score question 2: its mean is over questions 0 and 1
+    result = seed_question_interval([[1.0, 0.0, 1.0], [1.0, 1.0, np.nan]], iterations=2000)
+    assert result["mean"] == pytest.approx((2 / 3 + 1.0) / 2) and result["questions"] == 3 and result["seeds"] == 2
 
 
 # ---- pooled over seeds: questions are the units ----
@@ -428,8 +457,37 @@ def test_markdown_names_the_pooled_test_and_interval_under_the_table():
     lines = text[: text.index("## Compute per question")].splitlines()  # the comparisons' section
     last_row = max(i for i, line in enumerate(lines) if line.startswith("| better |"))
     sentence = next((line for line in lines[last_row + 1:] if line.strip()), "")
-    assert "sign-flip permutation test over questions (exact)" in sentence
+    assert "sign-flip permutation test over questions (exact or Monte Carlo: column p pooled by)" in sentence
     assert "cluster bootstrap that resamples questions with all their seeds (200 resamples)" in sentence
+    assert md_cell(text, "better", "p pooled by") == "exact (integer grid)"
+
+
+def test_the_exact_sign_flip_grid_has_a_limit_and_the_table_names_monte_carlo_past_it():
+    # One seed, 0/1 rewards: 10,001 questions only the reference got right is past the integer grid
+    # (questions x (2 x sum + 1) > SIGN_FLIP_GRID), so the p-value is Monte Carlo, and study.md says so.
+    past = sign_flip_test(np.ones((1, 10_001)), iterations=200)
+    assert not past["exact"] and past["how"].startswith("Monte Carlo (200 draws; 10001 questions past")
+    within = sign_flip_test(np.ones((1, 9_000)), iterations=200)
+    assert within["exact"] and within["how"] == "exact (integer grid)"
+    assert sign_flip_test(np.array([[0.5, -0.25, 1.0]]))["how"] == "exact (enumeration)"
+    records = [{"id": q, "method": m, "reward": 1.0 if m == "gcache" else 0.0} for q in range(10_001)
+               for m in ("gcache", "single")]
+    text = study_markdown(aggregate({0: records}, iterations=200), "big")
+    assert md_cell(text, "single", "p pooled by").startswith("Monte Carlo (200 draws")
+
+
+def test_the_comparison_shows_both_accuracies_on_the_pairs_it_compares():
+    # Seeds score different questions: gcache 1.0 on its 4 scored questions, single 0.5 on its 4, but on
+    # the 2 questions both scored they tie; the table's pair columns say so next to diff 0.
+    gcache = [{"id": q, "method": "gcache", "reward": r} for q, r in enumerate([1.0, 1.0, 1.0, 1.0, None, None])]
+    single = [{"id": q, "method": "single", "reward": r} for q, r in enumerate([None, None, 1.0, 1.0, 0.0, 0.0])]
+    summary = aggregate({0: gcache + single}, iterations=200)
+    assert summary["methods"]["gcache"]["accuracy"] == 1.0 and summary["methods"]["single"]["accuracy"] == 0.5
+    pooled = summary["comparisons"]["single"]["pooled"]
+    assert (pooled["reference_accuracy"], pooled["method_accuracy"], pooled["diff"], pooled["pairs"]) == (1.0, 1.0, 0.0, 2)
+    text = study_markdown(summary, "mixed")
+    assert (md_cell(text, "single", "gcache acc"), md_cell(text, "single", "method acc")) == ("1.000", "1.000")
+    assert "which the accuracies above need not be" in text
 
 
 # ---- figures ----

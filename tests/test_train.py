@@ -13,7 +13,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from gcache.build import CONF_DIR, build_module, build_task
+from gcache.build import CONF_DIR, build_datamodule, build_module, build_task
+from gcache.tasks.arith import Arith
 from gcache.train import run
 
 TASKS = ["arith", "gsm8k", "gpqa", "medqa", "humaneval", "mbppplus"]
@@ -70,6 +71,43 @@ def test_train_runs_end_to_end_and_writes_summary_checkpoint_and_pictures(tmp_pa
         assert metric in header, metric
 
 
+class AllButFirstArith(Arith):
+    """Arith scored 1 on every question but the first of the validation and test splits (FIRSTS)."""
+
+    def reward(self, completions, examples):
+        return [0.0 if ex.id in FIRSTS else 1.0 for ex in examples]
+
+
+FIRSTS: list[str] = []
+
+
+def test_summary_accuracies_are_exact_fractions_of_their_counts(tmp_path):
+    cfg = _compose([*TINY, "task=arith", "task._target_=test_train.AllButFirstArith", "limit_val=3",
+                    "limit_test=3", "compare=[]"], tmp_path)
+    splits = build_datamodule(cfg, build_task(cfg))
+    FIRSTS[:] = [splits.split("val")[0].id, splits.split("test")[0].id]
+    try:
+        summary = run(cfg)
+    finally:
+        FIRSTS.clear()
+    # 2 of 3: exactly 2/3 (a float32 mean of batch means gave 0.6666666865348816)
+    assert summary["test_accuracy"] == 2 / 3 and summary["val_accuracy"] == 2 / 3
+    assert summary["test"]["test/counts"] == {"accuracy": 2 / 3, "correct": 2, "scored": 3, "questions": 3}
+    assert summary["val"]["val/counts"] == {"accuracy": 2 / 3, "correct": 2, "scored": 3, "questions": 3}
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["test_accuracy"] == 2 / 3 and written["test"]["test/counts"]["correct"] == 2
+
+
+def test_topology_pictures_name_the_validation_question_they_show():
+    from gcache.callbacks import TopologyPictures
+    from gcache.tasks.base import Example
+
+    example = Example(id="lookup/7", question="What is the code of the white door? " * 4, answer="613")
+    title = TopologyPictures("unused", example).title(12)
+    assert title.startswith("step 12: validation question lookup/7\nWhat is the code of the white door? What")
+    assert title.endswith("…") and len(title.splitlines()[1]) == 90
+
+
 def test_fast_dev_run(tmp_path):
     cfg = _compose([*TINY, "task=gsm8k", "+trainer.fast_dev_run=true"], tmp_path)
     summary = run(cfg)
@@ -94,7 +132,7 @@ def test_checkpoint_holds_no_lm_weights_and_reloads_into_an_identical_policy(tmp
     assert path.stat().st_size < lm_bytes / 10
     assert all(k.startswith(("policy.", "fuser.")) for k in module.state_dict())
     fresh = build_module(cfg, task=task, llm=module.llm)
-    fresh.load_state_dict(torch.load(path)["state_dict"])
+    fresh.load_state_dict(torch.load(path, weights_only=True)["state_dict"])
     for (n1, p1), (n2, p2) in zip(module.named_parameters(), fresh.named_parameters(), strict=True):
         assert n1 == n2 and torch.equal(p1, p2)
     question = task.splits()["val"][0].question
@@ -193,8 +231,8 @@ def test_select_checkpoint_best_tests_the_best_validations_weights(tmp_path):
     # The tiny random model scores 0 on every validation: the first validation of training is kept.
     assert Path(summary["checkpoint"]).name == "best-step1.ckpt" and Path(summary["checkpoint"]).is_file()
     assert summary["steps"] == 2 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
-    tested = torch.load(summary["checkpoint"], weights_only=False)["state_dict"]
-    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    tested = torch.load(summary["checkpoint"], weights_only=True)["state_dict"]
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert any(not torch.equal(tested[k], last[k]) for k in tested)  # a second step moved the policy
 
 

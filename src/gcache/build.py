@@ -256,7 +256,7 @@ def build_trainer(cfg: DictConfig, datamodule: TaskDataModule, out: Path) -> tup
             auto_insert_metric_name=False, save_on_exception=True,
         ),
         *([best_checkpoint(out / "checkpoints")] if cfg.get("select_checkpoint") == "best" else []),
-        TopologyPictures(out / "topology", question=datamodule.split("val")[0].question),
+        TopologyPictures(out / "topology", example=datamodule.split("val")[0]),
         Completions(out / "completions"),
         History(out),
     ]

@@ -59,18 +59,23 @@ def topology_figure(probs: torch.Tensor, adjacency: torch.Tensor, names: list[st
 
 class TopologyPictures(L.Callback):
     """After each validation: save (and log to W&B) the policy's edge probabilities and graph
-    for one fixed question."""
+    for one fixed validation question, named in the picture's title (its id and text)."""
 
-    def __init__(self, directory: str | Path, question: str) -> None:
+    def __init__(self, directory: str | Path, example) -> None:
         self.directory = Path(directory)
-        self.question = question
+        self.example = example  # a `gcache.tasks.base.Example` of the validation split
+
+    def title(self, step: int) -> str:
+        question = " ".join(self.example.question.split())
+        shown = question if len(question) <= 90 else question[:89] + "…"
+        return f"step {step}: validation question {self.example.id}\n{shown}"
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         if not trainer.is_global_zero or trainer.sanity_checking:
             return
-        probs, adjacency = pl_module.learned_topology(self.question)
+        probs, adjacency = pl_module.learned_topology(self.example.question)
         names = [role.name for role in pl_module.roster.roles] + [pl_module.roster.judger.name]
-        fig = topology_figure(probs, adjacency, names, title=f"step {trainer.global_step}")
+        fig = topology_figure(probs, adjacency, names, title=self.title(trainer.global_step))
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step{trainer.global_step:06d}.png"
         fig.savefig(path, dpi=80)

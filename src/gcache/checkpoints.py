@@ -3,8 +3,9 @@ carrying the random state a resumed run needs.
 
 - `AtomicCheckpointIO` (a Lightning checkpoint plugin) writes `<name>.partial`, fsyncs it and
   renames it over the target, so a crash at any moment leaves the previous `last.ckpt` whole.
-- `check_checkpoint` refuses, naming the keys that differ, a checkpoint trained with another
-  task, model, roster, topology or policy shape (`GCacheModule.run_identity`);
+- `load_checkpoint` loads with `weights_only=True` (a checkpoint is a pickle: loading one must never
+  run code it carries); `check_checkpoint` refuses, naming the keys that differ, a checkpoint
+  trained with another task, model, roster, topology or policy shape (`GCacheModule.run_identity`);
   `load_trained` also loads its parameters into the module (evaluation).
 - `resume_path` finds what `resume=true` / `ckpt_path=` continue from.
 - `rng_states` / `set_rng_states`: the global torch, CUDA, numpy and Python generator states
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -58,11 +60,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.close(directory)
 
 
+def load_checkpoint(path: str | Path, *, mmap: bool = False) -> dict:
+    """A checkpoint's contents, loaded with `weights_only=True`: a checkpoint is a pickle, and one
+    shared by a colleague or a hub could otherwise run any code it holds while it loads. gcache's
+    checkpoints hold only tensors and plain data (`rng_states`), which this accepts; anything else is
+    refused (ConfigError naming the file and what it holds) before any of it runs."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        # torch's message: a generic paragraph, then what was refused ("Trying to load unsupported GLOBAL ...")
+        parts = [part.strip() for part in str(exc).split("\n\n") if part.strip()]
+        what = next((part for part in parts if "GLOBAL" in part or "Unsupported" in part), parts[-1] if parts else "")
+        raise ConfigError(f"checkpoint {path} holds more than tensors and plain data, so gcache does not load it: "
+                          f"loading it would run code it carries ({what.rstrip('.')})") from exc
+
+
 def check_checkpoint(path: str | Path, module) -> dict:
-    """Load a checkpoint, refusing (ConfigError naming the differing keys) one trained with
-    another task, model, roster, topology or policy shape than `module`'s."""
-    # Memory-mapped: a resume reads only the config here (Lightning loads the checkpoint itself).
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    """Load a checkpoint (`load_checkpoint`), refusing (ConfigError naming the differing keys) one
+    trained with another task, model, roster, topology or policy shape than `module`'s."""
+    # Memory-mapped: a resume reads only the config here (Lightning loads the checkpoint itself, also
+    # with weights_only=True: gcache.train).
+    state = load_checkpoint(path, mmap=True)
     saved = state.get("gcache_config")
     if saved is not None and saved != module.run_identity:
         current = module.run_identity

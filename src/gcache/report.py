@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,16 @@ def api_cells(stats: dict) -> list[str]:
 
 
 API_HEADERS = ["API tok/q", "USD/q", "USD/correct"]
+
+
+def accuracy_counts(rewards: Sequence[float | None]) -> dict[str, Any]:
+    """Accuracy as the exact fraction of the counts (a Python float of correct / scored, not a float32
+    mean of batch means), with the counts: correct (the sum of rewards), scored (rewards that are not
+    None) and questions."""
+    scored = [float(r) for r in rewards if r is not None]
+    total = math.fsum(scored)
+    return {"accuracy": total / len(scored) if scored else None,
+            "correct": int(total) if total.is_integer() else total, "scored": len(scored), "questions": len(rewards)}
 
 
 def summarize(records: Sequence[dict]) -> dict[str, Any]:

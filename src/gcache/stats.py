@@ -25,6 +25,8 @@ import numpy as np
 ALPHA = 0.05
 # Bootstrap resamples are drawn in blocks so memory stays at about this many indices.
 _BLOCK_INDICES = 2_000_000
+# The exact sign-flip test on the integer grid costs questions x (2 x sum + 1) operations: up to this.
+SIGN_FLIP_GRID = 2e8
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -100,35 +102,46 @@ def paired_bootstrap(
 
 
 def seed_question_interval(
-    per_seed_scores: Sequence[Sequence[float]], *, iterations: int = 10000, seed: int = 0
+    scores: Any, *, iterations: int = 10000, seed: int = 0
 ) -> dict[str, Any]:
     """Mean accuracy over seeds with a 95% interval that counts both sources of variation.
 
-    Two-level (hierarchical) bootstrap: each iteration draws as many seeds as there are, with
-    replacement; for every drawn seed it resamples that seed's questions with replacement and
-    takes their mean; the iteration's value is the mean of those per-seed means. The interval
-    is the 2.5 and 97.5 percentiles of these values; the point estimate is the mean of the
-    per-seed means. With one seed this is a plain bootstrap over questions. Seeds without
+    scores: (seeds, questions), question q in the same column for every seed, NaN where a seed did
+    not score it. Two-way bootstrap: each iteration draws as many seeds as there are and as many
+    questions as there are, both with replacement, the drawn questions the same for every drawn seed
+    (the seeds answer the same questions: resampling each seed's questions on its own would count a
+    question repeated over seeds as new evidence, and the interval would narrow with every seed);
+    its value is the mean over the drawn seeds of each one's mean over its scored drawn questions.
+    The interval is the 2.5 and 97.5 percentiles of these values; the point estimate is the mean
+    of the per-seed means. With one seed this is a plain bootstrap over questions. Seeds without
     scores are left out; with none left mean and interval are None.
     """
-    seeds = [np.asarray(s, dtype=float) for s in per_seed_scores if len(s)]
-    if not seeds:
-        return {"mean": None, "ci95": None, "seeds": 0, "method": "seed+question bootstrap"}
+    matrix = np.atleast_2d(np.asarray(scores, dtype=float))
+    if matrix.size:
+        matrix = matrix[~np.all(np.isnan(matrix), axis=1)]  # seeds with scores
+        matrix = matrix[:, ~np.all(np.isnan(matrix), axis=0)] if len(matrix) else matrix  # questions scored
+    result = {"mean": None, "ci95": None, "seeds": len(matrix) if matrix.size else 0,
+              "questions": matrix.shape[1] if matrix.size else 0, "method": "seed x question bootstrap"}
+    if not matrix.size:
+        return result
+    n_seeds, n_questions = matrix.shape
+    scored = (~np.isnan(matrix)).astype(float).T  # (questions, seeds)
+    values = np.nan_to_num(matrix).T  # (questions, seeds)
     rng = np.random.default_rng(seed)
-    n_seeds = len(seeds)
-    drawn = rng.integers(0, n_seeds, size=(iterations, n_seeds))  # (iterations, n_seeds)
-    total = np.zeros(iterations)
-    for slot in range(n_seeds):
-        for s, scores in enumerate(seeds):
-            rows = np.flatnonzero(drawn[:, slot] == s)
-            if len(rows):
-                total[rows] += _resampled_means(rng, scores, len(rows))
-    return {
-        "mean": float(np.mean([s.mean() for s in seeds])),
-        "ci95": _percentile_ci(total / n_seeds),
-        "seeds": n_seeds,
-        "method": "seed+question bootstrap",
-    }
+    block = max(1, _BLOCK_INDICES // max(n_questions, n_seeds))
+    boot = np.empty(iterations)
+    for start in range(0, iterations, block):
+        count = min(block, iterations - start)
+        # how often each question / seed is drawn in each resample (a draw of indices, counted)
+        questions = rng.multinomial(n_questions, np.full(n_questions, 1 / n_questions), size=count)  # (c, Q)
+        seeds = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=count)  # (c, S)
+        sums, counts = questions @ values, questions @ scored  # (c, S) per seed over the drawn questions
+        means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+        weights = seeds * (counts > 0)  # a drawn seed that scored none of the drawn questions drops out
+        boot[start : start + count] = (weights * means).sum(1) / np.maximum(weights.sum(1), 1)
+    per_seed = np.nanmean(matrix, axis=1)  # (S,)
+    result.update(mean=float(per_seed.mean()), ci95=_percentile_ci(boot))
+    return result
 
 
 def _question_sums(diffs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,14 +162,16 @@ def sign_flip_test(diffs: Any, *, iterations: int = 10000, seed: int = 0) -> dic
     two methods are exchangeable on each question, so each question's sum over seeds T_q is as
     likely to have either sign; the statistic is S = sum_q T_q (so diff = S / pairs) and the
     two-sided p-value is P(|sum_q ±T_q| >= |S|) over the sign flips. Exact when every T_q is a
-    whole number (0/1 rewards; computed on the integer grid, any number of questions) or when at
-    most 16 questions have T_q != 0 (enumeration); otherwise Monte Carlo with `iterations`
-    seeded draws, (hits + 1) / (iterations + 1). One seed of 0/1 rewards gives McNemar's p.
+    whole number (0/1 rewards; computed on the integer grid while questions x grid size <=
+    `SIGN_FLIP_GRID`, about 10,000 discordant questions of one seed) or when at most 16 questions
+    have T_q != 0 (enumeration); otherwise Monte Carlo with `iterations` seeded draws,
+    (hits + 1) / (iterations + 1). "how" says which, and why. One seed of 0/1 rewards gives
+    McNemar's p.
     """
     sums, counts = _question_sums(diffs)
     pairs = int(counts.sum())
     result = {"questions": len(sums), "pairs": pairs, "nonzero": 0, "diff": None, "p_value": None,
-              "exact": True, "iterations": 0, "method": "sign-flip permutation over questions"}
+              "exact": True, "iterations": 0, "method": "sign-flip permutation over questions", "how": "exact"}
     if not pairs:
         return result
     t = np.abs(sums[sums != 0])  # (m,) only questions whose seeds do not cancel can flip S
@@ -166,11 +181,13 @@ def sign_flip_test(diffs: Any, *, iterations: int = 10000, seed: int = 0) -> dic
         result["p_value"] = 1.0
         return result
     whole = bool(np.all(t == np.round(t)))
-    if whole and len(t) * (2 * t.sum() + 1) <= 2e8:
+    if whole and len(t) * (2 * t.sum() + 1) <= SIGN_FLIP_GRID:
         p = _sign_flip_integer(t.astype(np.int64), int(round(observed)))
+        result["how"] = "exact (integer grid)"
     elif len(t) <= 16:
         signs = 1 - 2 * ((np.arange(2 ** len(t))[:, None] >> np.arange(len(t))) & 1)  # (2^m, m)
         p = float(np.mean(np.abs(signs @ t) >= observed - 1e-9 * t.sum()))
+        result["how"] = "exact (enumeration)"
     else:
         rng = np.random.default_rng(seed)
         block = max(1, _BLOCK_INDICES // len(t))
@@ -179,7 +196,8 @@ def sign_flip_test(diffs: Any, *, iterations: int = 10000, seed: int = 0) -> dic
             signs = 1 - 2 * rng.integers(0, 2, size=(min(block, iterations - start), len(t)))
             hits += int(np.count_nonzero(np.abs(signs @ t) >= observed - 1e-9 * t.sum()))
         p = (hits + 1) / (iterations + 1)
-        result.update(exact=False, iterations=iterations)
+        why = "fractional rewards" if not whole else f"{len(t)} questions past the exact grid's size"
+        result.update(exact=False, iterations=iterations, how=f"Monte Carlo ({iterations} draws; {why})")
     result["p_value"] = float(min(1.0, p))
     return result
 
@@ -349,11 +367,15 @@ def first_step(history: Sequence[dict], key: str, *, above: float | None = None,
 def _method_summary(rows_by_seed: list[dict], seeds: list[int], iterations: int, seed: int) -> dict[str, Any]:
     """One method of `aggregate`: its records by seed ({question: record} per seed)."""
     per_seed, score_lists, rows_all = [], [], []
+    questions = list(dict.fromkeys(q for table in rows_by_seed for q in table))
+    matrix = []  # (seeds, questions): the interval resamples questions jointly over seeds
     for s, table in zip(seeds, rows_by_seed, strict=True):
         rows = list(table.values())
         if not rows:
             continue
         rows_all += rows
+        matrix.append([float(table[q]["reward"]) if q in table and table[q].get("reward") is not None else np.nan
+                       for q in questions])
         scores = [float(r["reward"]) for r in rows if r.get("reward") is not None]
         score_lists.append(scores)
         acc = sum(scores) / len(scores) if scores else None
@@ -364,7 +386,8 @@ def _method_summary(rows_by_seed: list[dict], seeds: list[int], iterations: int,
             "accuracy": float(acc) if acc is not None else None,
             "ci95": list(wilson_interval(sum(scores), len(scores))) if scores else None,
         })
-    interval = seed_question_interval(score_lists, iterations=iterations, seed=seed)
+    interval = seed_question_interval(np.array(matrix) if matrix else np.empty((0, 0)), iterations=iterations,
+                                      seed=seed)
     return {
         "accuracy": interval["mean"],
         "ci95": interval["ci95"],
@@ -422,6 +445,10 @@ def _comparison(pairs: list[tuple[int, dict, dict]], reference: str, iterations:
             "questions": test["questions"],
             "b10": b10,
             "b01": b01,
+            # both methods' accuracy on these same pairs (diff = their difference), which the method
+            # table's accuracies (each on the questions it scored) need not equal
+            "reference_accuracy": _mean(paired[0]) if (paired := _paired_rewards(pairs)) else None,
+            "method_accuracy": _mean(paired[1]) if paired else None,
             "diff": test["diff"],
             "p_value": test["p_value"],
             "permutation": test,
@@ -429,6 +456,21 @@ def _comparison(pairs: list[tuple[int, dict, dict]], reference: str, iterations:
         },
         "significant_every_seed": significant,
     }
+
+
+def _paired_rewards(pairs: list[tuple[int, dict, dict]]) -> tuple[list[float], list[float]] | None:
+    """The reference's and the method's rewards over every (seed, question) pair both scored."""
+    ref, other = [], []
+    for _, ref_rows, other_rows in pairs:
+        for q, row in ref_rows.items():
+            if q in other_rows and row.get("reward") is not None and other_rows[q].get("reward") is not None:
+                ref.append(float(row["reward"]))
+                other.append(float(other_rows[q]["reward"]))
+    return (ref, other) if ref else None
+
+
+def _mean(values: Sequence[float]) -> float:
+    return math.fsum(values) / len(values)
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
@@ -465,19 +507,22 @@ def study_markdown(summary: dict, title: str) -> str:
             f"{_fmt(m['decoded_tokens_per_question'], '.1f')} | "
             f"{_fmt(m['prompt_tokens_per_question'], '.1f')} | {_fmt(m['seconds_per_question'], '.2f')} |"
         )
+    lines += ["", "accuracy = the mean over seeds of each seed's accuracy on the questions that method scored; "
+              "95% CI = a bootstrap drawing seeds and questions, the same drawn questions for every seed."]
     if summary["comparisons"]:
         lines += [
             "",
             f"## Paired comparisons: {ref} minus each method",
             "",
-            "Questions both methods scored; diff = mean over (seed, question) pairs; p seed = exact "
+            "On the (seed, question) pairs both methods scored, which the accuracies above need not be: "
+            f"{ref} acc and method acc = their accuracies on these pairs, diff = {ref} minus method; p seed = exact "
             f"McNemar per seed; b10/b01 = (seed, question) pairs only {ref} / only the method got right.",
             "",
         ]
-        cols = ["method", "questions", "pairs", "diff", "95% CI", "b10/b01"]
-        cols += [f"p seed {s}" for s in seeds] + ["p pooled", f"{ref} significantly better on every seed"]
+        cols = ["method", "questions", "pairs", f"{ref} acc", "method acc", "diff", "95% CI", "b10/b01"]
+        cols += [f"p seed {s}" for s in seeds] + ["p pooled", "p pooled by", f"{ref} significantly better on every seed"]
         lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-        exact, iterations = set(), 0
+        iterations = 0
         for name, c in summary["comparisons"].items():
             by_seed = {p["seed"]: p for p in c["per_seed"]}
             pooled = c["pooled"]
@@ -485,20 +530,19 @@ def study_markdown(summary: dict, title: str) -> str:
                 _fmt_p(by_seed[s]["mcnemar"]["p_value"]) if s in by_seed and by_seed[s]["mcnemar"]["n"] else "—"
                 for s in seeds
             ]
-            if pooled["pairs"]:
-                exact.add(pooled["permutation"]["exact"])
             iterations = pooled["bootstrap"]["iterations"]
             row = [
-                name, str(pooled["questions"]), str(pooled["pairs"]), _fmt(pooled["diff"], "+.3f"),
+                name, str(pooled["questions"]), str(pooled["pairs"]), _fmt(pooled.get("reference_accuracy")),
+                _fmt(pooled.get("method_accuracy")), _fmt(pooled["diff"], "+.3f"),
                 _fmt_ci(pooled["bootstrap"]["ci95"], "+.3f"), f"{pooled['b10']}/{pooled['b01']}",
-                *p_seeds, _fmt_p(pooled["p_value"]), "yes" if c["significant_every_seed"] else "no",
+                *p_seeds, _fmt_p(pooled["p_value"]), pooled["permutation"].get("how", "—") if pooled["pairs"] else "—",
+                "yes" if c["significant_every_seed"] else "no",
             ]
             lines.append("| " + " | ".join(row) + " |")
-        how = ("exact" if False not in exact else f"Monte Carlo with {iterations} draws" if exact == {False}
-               else f"exact, or Monte Carlo with {iterations} draws where rewards are fractional")
         lines += [
             "",
-            f"p pooled is a paired sign-flip permutation test over questions ({how}) that flips all "
+            "p pooled is a paired sign-flip permutation test over questions (exact or Monte Carlo: "
+            "column p pooled by) that flips all "
             "seeds of a question together, and the 95% CI is a cluster bootstrap that resamples "
             f"questions with all their seeds ({iterations} resamples), so a question repeated over "
             "seeds counts as one question, not as new evidence.",

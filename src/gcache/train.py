@@ -60,7 +60,7 @@ from gcache.build import (
 from gcache.checkpoints import check_checkpoint, resume_path
 from gcache.cli import CONF_DIR, Interrupted, check_command_line, config_errors, run_job
 from gcache.evaluate import compare_on_test, comparison_table
-from gcache.report import API_COLUMNS
+from gcache.report import API_COLUMNS, accuracy_counts
 from gcache.secrets import redacted_config
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,13 @@ def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tup
     checkpoint whose weights the test ran (`select_checkpoint`: last.ckpt, or the best validation's)."""
     if cfg.get("validate_at_start") and ckpt_path is None:  # step 0 of the learning curve
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    # weights_only=True: resuming from a checkpoint never runs code it carries (gcache.checkpoints)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if val:  # the last validation's accuracy as the fraction of its counts, over every rank's questions
+        val_records = gather_records(module.val_records, datamodule.split("val"))
+        val["val/counts"] = accuracy_counts([r["reward"] for r in val_records])
+        val["val/accuracy"] = val["val/counts"]["accuracy"]
     best = next((c for c in trainer.checkpoint_callbacks if c.monitor == "val/accuracy"), None)
     best_path = best.best_model_path if best is not None else None  # select_checkpoint=best
     if best_path:
@@ -149,9 +154,12 @@ def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tup
         return val, {}, None, tested
     module.test_records = []
     # The best checkpoint's weights replace the module's (the comparison's controls then use them too).
-    results = trainer.test(module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None)
+    results = trainer.test(module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None,
+                           weights_only=True)
     test = {k: float(v) for k, v in (results[0] if results else {}).items()}
     module.test_records = gather_records(module.test_records, datamodule.split("test"))
+    test["test/counts"] = accuracy_counts([r["reward"] for r in module.test_records])
+    test["test/accuracy"] = test["test/counts"]["accuracy"]  # exact, not a float32 mean of batch means
     comparison = None
     if trainer.is_global_zero:  # every rank's test records, gathered above
         (out / "test_predictions.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in module.test_records))
