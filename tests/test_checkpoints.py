@@ -52,10 +52,9 @@ def test_evaluate_and_resume_refuse_it_with_an_error_line(tmp_path, command):
     args += ["methods=[gcache]", "limit=1"] if command == "evaluate" else ["experiment=smoke"]
     result = subprocess.run([sys.executable, "-m", f"gcache.{command}", *args], cwd=REPO, capture_output=True,
                             text=True, timeout=300, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
-    output = result.stdout + result.stderr  # evaluate logs to stdout, train to stderr
-    assert result.returncode == 2, output[-3000:]
-    assert f"error: checkpoint {path} holds more than tensors and plain data" in output
-    assert "Traceback" not in output and not marker.exists()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert f"error: checkpoint {path} holds more than tensors and plain data" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout and not marker.exists()
 
 
 def test_lightnings_own_resume_loads_with_weights_only(tmp_path, monkeypatch):

@@ -78,7 +78,7 @@ def _gradients(checkpoint: dict) -> dict[str, torch.Tensor]:
 
 
 def test_two_ddp_processes_skip_and_take_the_same_steps_as_one_process_on_the_global_batches(tmp_path):
-    train = Arith(seed=5).splits()["train"][:4]
+    train = Arith(seed=0).splits()["train"][:4]  # the data split is task.seed's (0), whatever `seed`
     rank1 = ShardSampler(train, num_replicas=2, rank=1, seed=5)
     rank1.set_epoch(0)
     nan_question = train[next(iter(rank1))].id  # rank 1's question in the first step

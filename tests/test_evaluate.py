@@ -100,7 +100,7 @@ def test_wilson_interval_and_unknown_method(tmp_path):
     assert low == 0.0 and 0.25 < high < 0.35
     low, high = wilson_interval(5, 10)
     assert low < 0.5 < high and math.isclose(low + high, 1.0, abs_tol=1e-9)
-    with pytest.raises(ValueError, match="unknown methods \\['no_handoff'\\]"):
+    with pytest.raises(ValueError, match="methods: unknown method 'no_handoff'; allowed: single, "):
         evaluate(_cfg(tmp_path, "methods=[no_handoff]"))
     with pytest.raises(ValueError, match="trained policy: give ckpt_path"):
         evaluate(_cfg(tmp_path, "methods=[gcache]"))

@@ -349,7 +349,7 @@ def test_a_hybrid_run_keeps_the_console_quiet_and_reports_api_single_and_api_tot
          f"mode.api.price_per_million_output={price_out}", f"hydra.sweep.dir={tmp_path}", "hydra.sweep.subdir=job"],
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    console = result.stderr
+    console = result.stderr + result.stdout  # logs, then the results
     assert "HTTP Request" not in console and "[httpx" not in console and "[openai" not in console, console
     assert "api_single" in console and "API model 'smollm2-135m-instruct'" in console, console
     out = tmp_path / "job"

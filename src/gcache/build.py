@@ -43,7 +43,8 @@ __all__ = ["CONF_DIR", "ConfigError", "build_datamodule", "build_logger", "build
            "validate"]
 
 # key: smallest allowed value; keys a config does not have (evaluate.yaml has no training keys) are skipped.
-INTEGERS = {"policy.graphs_per_question": 1, "batch_size": 1, "eval_batch_size": 1, "ckpt_every_n_steps": 1}
+INTEGERS = {"policy.graphs_per_question": 1, "batch_size": 1, "eval_batch_size": 1, "ckpt_every_n_steps": 1,
+            "seed": 0, "task.seed": 0}
 OPTIONAL_INTEGERS = {"agents.num_agents": 1, "limit_train": 1, "limit_val": 1, "limit_test": 1}
 SELECT_CHECKPOINT = ("last", "best")  # the weights a training run tests (train.yaml select_checkpoint)
 
@@ -60,6 +61,16 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be {allowed}, got {value!r}")
     build_rollout(cfg)
     chat_template_kwargs(cfg)
+    from gcache.evaluate import check_methods  # gcache.evaluate imports this module
+
+    for key in ("compare", "methods", "study.methods"):  # before any training: a typo found after it costs the run
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            check_methods(list(value), key)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        check_additions(cfg, list(HydraConfig.get().overrides.task))
     judger_edges = cfg.policy.judger_edges
     if judger_edges not in JUDGER_EDGES:
         raise ConfigError(f"policy.judger_edges={judger_edges!r} is not one of {list(JUDGER_EDGES)}")
@@ -93,6 +104,30 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"{', '.join(secrets)}: {KEY_SOURCES}")
 
 
+# Nodes whose keys gcache does not read one by one: Hydra's own, and keyword arguments handed on whole.
+FREE_FORM = ("hydra", "model.chat_template_kwargs")
+
+
+def check_additions(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse a key added with `+` (or `++`) that gcache does not read: it would change nothing, and a
+    sweep over it would run identical jobs. A key under a node that builds an object (`_target_`:
+    trainer, logger, task, policy.net) is passed to that object, which judges it."""
+    import difflib
+
+    known = [key for key, _ in _leaves(OmegaConf.to_container(cfg, resolve=False)) if not key.startswith("hydra")]
+    for override in overrides:
+        if not override.startswith("+") or "=" not in override:
+            continue
+        key = override.lstrip("+").split("=", 1)[0]
+        parents = [".".join(key.split(".")[:i]) for i in range(key.count(".") + 1)]  # "", "a", "a.b", ...
+        if any(p and (p.startswith(FREE_FORM) or OmegaConf.select(cfg, f"{p}._target_", default=None))
+               for p in parents):
+            continue
+        close = difflib.get_close_matches(key, [k for k in known if k != key], n=1)
+        hint = f"; did you mean {close[0]}=... (without +)?" if close else ""
+        raise ConfigError(f"+{key}: gcache reads no key {key!r}, so adding it would change nothing{hint}")
+
+
 def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
     if isinstance(node, dict):
         for key, value in node.items():
@@ -108,6 +143,13 @@ def build_rollout(cfg: DictConfig) -> RolloutConfig:
         return instantiate(cfg.rollout)
     except Exception as exc:  # Hydra wraps the dataclass's ValueError / TypeError
         cause = exc.__cause__ or exc
+        unknown = [key for key in cfg.rollout if key != "_target_" and key not in RolloutConfig.__dataclass_fields__]
+        if unknown:  # a misspelt key: name the closest one
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], list(RolloutConfig.__dataclass_fields__), n=1)
+            hint = f"; did you mean rollout.{close[0]}?" if close else ""
+            raise ConfigError(f"rollout.{unknown[0]} is not a rollout setting{hint}") from exc
         raise ConfigError(f"rollout.{cause}") from exc
 
 

@@ -88,6 +88,53 @@ def moved_overrides(argv: list[str]) -> list[tuple[str, str]]:
     return [(key, MOVED_KEYS[key]) for key in keys if key in MOVED_KEYS]
 
 
+TRUE = ("true", "yes", "on", "1")
+
+
+def holds_run(directory: Path) -> bool:
+    """Whether a training run wrote into `directory`: its summary, a checkpoint or its history."""
+    return ((directory / "summary.json").is_file() or (directory / "history.jsonl").is_file()
+            or any((directory / "checkpoints").glob("*.ckpt")))
+
+
+def run_directory_error(directory: Path, *, resume: bool, ckpt_path, overwrite: bool) -> str | None:
+    """Why a training run may not start in `directory` (None when it may): a directory that holds a run
+    is continued (`resume=true`, `ckpt_path=`) or, with `overwrite=true`, replaced; never mixed silently."""
+    if resume or ckpt_path not in (None, "null") or overwrite or not holds_run(directory):
+        return None
+    return (f"{directory} holds a run already: continue it with resume=true, replace it with overwrite=true, "
+            "or choose another hydra.run.dir")
+
+
+def is_nonzero_rank() -> bool:
+    """A DDP process other than rank 0 (Lightning relaunches the command for each rank)."""
+    return any(os.environ.get(name, "0") not in ("", "0") for name in ("LOCAL_RANK", "NODE_RANK", "RANK"))
+
+
+def check_run_directory(argv: list[str]) -> None:
+    """`gcache.train`, before Hydra writes `.hydra/` into the run directory: `resume=true` on a finished
+    run (summary.json) says so and exits 0 changing nothing; a new run into a directory (or sweep
+    directory) that holds a run exits 2 unless it continues or overwrites it (`run_directory_error`)."""
+    if is_nonzero_rank():
+        return
+    values = dict(arg.split("=", 1) for arg in argv if "=" in arg and not arg.startswith("-"))
+    resume = values.get("resume", "false").lower() in TRUE
+    overwrite = values.get("overwrite", "false").lower() in TRUE
+    if "-m" in argv or "--multirun" in argv:
+        sweep = values.get("hydra.sweep.dir")
+        directories = sorted(p for p in Path(sweep).iterdir() if p.is_dir()) if sweep and Path(sweep).is_dir() else []
+    else:
+        directories = [Path(values["hydra.run.dir"])] if "hydra.run.dir" in values else []
+    for directory in directories:
+        if resume and len(directories) == 1 and (directory / "summary.json").is_file():
+            print(f"the run in {directory} finished (summary.json): nothing to do", file=sys.stderr)
+            sys.exit(0)
+        if why := run_directory_error(directory, resume=resume, ckpt_path=values.get("ckpt_path"),
+                                      overwrite=overwrite):
+            print(f"error: {why}", file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+
+
 def check_command_line(argv: list[str]) -> None:
     """Exit 2 before Hydra runs when an override would put a secret into the config or names a
     key that moved into a config group."""

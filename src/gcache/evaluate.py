@@ -66,7 +66,7 @@ from omegaconf import DictConfig, open_dict
 
 from gcache.build import build_module, build_task, is_wandb, start_wandb_run, validate
 from gcache.checkpoints import load_trained
-from gcache.cli import CONF_DIR, check_command_line, config_errors, run_job
+from gcache.cli import CONF_DIR, ConfigError, check_command_line, config_errors, run_job
 from gcache.policy.sampling import deterministic_dag
 from gcache.policy.topology import (
     TOPOLOGIES,
@@ -269,15 +269,23 @@ class Evaluator:
         ]
 
 
+def check_methods(methods, key: str) -> None:
+    """Refuse (ConfigError) a method name that is not one of `METHODS`, naming the closest one."""
+    import difflib
+
+    for method in methods:
+        if method not in METHODS:
+            close = difflib.get_close_matches(str(method), METHODS, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{key}: unknown method {method!r}; {hint}allowed: {', '.join(METHODS)}")
+
+
 def evaluate(cfg: DictConfig, *, module=None) -> dict:
     """Run every method on the split's first `limit` questions; resumable; returns the report."""
     from tqdm.auto import tqdm
 
-    validate(cfg)
+    validate(cfg)  # methods included (check_methods)
     methods = list(cfg.methods)
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise ValueError(f"unknown methods {bad}; allowed: {list(METHODS)}")
     if cfg.ckpt_path is None and (wants := [m for m in methods if m in TRAINED_METHODS]):
         raise ValueError(f"methods {wants} evaluate a trained policy: give ckpt_path=… (an untrained fixed "
                          f"graph is `fixed-{cfg.topology.name}`)")
@@ -313,8 +321,10 @@ def evaluate(cfg: DictConfig, *, module=None) -> dict:
                     fh.flush()
                     os.fsync(fh.fileno())
                 bar.update(len(records))
-    report = write_report(out, title=f"{task.name}: {len(examples)} questions, model {module.llm.name}")
-    log.info("\n%s", report_markdown(report))
+    title = f"{task.name}: {len(examples)} questions, model {module.llm.name}"
+    report = write_report(out, title=title)
+    log.info("report: %s (on stdout)", out / "report.md")
+    print(report_markdown(report, title), flush=True)  # results on stdout, logs on stderr
     return report
 
 

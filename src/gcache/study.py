@@ -13,7 +13,7 @@ and writes `study.json`, `study.md` and pictures (`curves.png`, `edges.png`,
 `comparison.png`) into the sweep directory, using `gcache.stats` (two-level bootstrap
 intervals over seeds and questions, exact McNemar tests per seed, and over all seeds a
 sign-flip permutation test and a cluster bootstrap with questions as the units). Every
-seed's data split is the same (`study.data_seed`); seeds vary the policy's initialisation,
+seed's data split is the same (`task.seed`, as in gcache.train); seeds vary the policy's initialisation,
 the sampled graphs and the data order.
 
 Resumable: a seed with a `summary.json` is not trained again (an interrupted one resumes
@@ -34,7 +34,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gcache.build import is_wandb, start_wandb_run
-from gcache.cli import CONF_DIR, ConfigError, check_command_line, config_errors, run_job
+from gcache.cli import CONF_DIR, ConfigError, check_command_line, config_errors, holds_run, run_job
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def run_seed(cfg: DictConfig) -> dict[str, Any]:
     else:
         train_cfg = copy.deepcopy(cfg)
         with open_dict(train_cfg):
-            train_cfg.resume = (out / "checkpoints" / "last.ckpt").exists()
+            train_cfg.resume = holds_run(out)  # an interrupted seed continues (from its last checkpoint, if any)
             train_cfg.mode.compare = []
         summary = run(train_cfg)
     if "oracle" in methods and not build_task(cfg).load_examples()[0].oracle_edges:
@@ -129,7 +129,8 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
     text = study_markdown(summary, title or f"study: {directory}")
     (directory / "study.md").write_text(text)
     study_figures(summary, histories, directory)
-    log.info("study of %d seed(s): %s\n%s", len(records), directory / "study.md", text)
+    log.info("study of %d seed(s): %s (on stdout)", len(records), directory / "study.md")
+    print(text, flush=True)  # results on stdout, logs on stderr
     return summary
 
 

@@ -47,7 +47,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gcache.build import (
     build_datamodule,
@@ -58,7 +58,17 @@ from gcache.build import (
     validate,
 )
 from gcache.checkpoints import check_checkpoint, resume_path
-from gcache.cli import CONF_DIR, Interrupted, check_command_line, config_errors, run_job
+from gcache.cli import (
+    CONF_DIR,
+    ConfigError,
+    Interrupted,
+    check_command_line,
+    check_run_directory,
+    config_errors,
+    is_nonzero_rank,
+    run_directory_error,
+    run_job,
+)
 from gcache.evaluate import compare_on_test, comparison_table
 from gcache.report import API_COLUMNS, accuracy_counts
 from gcache.secrets import redacted_config
@@ -70,9 +80,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, then evaluate on the test split next to `cfg.compare`; returns (and writes) the summary."""
     start = time.perf_counter()
     out = Path(cfg.output_dir)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.resume and (out / "summary.json").is_file():  # a finished run: nothing is redone or rewritten
+        log.info("the run in %s finished (summary.json): nothing to do", out)
+        return json.loads((out / "summary.json").read_text())
+    if not is_nonzero_rank() and (why := run_directory_error(out, resume=cfg.resume, ckpt_path=cfg.ckpt_path,
+                                                              overwrite=cfg.get("overwrite", False))):
+        raise ConfigError(why)
     with config_errors():
         validate(cfg)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
         task = build_task(cfg)
         datamodule = build_datamodule(cfg, task)
         use_this_ranks_gpu()
@@ -105,6 +121,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "checkpoint": tested,  # the weights the test split ran (select_checkpoint)
             "comparison": comparison,
             "config": _choices(),
+            "seed": cfg.seed,
+            "data_split_seed": OmegaConf.select(cfg, "task.seed", default=None),  # the same for every seed
+            **_command(),
             "token_loops": module.llm.loop_stats(),  # this process's static workspaces and CUDA graphs
         }
         api = api_totals(module)
@@ -114,9 +133,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             _write_json(out / "summary.json", summary)
             shown = ("val_accuracy", "test_accuracy", "steps", "wall_seconds")
             log.info("summary: %s", json.dumps({k: summary[k] for k in shown}))
-            if comparison:
-                log.info("trained policy vs baselines on the same %d test questions:\n%s",
-                         comparison["questions"], comparison_table(comparison))
+            if comparison:  # results on stdout, logs on stderr
+                log.info("trained policy vs baselines on the same %d test questions (on stdout)", comparison["questions"])
+                print(f"trained policy vs baselines on the same {comparison['questions']} test questions:\n"
+                      f"{comparison_table(comparison)}", flush=True)
             if api is not None:
                 log_api_totals(trainer.loggers, api, module.generator_mode.client.model)
         return summary
@@ -262,6 +282,18 @@ def _choices() -> dict[str, Any]:
         return {}
 
 
+def _command() -> dict[str, Any]:
+    """What tells the jobs of a sweep apart: the command-line overrides and, in a sweep, the job's
+    number (empty when composed outside @hydra.main)."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.get()
+    job = {"overrides": list(hydra.overrides.task)}
+    if hydra.mode.name == "MULTIRUN":
+        job["job_num"] = hydra.job.num
+    return job
+
+
 def _resume_command(out: Path) -> str:
     try:
         overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("resume=", "hydra.run.dir="))]
@@ -277,4 +309,5 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     check_command_line(sys.argv[1:])  # before Hydra writes overrides to .hydra/
+    check_run_directory(sys.argv[1:])  # ... and before it writes into a run directory that holds a run
     main()

