@@ -155,6 +155,38 @@ def test_trained_checkpoint_evaluates_to_the_training_runs_own_test_predictions(
     assert report["methods"]["gcache-fuser-only"]["config"]["graph"] == "full"
 
 
+def test_a_checkpoint_is_evaluated_with_its_runs_settings_and_the_command_line_differences_are_named(tmp_path):
+    # Trained with latent_steps=1, max_new_tokens=3 and topology=chain; evaluated from the defaults
+    # (4 latent steps, 16 tokens, topology=debate, task lookup): the run's settings are applied.
+    from gcache.train import run
+
+    summary = run(_train_cfg(tmp_path / "train", "rollout.latent_steps=1", "rollout.max_new_tokens=3",
+                             "topology=chain"))
+    trained = [json.loads(line) for line in (tmp_path / "train" / "test_predictions.jsonl").read_text().splitlines()]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["model=tiny-random", f"ckpt_path={summary['checkpoint']}",
+                                                         "methods=[gcache]", "limit=3"])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "eval")
+    report = evaluate(cfg, overrides=[])
+    mine = {r["id"]: r["answer"] for r in read_results(tmp_path / "eval" / "results.jsonl")}
+    assert [mine[t["id"]] for t in trained] == [t["answer"] for t in trained]  # the run's own test answers
+    adopted = report["settings"]["adopted"]
+    assert adopted["rollout.latent_steps"] == {"default": 4, "run": 1} and adopted["task.name"]["run"] == "gsm8k"
+    assert report["settings"]["given"] == {} and report["settings"]["source"].startswith("checkpoint ")
+    # A setting given on the command line that differs from the run's is applied and named.
+    given = ["rollout.max_new_tokens=5"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["model=tiny-random", f"ckpt_path={summary['checkpoint']}",
+                                                         "methods=[gcache]", "limit=3", *given])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "eval5")
+    report = evaluate(cfg, overrides=given)
+    assert report["settings"]["given"] == {"rollout.max_new_tokens": {"given": 5, "run": 3}}
+    assert "`rollout.max_new_tokens=5` (run: `3`)" in (tmp_path / "eval5" / "report.md").read_text()
+    assert report["methods"]["gcache"]["decoded_tokens_per_question"] <= 5
+
+
 def test_a_channel_trained_on_oracle_graphs_is_evaluated_on_them_with_its_controls_and_a_text_baseline(tmp_path):
     """policy.graphs=oracle: `gcache` and its controls run the oracle graph with the trained channel;
     `wrong-sender` moves the judger to the next keeper; `text-oracle` hands on latent_steps tokens of text."""

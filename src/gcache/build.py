@@ -46,7 +46,9 @@ __all__ = ["CONF_DIR", "ConfigError", "build_datamodule", "build_logger", "build
 INTEGERS = {"policy.graphs_per_question": 1, "batch_size": 1, "eval_batch_size": 1, "ckpt_every_n_steps": 1,
             "seed": 0, "task.seed": 0}
 OPTIONAL_INTEGERS = {"agents.num_agents": 1, "limit_train": 1, "limit_val": 1, "limit_test": 1}
-SELECT_CHECKPOINT = ("last", "best")  # the weights a training run tests (train.yaml select_checkpoint)
+SELECT_CHECKPOINT = ("last", "best")
+# The config groups a checkpoint records (`GCacheModule.run_settings`) and an evaluation of it adopts.
+RUN_GROUPS = ("task", "agents", "topology", "policy", "rollout", "mode")  # the weights a training run tests (train.yaml select_checkpoint)
 
 
 # ---- checks ------------------------------------------------------------------------------------
@@ -198,7 +200,7 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
                               chat_template_kwargs=chat_template_kwargs(cfg))
     embedder = TextEmbedder(cfg.policy.embedder) if cfg.policy.embedder else TextEmbedder()
     policy = cfg.policy
-    return GCacheModule(
+    module = GCacheModule(
         task=task,
         roster=roster,
         policy=instantiate(policy.net),
@@ -224,6 +226,8 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
         generator_mode=generator_mode,
         seed=cfg.seed,
     )
+    module.run_settings = {group: OmegaConf.to_container(cfg[group], resolve=True) for group in RUN_GROUPS if group in cfg}
+    return module
 
 
 def build_datamodule(cfg: DictConfig, task) -> TaskDataModule:

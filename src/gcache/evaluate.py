@@ -54,18 +54,21 @@ finishes; a rerun with the same output directory skips finished pairs. At the en
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, open_dict
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from gcache.build import build_module, build_task, is_wandb, start_wandb_run, validate
-from gcache.checkpoints import load_trained
+from gcache.build import RUN_GROUPS, build_module, build_task, is_wandb, start_wandb_run, validate
+from gcache.checkpoints import load_checkpoint, load_trained
 from gcache.cli import CONF_DIR, ConfigError, check_command_line, config_errors, run_job
 from gcache.policy.sampling import deterministic_dag
 from gcache.policy.topology import (
@@ -280,11 +283,79 @@ def check_methods(methods, key: str) -> None:
             raise ConfigError(f"{key}: unknown method {method!r}; {hint}allowed: {', '.join(METHODS)}")
 
 
-def evaluate(cfg: DictConfig, *, module=None) -> dict:
-    """Run every method on the split's first `limit` questions; resumable; returns the report."""
+def run_settings_of(ckpt_path: str | Path) -> tuple[dict[str, Any] | None, str]:
+    """The config groups (`RUN_GROUPS`) a checkpoint's run was built with, and where they were read:
+    the checkpoint (`gcache_run`), or for older checkpoints the run's `.hydra/config.yaml` beside its
+    `checkpoints/` directory; (None, reason) when neither has them."""
+    state = load_checkpoint(ckpt_path, mmap=True)
+    if state.get("gcache_run"):
+        return state["gcache_run"], f"checkpoint {ckpt_path}"
+    saved = Path(ckpt_path).resolve().parent.parent / ".hydra" / "config.yaml"
+    if not saved.is_file():
+        return None, f"neither {ckpt_path} nor {saved} records the run's settings"
+    run_cfg = OmegaConf.load(saved)
+    return {g: OmegaConf.to_container(run_cfg[g], resolve=True) for g in RUN_GROUPS if g in run_cfg}, str(saved)
+
+
+def _leaf_keys(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaf_keys(value, f"{prefix}.{key}").items()}
+    return {prefix: node}
+
+
+def adopt_run_settings(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict[str, Any]]:
+    """The evaluation of a trained checkpoint runs what its run ran: each group of `RUN_GROUPS` (task,
+    agents, topology, policy, rollout, mode) is the run's, except where the command line (`overrides`)
+    chose the group or set one of its keys; those are applied and reported when they differ from the
+    run's. Returns the config and {"source", "given" (key -> {"given", "run"}), "adopted" (key -> {"default",
+    "run"}: this command's defaults the run's values replaced)}."""
+    run, source = run_settings_of(cfg.ckpt_path)
+    settings: dict[str, Any] = {"source": source, "given": {}, "adopted": {}}
+    if run is None:
+        log.warning("%s: evaluating with this command's settings", source)
+        return cfg, settings
+    given = {o.lstrip("+~").split("=", 1)[0] for o in overrides if "=" in o}
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for group in RUN_GROUPS:
+            if group not in run or group not in cfg:
+                continue
+            now = _leaf_keys(OmegaConf.to_container(cfg[group], resolve=True), group)
+            ran = _leaf_keys(run[group], group)
+            if group in given:  # another option of the group was chosen: the checkpoint check judges it
+                settings["given"].update({k: {"given": now.get(k), "run": v} for k, v in ran.items() if now.get(k) != v})
+                continue
+            chosen = {k: v for k, v in now.items() if k in given}
+            merged = OmegaConf.create(run[group])
+            for key, value in chosen.items():
+                OmegaConf.update(merged, key.split(".", 1)[1], value, force_add=True)
+                if ran.get(key) != value:
+                    settings["given"][key] = {"given": value, "run": ran.get(key)}
+            settings["adopted"].update({k: {"default": now.get(k), "run": v} for k, v in ran.items()
+                                        if k not in chosen and now.get(k) != v})
+            cfg[group] = merged
+    if settings["given"]:
+        log.warning("evaluating %s with settings given on the command line that differ from its run: %s", cfg.ckpt_path,
+                    ", ".join(f"{k}={v['given']!r} (run: {v['run']!r})" for k, v in settings["given"].items()))
+    adopted = ", ".join(f"{key}={value['run']!r}" for key, value in settings["adopted"].items())
+    log.info("the run's settings (%s)%s", source, f"; in place of this command's defaults: {adopted}" if adopted else "")
+    return cfg, settings
+
+
+def evaluate(cfg: DictConfig, *, module=None, overrides: list[str] | None = None) -> dict:
+    """Run every method on the split's first `limit` questions; resumable; returns the report.
+
+    With `ckpt_path` (and no `module`), the run's settings are adopted (`adopt_run_settings`);
+    `overrides` are the command line's (default: Hydra's, none when composed in-process)."""
     from tqdm.auto import tqdm
 
     validate(cfg)  # methods included (check_methods)
+    settings = None
+    if cfg.ckpt_path and module is None:
+        if overrides is None:
+            overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+        cfg, settings = adopt_run_settings(cfg, overrides)
+        validate(cfg)
     methods = list(cfg.methods)
     if cfg.ckpt_path is None and (wants := [m for m in methods if m in TRAINED_METHODS]):
         raise ValueError(f"methods {wants} evaluate a trained policy: give ckpt_path=… (an untrained fixed "
@@ -322,7 +393,7 @@ def evaluate(cfg: DictConfig, *, module=None) -> dict:
                     os.fsync(fh.fileno())
                 bar.update(len(records))
     title = f"{task.name}: {len(examples)} questions, model {module.llm.name}"
-    report = write_report(out, title=title)
+    report = write_report(out, title=title, settings=settings)
     log.info("report: %s (on stdout)", out / "report.md")
     print(report_markdown(report, title), flush=True)  # results on stdout, logs on stderr
     return report

@@ -191,6 +191,9 @@ class GCacheModule(L.LightningModule):
         self._skip_update = False  # set by training_step, read by optimizer_step
         self.test_records: list[dict] = []  # per-question test predictions of this rank
         self.val_records: list[dict] = []  # this validation's completions on this rank (`completion_records`)
+        # The config groups this run was built with (`gcache.build.build_module`), saved in checkpoints so
+        # that an evaluation of one runs what the run ran (`gcache.evaluate.adopt_run_settings`).
+        self.run_settings: dict[str, Any] = {}
         # What decides the meaning of the parameters (checked when a checkpoint is loaded again).
         self.run_identity: dict[str, Any] = {
             "task": task.name, "model": llm.name, "roster": roster.name, "num_agents": roster.num_agents,
@@ -539,6 +542,7 @@ class GCacheModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
         checkpoint["gcache_config"] = self.run_identity
+        checkpoint["gcache_run"] = self.run_settings
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # DAG sampling needs no state (see the module doc); older checkpoints carried

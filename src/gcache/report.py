@@ -155,6 +155,12 @@ def report_markdown(report: dict, title: str = "") -> str:
         lines += ["", "What each method ran:", ""]
         lines += [f"- `{name}`: " + ", ".join(f"{k}={v}" for k, v in config.items() if v is not None)
                   for name, config in configs]
+    settings = report.get("settings")
+    if settings:
+        lines += ["", f"Settings of the trained run ({settings['source']})" + (
+            "; given on the command line instead: " + ", ".join(
+                f"`{k}={v['given']}` (run: `{v['run']}`)" for k, v in settings["given"].items())
+            if settings["given"] else ": all applied") + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -183,9 +189,13 @@ def report_figure(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(out: Path, title: str = "") -> dict:
-    """Recompute the report from results.jsonl and write report.json / .md / .png (atomically)."""
+def write_report(out: Path, title: str = "", settings: dict | None = None) -> dict:
+    """Recompute the report from results.jsonl and write report.json / .md / .png (atomically);
+    `settings`: where a trained checkpoint's run settings came from and what the command line changed
+    (`gcache.evaluate.adopt_run_settings`)."""
     report = summarize(read_results(out / "results.jsonl"))
+    if settings is not None:
+        report["settings"] = settings
     for name, text in (("report.json", json.dumps(report, indent=2)), ("report.md", report_markdown(report, title))):
         tmp = out / f".{name}.tmp"
         tmp.write_text(text)
