@@ -92,3 +92,23 @@ def test_nothing_a_finished_run_wrote_is_lost_by_a_rerun(tmp_path):
     # overwrite=true replaces it
     replaced = _gcache("train", "experiment=smoke", "overwrite=true", f"hydra.run.dir={run}")
     assert replaced.returncode == 0, replaced.stderr[-3000:]
+
+
+@pytest.mark.parametrize("overrides,device", [
+    ([], "cpu"),  # trainer=cpu (the default) keeps the LM on the CPU even where a GPU exists
+    (["trainer=gpu"], "cuda"),
+    (["trainer=gpu", "trainer.devices=[1]"], "cuda:1"),  # one way to pick a GPU: the trainer's devices
+    (["trainer=ddp", "trainer.accelerator=gpu", "trainer.devices=2"], "cuda"),  # each rank its own
+    (["model.device=cuda:2"], "cuda:2"),  # an explicit model.device wins
+])
+def test_the_lm_follows_the_trainer_unless_model_device_names_one(monkeypatch, overrides, device):
+    from hydra import compose, initialize_config_dir
+
+    from gcache.build import CONF_DIR, model_device
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # as on a GPU machine
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+        evaluate_cfg = compose(config_name="evaluate")
+    assert model_device(cfg) == device
+    assert model_device(evaluate_cfg) == "auto"  # no trainer: a GPU when torch sees one (LocalLM)

@@ -38,7 +38,7 @@ from gcache.policy.topology import JUDGER_EDGES
 from gcache.rollout import RolloutConfig
 from gcache.secrets import KEY_SOURCES, is_secret_key
 
-__all__ = ["CONF_DIR", "ConfigError", "build_datamodule", "build_logger", "build_module", "build_roster",
+__all__ = ["CONF_DIR", "ConfigError", "build_datamodule", "build_logger", "build_module", "build_roster", "model_device",
            "build_rollout", "build_task", "build_trainer", "best_checkpoint", "is_wandb", "start_wandb_run", "use_this_ranks_gpu",
            "validate"]
 
@@ -169,6 +169,23 @@ def chat_template_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return kwargs
 
 
+def model_device(cfg: DictConfig) -> str:
+    """Where the LM goes. `model.device` names a device (`cpu`, `cuda`, `cuda:1`); `auto` follows the
+    trainer where there is one: `trainer=cpu` keeps the LM on the CPU, `trainer=gpu` puts it on the GPU
+    Lightning uses (`trainer.devices=[1]`: GPU 1; under DDP each rank's own, `use_this_ranks_gpu`), and
+    without a trainer (`gcache.evaluate`) `auto` is a GPU when torch sees one."""
+    device = str(cfg.model.device)
+    accelerator = OmegaConf.select(cfg, "trainer.accelerator", default=None)
+    if device != "auto" or accelerator is None or accelerator == "auto":
+        return device
+    if accelerator == "cpu":
+        return "cpu"
+    devices = OmegaConf.select(cfg, "trainer.devices", default=None)
+    if isinstance(devices, (list, ListConfig)) and len(devices) == 1 and world_size(cfg) == 1:
+        return f"cuda:{int(devices[0])}"
+    return "cuda"
+
+
 def build_task(cfg: DictConfig):
     kwargs = {k: v for k, v in OmegaConf.to_container(cfg.task, resolve=True).items() if k != "name"}
     return instantiate(kwargs)
@@ -196,7 +213,7 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
     task = task or build_task(cfg)
     roster = build_roster(cfg, task)
     generator_mode = build_mode(cfg.mode)  # checks the endpoint: before the LM loads
-    llm = llm or LocalLM.load(cfg.model.name, device=cfg.model.device, dtype=cfg.model.dtype, seed=cfg.seed,
+    llm = llm or LocalLM.load(cfg.model.name, device=model_device(cfg), dtype=cfg.model.dtype, seed=cfg.seed,
                               chat_template_kwargs=chat_template_kwargs(cfg))
     embedder = TextEmbedder(cfg.policy.embedder) if cfg.policy.embedder else TextEmbedder()
     policy = cfg.policy
