@@ -330,7 +330,10 @@ def test_harness_holds_the_tests_comparisons_and_no_reply_code(humaneval, mbpp):
         harness = harness_program(ex, ['["=", 1]'])
         assert "_gcache_records = ['[\"=\", 1]']" in harness
         assert "def ref_func" in harness and "def assertion" in harness
-        compare = "assertion(_gcache_output(i, (_gcache_exp := ref_func(*inp))), _gcache_exp, 0)"
+        compare = (
+            "assertion(_gcache_output(i, (_gcache_exp := ref_func(*inp)), check='same'), "
+            "_gcache_exp, 0)"
+        )
         assert compare in harness
         tallies = sorted(tally_lines(harness, ex.meta["test"]))
         assert tallies == ["failed", "finished", "passed", "total"]
@@ -369,17 +372,34 @@ def test_return_values_travel_as_data_of_their_own_type():
         bytearray(b"ab"), 1 + 2j, [1, [2, (3,)]], (), (1, "a", None), {1: "a", (2, 3): [4.0]},
         {1, 2, 3}, frozenset({"a"}), set(), range(1, 10, 2), Counter("abca"),
         OrderedDict(b=1, a=2), defaultdict(list, a=[1]), deque([1, 2], maxlen=5),
-        Fraction(1, 3), Decimal("1.10"), np.float64(1.5), np.int32(3), np.bool_(True),
-        {}.keys(), {1: 2}.items(), list(range(5000)), [(k, str(k)) for k in range(3000)],
+        Fraction(1, 3), Decimal("1.10"), {}.keys(), {1: 2}.items(), list(range(5000)),
+        [(k, str(k)) for k in range(3000)],
     ]  # fmt: skip
     for value in values:
         decoded = round_trip(value)
         assert type(decoded) is type(value) and decoded == value, value
     assert math.isnan(round_trip(float("nan")))
-    for array in [np.array([[1.0, 2.0]]), np.zeros((0, 3), dtype=np.int8), np.array(2j)]:
+    # numpy values at 64 bits: scalars as the Python numbers they hold, arrays widened
+    numbers = [
+        (np.float64(1.5), 1.5), (np.int32(3), 3), (np.bool_(True), True), (np.complex64(1j), 1j),
+        (np.uint64(2**64 - 1), 2**64 - 1), (np.float16(3000), 3000.0),
+        (np.float32(0.1), float(np.float32(0.1))),
+    ]  # fmt: skip
+    for value, number in numbers:
+        decoded = round_trip(value)
+        assert type(decoded) is type(number) and decoded == number, value
+    assert np.float16(3000) == 3001 and round_trip(np.float16(3000)) != 3001
+    arrays = [
+        (np.array([[1.0, 2.0]]), np.float64), (np.zeros((0, 3), dtype=np.int8), np.int64),
+        (np.array(2j, dtype=np.complex64), np.complex128), (np.array([True]), np.bool_),
+        (np.array([3000], dtype=np.float16), np.float64),
+        (np.array([1], dtype=np.uint8), np.uint64),
+    ]  # fmt: skip
+    for array, wide in arrays:
         decoded = round_trip(array)
-        assert decoded.dtype == array.dtype and decoded.shape == array.shape
+        assert decoded.dtype == wide and decoded.shape == array.shape
         assert np.array_equal(decoded, array)
+    assert not np.array_equal(round_trip(np.array([3000], dtype=np.float16)), [3001])
     assert list(round_trip(iter([1, (2,)]))) == [1, (2,)]  # iterators: consumed, then an iterator
     assert round_trip(x for x in "ab").__next__() == "a"
     match = round_trip(re.search(r"(b)(c)?", "abc"))
@@ -419,7 +439,9 @@ def test_anything_but_plain_data_fails_to_encode():
 def test_malformed_notes_do_not_decode():
     decode = codec()["decode"]
     for node in [{"x": 1}, {"t": 5}, {"t": [], "s": []}, {"ndarray": ["|O8", [1], [None]]},
-                 {"s": [[1]]}, {"defaultdict": ["os.system", []]}, {"c": ["1", 2]}]:  # fmt: skip
+                 {"s": [[1]]}, {"defaultdict": ["os.system", []]}, {"c": ["1", 2]},
+                 {"numpy": ["<f2", "1"]}, {"numpy": ["<i8", 1.5]}, {"numpy": ["<f8", True]},
+                 {"ndarray": ["<i8", [1], [10**30]]}]:  # fmt: skip
         with pytest.raises(Exception):  # noqa: B017 - any error fails that input
             decode(node)
 

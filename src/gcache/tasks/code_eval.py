@@ -15,11 +15,19 @@ numpy scalars and arrays, ``re.Match`` (its string, span, groups) and builtin it
 (consumed). Anything else, subclasses included, fails to encode: that input fails. The
 recorder holds neither the expected values nor the test's helpers. The **harness**
 (:func:`harness_program`: the test's code and the notes, no reply code) decodes the
-values and runs the test's own comparisons on them, one input at a time
-(:func:`instrument_test`). An output whose JSON is over 256 KiB (or past 3 MiB in a run,
-or holding an int of over 4300 digits) goes as a SHA-256 digest of a canonical binary
-form and passes only if the expected value has the same digest: large outputs are
-compared exactly (no float tolerance, no reordering).
+values (numpy scalars as the Python numbers they hold, arrays at 64 bits: ``float16(3000)
+== 3001``) and runs the test's own comparisons on them, one input at a time
+(:func:`instrument_test`). Before the test's ``assertion(out, exp, atol)`` sees an output,
+the harness checks it against the expected value (``_gcache_unlike``): the same kind at
+every depth (a bool is not a number, int and float are both numbers, a list is not a
+tuple, mappings are mappings, sets sets, an array is neither a list nor a number), the
+same lengths, keys and numpy shapes; where the assertion compares ``set(out)`` with
+``set(exp)`` only the set's items are checked (:func:`comparison_test`). The tests'
+np.allclose would otherwise pass ``[]`` for 3.5 (it broadcasts) and a tuple for a list. An
+output whose JSON is over 256 KiB (or past 3 MiB in a run, or holding an int of over 4300
+digits) goes as a SHA-256 digest of a canonical binary form and passes only if the
+expected value has the same digest: large outputs are compared exactly (no float
+tolerance, no reordering).
 
 Counts come only from ``SANDBOX_TALLY`` calls on the lines after the reply's code (see
 ``sandbox``, :func:`tally_lines`). A reply passes iff the recorder ran to its end with one
@@ -29,7 +37,8 @@ raised ``meta["limits"]`` get them for both runs.
 
 Protected: exiting early, printing or forging results, calling ``SANDBOX_TALLY``; and the
 comparisons themselves: always-equal objects, rebound ``assertion``/numpy helpers, patched
-builtins, reading ``exp`` or ``ref_func``, mutating the inputs ``ref_func`` sees. Not
+builtins, reading ``exp`` or ``ref_func``, mutating the inputs ``ref_func`` sees; outputs
+of another kind, length, keys or shape than expected, and numpy's low precisions. Not
 protected: the recorder is the reply's process, so a note is the reply's word about its
 return value (it can send any data it could have returned); a reply sees the inputs and
 can hard-code answers; a test that checks nothing (the ``re.Match`` assertion of MBPP+
@@ -65,6 +74,10 @@ _LOOP = re.compile(
     r"^(?P<ind>[ \t]*)(?P<head>for i, (?:\(inp, exp\) in enumerate\(zip\(inputs, results\)\)"
     r"|inp in enumerate\(inputs\)):)[ \t]*\n(?P=ind)[ \t]+(?P<body>\S[^\n]*)$",
     re.M,
+)
+# The test's comparison function, down to its last indented line.
+_ASSERTION = re.compile(
+    r"^def assertion\(out, exp, atol\):\n(?P<body>(?:[ \t]*\n|[ \t]+\S[^\n]*\n)+)", re.M
 )
 _INPUTS = re.compile(r"^[ \t]*inputs = (?P<src>\S[^\n]*)$", re.M)
 _TALLY_CALL = re.compile(r'\bSANDBOX_TALLY\("(\w+)"')
@@ -273,17 +286,22 @@ def _gcache_codec():
             string, span, groups = checked(v, list, 3)
             start, end = [checked(n, int) for n in checked(span, list, 2)]
             return Match(decode(string), (start, end), checked(decode(groups), tuple))
-        if tag in ("ndarray", "numpy"):
+        if tag == "numpy":  # a scalar: the Python number it holds (float16(3000) == 3001)
+            dtype, value = checked(v, list, 2)
+            return checked(decode(value), python_types[numpy_kind(dtype)])
+        if tag == "ndarray":  # at 64 bits, whatever precision the reply used
             import numpy as np
-            v = checked(v, list, 2 if tag == "numpy" else 3)
-            dtype = np.dtype(checked(v[0], str, pattern=r"[<>|=][biufc][0-9]{1,2}"))
-            if tag == "numpy":
-                return dtype.type(decode(v[1]))
-            _, shape, data = v
-            array = np.array(decode(data), dtype=dtype)
+            dtype, shape, data = checked(v, list, 3)
+            array = np.array(decode(data), dtype=wide_dtypes[numpy_kind(dtype)])
             shape = tuple(checked(n, int) for n in checked(shape, list))
             return array if array.shape == shape else array.reshape(shape)
         raise ValueError(f"unknown output tag {tag!r}")
+
+    python_types = {"b": bool, "i": int, "u": int, "f": float, "c": complex}
+    wide_dtypes = {"b": "?", "i": "i8", "u": "u8", "f": "f8", "c": "c16"}
+
+    def numpy_kind(dtype):
+        return checked(dtype, str, pattern=r"[<>|=][biufc][0-9]{1,2}")[1]
 
     def decode_pairs(items):
         entries = [checked(p, list, 2) for p in checked(items, list)]
@@ -374,15 +392,82 @@ class _GcacheRaised(Exception):
     """What the candidate raised (or why it has no output) for one input."""
 
 
-def _gcache_output(i, *expected):
-    """The candidate's return value for input i, decoded; raises _GcacheRaised if it has none."""
+_GCACHE_KINDS = {bool: "bool", int: "number", float: "number", complex: "number",
+                 set: "set", frozenset: "set"}
+_GCACHE_LEAVES = frozenset({"bool", "number", str, bytes, type(None)})  # kinds with no parts
+
+
+def _gcache_kind(x):
+    """What x compares as: a bool, a number, a mapping (dict and its subclasses), a set, else
+    its own type (a list is not a tuple)."""
+    return _GCACHE_KINDS.get(type(x)) or ("mapping" if isinstance(x, dict) else type(x))
+
+
+def _gcache_unlike(out, exp):
+    """Why `out` cannot stand for `exp` (None if it can): another kind (a bool is not a number,
+    a list is not a tuple, an array is neither), length, set of keys or numpy shape, at any
+    depth. The tests' np.allclose broadcasts ([] is close to 3.5) and ignores types."""
+    kind = _gcache_kind(exp)
+    if _gcache_kind(out) != kind:
+        return f" is {type(out).__name__}, not {type(exp).__name__}"
+    if kind is list or kind is tuple or kind == "set":
+        if len(out) != len(exp):
+            return f" has {len(out)} items, not {len(exp)}"
+        if kind == "set":  # each expected item against its equal in the output (1 == 1.0 == True)
+            items = {item: item for item in out}
+            for e in exp:
+                reason = _gcache_unlike(items[e], e) if e in items else None
+                if reason:
+                    return f" item {e!r}"[:200] + reason
+        else:
+            kinds = _GCACHE_KINDS.get  # at C speed: a long list of numbers is the usual output
+            types = list(map(type, exp))
+            leaves = list(map(kinds, types, types))
+            if _GCACHE_LEAVES.issuperset(leaves):
+                types = list(map(type, out))
+                if leaves == list(map(kinds, types, types)):
+                    return None
+            for k, (o, e) in enumerate(zip(out, exp)):
+                reason = _gcache_unlike(o, e)
+                if reason:
+                    return f"[{k}]{reason}"
+    elif kind == "mapping":
+        if out.keys() != exp.keys():
+            return " has other keys"
+        keys = {key: key for key in out}
+        for k, e in exp.items():
+            reason = _gcache_unlike(keys[k], k)
+            if reason:
+                return f" key {k!r}"[:200] + reason
+            reason = _gcache_unlike(out[keys[k]], e)
+            if reason:
+                return f"[{k!r}]"[:200] + reason
+    elif getattr(kind, "__module__", None) == "numpy" and kind.__name__ == "ndarray":
+        if out.shape != exp.shape:
+            return f" has shape {out.shape}, not {exp.shape}"
+    return None
+
+
+def _gcache_output(i, *expected, check=None):
+    """The candidate's return value for input i, decoded; raises _GcacheRaised if it has none,
+    AssertionError if ``check`` ("same", or "set": as the test's sets) finds it unlike the
+    expected value."""
     if i >= len(_gcache_records):
         raise _GcacheRaised("no output: the program ended before this input")
     note = _gcache_codec["loads"](_gcache_records[i])
     if type(note) is not list or not note:
         raise ValueError("malformed output")
     if note[0] == "=" and len(note) == 2:
-        return _gcache_codec["decode"](note[1])
+        out = _gcache_codec["decode"](note[1])
+        if check == "same":
+            reason = _gcache_unlike(out, expected[0])
+            if reason:
+                raise AssertionError("the output" + reason)
+        elif check == "set" and type(out) in (list, tuple, set, frozenset):
+            reason = _gcache_unlike(set(out), set(expected[0]))
+            if reason:
+                raise AssertionError("the output's set" + reason)
+        return out
     if note[0] == "!" and len(note) == 2 and type(note[1]) is str:
         raise _GcacheRaised(note[1])
     if note[0] == "#" and len(note) == 3:
@@ -468,10 +553,12 @@ def comparison_test(test: str, entry: str) -> tuple[str, str]:
     call = re.escape(entry) + r"\(\*inp\)"
     body = loops[0].group("body")
     m = re.fullmatch(rf"assertion\({call}, (?P<exp>.+), (?P<atol>[\w.+-]+)\)", body)
-    if m:  # the expected value is passed along: a long output's digest is compared with it
+    if m:  # the expected value is passed along: to check the output's shape, and a long
+        # output's digest is compared with it
+        check = _output_check(test)
         new = (
-            f"assertion(_gcache_output(i, (_gcache_exp := {m.group('exp')})), _gcache_exp, "
-            f"{m.group('atol')})"
+            f"assertion(_gcache_output(i, (_gcache_exp := {m.group('exp')})"
+            f"{f', check={check!r}' if check else ''}), _gcache_exp, {m.group('atol')})"
         )
     else:
         new, count = re.subn(rf"(?<![\w.]){call}", "_gcache_output(i)", body)
@@ -480,6 +567,21 @@ def comparison_test(test: str, entry: str) -> tuple[str, str]:
     start, end = loops[0].span("body")
     instrumented, _ = instrument_test(test[:start] + new + test[end:])
     return instrumented, inputs[0].group("src")
+
+
+def _output_check(test: str) -> str | None:
+    """How the harness checks an output against the expected value before the test's
+    ``assertion(out, exp, atol)`` compares them: "same" (kind, length, keys, numpy shape; see
+    ``_gcache_unlike``) where the assertion compares them as they are, exactly or with
+    np.allclose; "set" where it compares ``set(out)`` with ``set(exp)`` (any iterable will do,
+    the items are checked); None for any other assertion (MBPP+ 737, 787, 794: not None)."""
+    m = _ASSERTION.search(test)
+    body = m.group("body") if m else ""
+    if re.search(r"^\s+out = set\(out\)\n\s+exp = set\(exp\)$", body, re.M):
+        return "set"
+    if "np.allclose(out, exp," in body and not re.search(r"^\s+(?:out|exp) =", body, re.M):
+        return "same"
+    return None
 
 
 def record_outputs(example: Example) -> str:
