@@ -461,9 +461,9 @@ def main() -> None:
     for task, limit in (("arith", args.arith), ("gsm8k", args.gsm8k)):
         if limit <= 0:
             continue
-        eval_cfg = _cfg("evaluate", [f"model={args.model}", f"task={task}", f"limit={limit}",
+        eval_cfg = _cfg("evaluate", [f"model={args.model}", f"task={task}", f"limit_test={limit}",
                                      f"rollout.latent_steps={args.latent_steps}", "methods=[text_mas,latent_mas]",
-                                     "rollout.max_new_tokens=256", "rollout.agent_max_new_tokens=256", "batch_size=4", "topology=full",
+                                     "rollout.max_new_tokens=256", "rollout.agent_max_new_tokens=256", "eval_batch_size=4", "topology=full",
                                      "logger=none"], out / f"eval-{task}")
         report = evaluate(eval_cfg, module=build_module(eval_cfg, llm=module.llm))["methods"]
         text, latent = report["text_mas"], report["latent_mas"]

@@ -49,7 +49,7 @@ def test_a_checkpoint_carrying_code_is_refused_before_any_of_it_runs(tmp_path):
 def test_evaluate_and_resume_refuse_it_with_an_error_line(tmp_path, command):
     path, marker = _evil(tmp_path)
     args = ["model=tiny-random", f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}", "logger=none"]
-    args += ["methods=[gcache]", "limit=1"] if command == "evaluate" else ["experiment=smoke"]
+    args += ["methods=[gcache]", "limit_test=1"] if command == "evaluate" else ["experiment=smoke"]
     result = subprocess.run([sys.executable, "-m", f"gcache.{command}", *args], cwd=REPO, capture_output=True,
                             text=True, timeout=300, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     assert result.returncode == 2, result.stderr[-3000:]

@@ -21,8 +21,9 @@ def _gcache(command: str, *args: str, timeout: int = 600) -> subprocess.Complete
 
 
 @pytest.mark.parametrize("command,args,message", [
-    ("train", ["compare=[singel]"], "error: compare: unknown method 'singel'; did you mean 'single'?"),
-    ("study", ["study.methods=[gcache,singel]"], "error: study.methods: unknown method 'singel'; did you mean 'single'?"),
+    ("train", ["methods=[singel]"], "error: methods: unknown method 'singel'; did you mean 'single'?"),
+    ("train", ["compare=[singel]"], "error: methods: unknown method 'singel'"),  # its old name, renamed
+    ("study", ["methods=[gcache,singel]"], "error: methods: unknown method 'singel'; did you mean 'single'?"),
     ("evaluate", ["methods=[fixed-fulll]"], "error: methods: unknown method 'fixed-fulll'; did you mean 'fixed-full'?"),
     ("train", ["+batch_sise=3"], "error: +batch_sise: gcache reads no key 'batch_sise', so adding it would change "
                                  "nothing; did you mean batch_size=... (without +)?"),
@@ -68,7 +69,7 @@ def test_a_seed_sweep_tests_the_same_questions_and_its_summaries_tell_the_jobs_a
 
 
 def test_evaluate_writes_its_report_on_stdout_under_a_title_and_logs_on_stderr(tmp_path):
-    result = _gcache("evaluate", "model=tiny-random", "methods=[single]", "limit=1", "rollout.max_new_tokens=2",
+    result = _gcache("evaluate", "model=tiny-random", "methods=[single]", "limit_test=1", "rollout.max_new_tokens=2",
                      f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("# lookup: 1 questions, model tiny-random-0\n") and "| single |" in result.stdout
@@ -112,3 +113,29 @@ def test_the_lm_follows_the_trainer_unless_model_device_names_one(monkeypatch, o
         evaluate_cfg = compose(config_name="evaluate")
     assert model_device(cfg) == device
     assert model_device(evaluate_cfg) == "auto"  # no trainer: a GPU when torch sees one (LocalLM)
+
+
+def test_old_names_keep_working_with_a_message_naming_the_new_one(tmp_path):
+    from gcache.cli import renamed_overrides
+
+    assert renamed_overrides(["compare=[single]", "+mode.compare=[]", "seed=1"], "train") == [
+        "methods=[single]", "+mode.methods=[]", "seed=1"]
+    assert renamed_overrides(["study.methods=[gcache]", "study.limit=5"], "study") == ["methods=[gcache]", "limit_test=5"]
+    assert renamed_overrides(["batch_size=3"], "train") == ["batch_size=3"]  # training's batch keeps its name
+    result = _gcache("evaluate", "model=tiny-random", "methods=[single]", "limit=1", "batch_size=2",
+                     "rollout.max_new_tokens=2", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: limit= is now limit_test= in gcache.evaluate" in result.stderr
+    assert "warning: batch_size= is now eval_batch_size= in gcache.evaluate" in result.stderr
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_roster_size_that_the_task_fixes_names_the_tasks_key():
+    from hydra import compose, initialize_config_dir
+
+    from gcache.build import CONF_DIR, build_roster, build_task
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["agents.num_agents=10"])
+    with pytest.raises(ValueError, match="the task sets the number of agents: task.num_agents=10"):
+        build_roster(cfg, build_task(cfg))

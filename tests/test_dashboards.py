@@ -23,9 +23,9 @@ TINY = ["model=tiny-random", "limit_train=4", "limit_val=2", "limit_test=2", "ba
 KEEPERS = ("Door", "Locker", "Train", "Room")
 EDGES = [f"val/p_edge/{keeper} Keeper -> Judger" for keeper in KEEPERS]
 VALIDATION_STEPS = [0, 2]  # validate_at_start, then the end of the 2-step epoch
-# Lightning logs metrics of the validation that ends the last step at that step's index (1), not at
-# the global step (2) that the completions, topology pictures and history.jsonl are named after.
-METRIC_STEPS = [0, 1]
+# The loggers use the same step count as the completions, topology pictures and history.jsonl: the
+# training steps completed (Lightning's own default logs the last validation at the step's index, 1).
+METRIC_STEPS = VALIDATION_STEPS
 
 
 def _run(tmp_path: Path, logger: str) -> dict:
@@ -140,7 +140,7 @@ def test_evaluate_logs_its_report_to_an_offline_wandb_run(tmp_path):
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=[
-            "model=tiny-random", "task=lookup", "limit=2", "batch_size=2", "rollout.latent_steps=1",
+            "model=tiny-random", "task=lookup", "limit_test=2", "eval_batch_size=2", "rollout.latent_steps=1",
             "rollout.max_new_tokens=2", "methods=[single,fixed-full]", "logger=wandb"])
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path)

@@ -18,7 +18,7 @@ from gcache.stats import wilson_interval
 # Untrained methods and controls (trained ones: test_trained_checkpoint_…; API ones: tests/test_modes.py).
 METHODS = ["single", "single_budget", "text_mas", "latent_mas", "fixed-full", "fixed-star", "mismatched", "zeroed",
            "shuffled", "realign-identity", "realign-random"]
-TINY = ["model=tiny-random", "task=gsm8k", "topology=full", "limit=3", "batch_size=3", "rollout.latent_steps=2", "rollout.max_new_tokens=4",
+TINY = ["model=tiny-random", "task=gsm8k", "topology=full", "limit_test=3", "eval_batch_size=3", "rollout.latent_steps=2", "rollout.max_new_tokens=4",
         "rollout.agent_max_new_tokens=4"]
 
 
@@ -165,7 +165,7 @@ def test_a_checkpoint_is_evaluated_with_its_runs_settings_and_the_command_line_d
     trained = [json.loads(line) for line in (tmp_path / "train" / "test_predictions.jsonl").read_text().splitlines()]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=["model=tiny-random", f"ckpt_path={summary['checkpoint']}",
-                                                         "methods=[gcache]", "limit=3"])
+                                                         "methods=[gcache]", "limit_test=3"])
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "eval")
     report = evaluate(cfg, overrides=[])
@@ -178,7 +178,7 @@ def test_a_checkpoint_is_evaluated_with_its_runs_settings_and_the_command_line_d
     given = ["rollout.max_new_tokens=5"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=["model=tiny-random", f"ckpt_path={summary['checkpoint']}",
-                                                         "methods=[gcache]", "limit=3", *given])
+                                                         "methods=[gcache]", "limit_test=3", *given])
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "eval5")
     report = evaluate(cfg, overrides=given)
@@ -199,7 +199,7 @@ def test_a_channel_trained_on_oracle_graphs_is_evaluated_on_them_with_its_contro
     trained = [json.loads(line) for line in (tmp_path / "train" / "test_predictions.jsonl").read_text().splitlines()]
     methods = "[gcache,oracle,text-oracle,wrong-sender,zeroed,mismatched]"
     report = evaluate(_cfg(tmp_path / "eval", "task=lookup", "topology=debate", f"ckpt_path={summary['checkpoint']}",
-                           f"methods={methods}", "limit=3", "policy.graphs=oracle", "policy.channel=lowrank",
+                           f"methods={methods}", "limit_test=3", "policy.graphs=oracle", "policy.channel=lowrank",
                            "policy.channel_rank=2", "rollout.retention=latent_only", f"rollout.latent_steps={steps}"))
     records = read_results(tmp_path / "eval" / "results.jsonl")
     by = {m: {r["id"]: r for r in records if r["method"] == m} for m in report["methods"]}

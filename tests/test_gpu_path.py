@@ -72,7 +72,7 @@ def test_its_checkpoint_evaluates_on_the_static_loops_to_the_runs_own_test_predi
     run = smoke_runs / "static"
     checkpoint = json.loads((run / "summary.json").read_text())["checkpoint"]
     methods = "[gcache,single,fixed-full,oracle,mismatched,zeroed,shuffled,latent_mas,text_mas,realign-random]"
-    result = _gcache("evaluate", "model=tiny-random", f"ckpt_path={checkpoint}", f"methods={methods}", "limit=2",
+    result = _gcache("evaluate", "model=tiny-random", f"ckpt_path={checkpoint}", f"methods={methods}", "limit_test=2",
                      "rollout.latent_steps=2", "rollout.max_new_tokens=4", "rollout.agent_max_new_tokens=4",
                      "rollout.cuda_graphs=static", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -103,12 +103,12 @@ def test_the_qwen3_experiment_runs_to_the_end_on_the_static_loops_in_bfloat16(ti
     result = _gcache("train", "experiment=gsm8k_qwen3", "trainer=cpu", f"model.name={tiny_qwen3_dir}",
                      "model.dtype=bfloat16", "rollout.cuda_graphs=static", "logger=csv", "limit_train=2",
                      "limit_val=1", "limit_test=2", "batch_size=2", "policy.graphs_per_question=2",
-                     "rollout.max_new_tokens=6", "compare=[single,fixed-full]", f"hydra.run.dir={tmp_path}")
+                     "rollout.max_new_tokens=6", "methods=[single,fixed-full]", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 1 and summary["test_accuracy"] is not None
     assert set(summary["comparison"]["methods"]) == {"gcache", "single", "fixed-full"}
-    assert len(_lines(tmp_path / "comparison.jsonl")) == 2 * 2
+    assert len(_lines(tmp_path / "comparison.jsonl")) == 3 * 2  # gcache's test predictions, then each baseline's
 
 
 # ---- host-device traffic of one rollout row on the GPU's path -------------------------------------

@@ -291,7 +291,7 @@ def test_evaluate_in_bfloat16_runs_the_same_graphs_as_float32(tmp_path):
     for dtype in ("float32", "bfloat16"):
         with initialize_config_dir(config_dir=EVAL_CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="evaluate", overrides=[
-                "model=tiny-random", f"model.dtype={dtype}", "task=gsm8k", "limit=2", "batch_size=2",
+                "model=tiny-random", f"model.dtype={dtype}", "task=gsm8k", "limit_test=2", "eval_batch_size=2",
                 "rollout.latent_steps=2", "rollout.max_new_tokens=3", "methods=[single,fixed-star,mismatched,zeroed]"])
         with open_dict(cfg):
             cfg.output_dir = str(tmp_path / dtype)

@@ -331,7 +331,7 @@ def test_resuming_or_evaluating_with_another_config_names_the_keys_that_differ(t
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     with pytest.raises(ConfigError, match=r"topology: checkpoint 'full', now 'star'"):
         run(_compose([*TINY, "topology=star", f"ckpt_path={ckpt}"], tmp_path / "again"))
-    overrides = ["model=tiny-random", "task=gsm8k", "topology=full", "agents.roster=uniform", "limit=1",
+    overrides = ["model=tiny-random", "task=gsm8k", "topology=full", "agents.roster=uniform", "limit_test=1",
                  f"ckpt_path={ckpt}", "methods=[gcache]"]
     with initialize_config_dir(config_dir=EVAL_CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="evaluate", overrides=overrides)

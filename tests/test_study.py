@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny-random", "logger=csv", "task=lookup", "limit_train=4", "limit_val=2", "limit_test=3",
         "batch_size=2", "eval_batch_size=3", "policy.graphs_per_question=2", "rollout.latent_steps=1", "rollout.max_new_tokens=3",
-        "val_every_n_steps=1", "study.methods=[gcache,single,fixed-full,oracle,mismatched,zeroed]",
+        "val_every_n_steps=1", "methods=[gcache,single,fixed-full,oracle,mismatched,zeroed]",
         # the GPU's static token loops without the capture (tests/test_gpu_path.py): a study runs them too
         "rollout.cuda_graphs=static"]
 
@@ -34,7 +34,7 @@ def test_study_trains_evaluates_and_aggregates_every_seed_and_resumes(tmp_path):
         assert len(records) == 6 * 3
         history = [json.loads(x) for x in (seed_dir / "history.jsonl").read_text().splitlines()]
         # Step 0 (the untrained policy), then after each of the two steps.
-        assert [h["step"] for h in history] == [0, 1, 2] and all("p_oracle" in h for h in history)
+        assert [h["step"] for h in history] == [0, 1, 2] and all("val/p_oracle" in h for h in history)
         # The study's gcache is the seed's own trained policy: its test predictions, question by question.
         trained = [json.loads(x) for x in (seed_dir / "test_predictions.jsonl").read_text().splitlines()]
         mine = {r["id"]: r["answer"] for r in records if r["method"] == "gcache"}
@@ -77,13 +77,13 @@ def test_study_trains_evaluates_and_aggregates_every_seed_and_resumes(tmp_path):
 def test_study_refuses_a_reference_it_does_not_evaluate(tmp_path):
     result = _study(tmp_path, "study.reference=text_mas")
     assert result.returncode == 2
-    assert "study.reference='text_mas' is not among study.methods" in result.stderr
+    assert "study.reference='text_mas' is not among methods" in result.stderr
 
 
 def test_a_study_with_an_api_mode_evaluates_the_api_model_alone_and_keeps_each_seeds_api_totals(
         llama_server, tmp_path):
-    base = (*[o for o in TINY if not o.startswith(("task=", "study.methods="))], "task=arith", "seed=0",
-            "study.methods=[gcache,single]")
+    base = (*[o for o in TINY if not o.startswith(("task=", "methods="))], "task=arith", "seed=0",
+            "methods=[gcache,single]")
     result = _study(tmp_path, "mode=hybrid", f"mode.api.base_url={llama_server.base_url}",
                     f"mode.api.model={llama_server.model}", "mode.api.require_key=false", "mode.api.max_tokens=6",
                     base=base)
@@ -101,7 +101,7 @@ def test_a_study_with_an_api_mode_evaluates_the_api_model_alone_and_keeps_each_s
 
 
 def test_a_study_evaluates_the_checkpoint_its_training_run_tested(tmp_path):
-    result = _study(tmp_path, "select_checkpoint=best", "study.methods=[gcache,single]", base=(*TINY, "seed=0"))
+    result = _study(tmp_path, "select_checkpoint=best", "methods=[gcache,single]", base=(*TINY, "seed=0"))
     assert result.returncode == 0, result.stderr[-3000:]
     seed_dir = tmp_path / "seed0"
     summary = json.loads((seed_dir / "summary.json").read_text())

@@ -83,7 +83,7 @@ FIRSTS: list[str] = []
 
 def test_summary_accuracies_are_exact_fractions_of_their_counts(tmp_path):
     cfg = _compose([*TINY, "task=arith", "task._target_=test_train.AllButFirstArith", "limit_val=3",
-                    "limit_test=3", "compare=[]"], tmp_path)
+                    "limit_test=3", "methods=[]"], tmp_path)
     splits = build_datamodule(cfg, build_task(cfg))
     FIRSTS[:] = [splits.split("val")[0].id, splits.split("test")[0].id]
     try:
@@ -242,3 +242,20 @@ def test_select_checkpoint_refuses_an_unknown_value():
 
     with pytest.raises(ConfigError, match=r"select_checkpoint='final' is not one of \['last', 'best'\]"):
         validate(_compose([*TINY, "select_checkpoint=final"]))
+
+
+def test_one_step_count_in_the_logs_history_completions_pictures_and_checkpoints(tmp_path):
+    # The steps completed: 0 = before training, validations after steps 2 and 4 at 2 and 4, the metrics
+    # of training step k at k (Lightning's loggers would say k - 1, and 1 and 3 for those validations).
+    import csv
+
+    run(_compose(["experiment=smoke", "limit_train=8", "val_every_n_steps=2"], tmp_path))
+    rows = list(csv.DictReader((tmp_path / "csv" / "version_0" / "metrics.csv").open()))
+    val = [int(r["step"]) for r in rows if r.get("val/accuracy")]
+    train = [int(r["step"]) for r in rows if r.get("train/reward")]
+    history = [json.loads(line)["step"] for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert val == history == [0, 2, 4] and train == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "completions").iterdir()) == [f"step{s:06d}.jsonl" for s in (0, 2, 4)]
+    assert sorted(p.name for p in (tmp_path / "topology").glob("*.png")) == [f"step{s:06d}.png" for s in (0, 2, 4)]
+    assert (tmp_path / "checkpoints" / "step4.ckpt").is_file()
+    assert [int(r["step"]) for r in rows if r.get("test/accuracy")] == [4]

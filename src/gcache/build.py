@@ -65,7 +65,7 @@ def validate(cfg: DictConfig) -> None:
     chat_template_kwargs(cfg)
     from gcache.evaluate import check_methods  # gcache.evaluate imports this module
 
-    for key in ("compare", "methods", "study.methods"):  # before any training: a typo found after it costs the run
+    for key in ("methods", "mode.methods"):  # before any training: a typo found after it costs the run
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None:
             check_methods(list(value), key)
@@ -200,7 +200,8 @@ def build_roster(cfg: DictConfig, task) -> Roster:
     if holders and roster.num_agents != holders:
         raise ValueError(
             f"task {task.name!r} gives its facts to {holders} agents but agents.num_agents="
-            f"{roster.num_agents}; set agents.num_agents={holders} (or null)"
+            f"{roster.num_agents}; the task sets the number of agents: task.num_agents={roster.num_agents} "
+            f"(and agents.num_agents=null)"
         )
     return roster
 

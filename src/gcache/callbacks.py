@@ -20,23 +20,57 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from lightning.pytorch.utilities.exceptions import SIGTERMException  # noqa: E402
 
+from gcache.report import run_name  # noqa: E402
+from gcache.stats import history_rows, integer_steps, text_colour  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
-def topology_figure(probs: torch.Tensor, adjacency: torch.Tensor, names: list[str], title: str = ""):
-    """Left: edge-probability matrix (N+1, N+1), the judger last; right: the deterministic graph."""
+def run_title(task: str, model: str, run: str) -> str:
+    """The first line of every picture of a run: what it trained, on which model, and which run."""
+    return f"task {task} · model {model} · run {run}"
+
+
+def _module_title(pl_module, directory: str | Path) -> str:
+    return run_title(pl_module.task.name, pl_module.llm.name, run_name(directory))
+
+
+def topology_figure(probs: torch.Tensor, adjacency: torch.Tensor, names: list[str], title: str = "",
+                    allowed: torch.Tensor | None = None, fixed: torch.Tensor | None = None):
+    """Left: edge-probability matrix (N+1, N+1), the judger last; right: the deterministic graph.
+
+    `allowed` (N+1, N+1) bool: the edges the policy samples (its topology mask); the others are
+    drawn hatched grey without a number, not as learned zeros. `fixed`: edges always present and not
+    learned (agent -> judger under `judger_edges=all`), written "fixed". Numbers are black or white,
+    whichever reads on their cell's colour (`text_colour`). Default: every edge allowed, none fixed."""
+    from matplotlib.patches import Patch, Rectangle
+
     n = probs.shape[0]
-    fig, (ax_m, ax_g) = plt.subplots(1, 2, figsize=(10, 4.5))
-    image = ax_m.imshow(probs.numpy(), vmin=0, vmax=1, cmap="viridis")
+    allowed = torch.ones(n, n, dtype=torch.bool) if allowed is None else allowed.bool().cpu()
+    fixed = torch.zeros(n, n, dtype=torch.bool) if fixed is None else fixed.bool().cpu() & ~allowed
+    fig, (ax_m, ax_g) = plt.subplots(1, 2, figsize=(10, 5))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    shown = torch.where(allowed | fixed, probs.float(), torch.full_like(probs, float("nan"), dtype=torch.float))
+    image = ax_m.imshow(shown.numpy(), vmin=0, vmax=1, cmap=cmap)
     ax_m.set_xticks(range(n), names, rotation=45, ha="right", fontsize=7)
     ax_m.set_yticks(range(n), names, fontsize=7)
     ax_m.set_xlabel("receiver")
     ax_m.set_ylabel("sender")
     for i in range(n):
         for j in range(n):
-            ax_m.text(j, i, f"{probs[i, j]:.2f}", ha="center", va="center", fontsize=7, color="w")
+            if allowed[i, j] or fixed[i, j]:
+                value = float(probs[i, j])
+                ax_m.text(j, i, "fixed" if fixed[i, j] else f"{value:.2f}", ha="center", va="center", fontsize=7,
+                          color=text_colour(cmap(value)))
+            else:  # not in the topology: no probability to learn
+                ax_m.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="0.85", edgecolor="0.6",
+                                         hatch="///", lw=0, gid="forbidden"))
     fig.colorbar(image, ax=ax_m, fraction=0.046)
     ax_m.set_title("edge probability")
+    handles = [Patch(facecolor="0.85", edgecolor="0.6", hatch="///", label="not allowed by the topology")]
+    if bool(fixed.any()):
+        handles.append(Patch(facecolor=cmap(1.0), label="fixed: always present, not learned"))
+    fig.legend(handles=handles, loc="lower left", ncol=len(handles), fontsize=7, frameon=False)
     xy = [(math.cos(2 * math.pi * i / n + math.pi / 2), math.sin(2 * math.pi * i / n + math.pi / 2)) for i in range(n)]
     for i in range(n):
         for j in range(n):
@@ -53,7 +87,7 @@ def topology_figure(probs: torch.Tensor, adjacency: torch.Tensor, names: list[st
     ax_g.axis("off")
     ax_g.set_title("deterministic graph (p > 0.5)")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.09, 1, 1))  # the legend below
     return fig
 
 
@@ -75,7 +109,9 @@ class TopologyPictures(L.Callback):
             return
         probs, adjacency = pl_module.learned_topology(self.example.question)
         names = [role.name for role in pl_module.roster.roles] + [pl_module.roster.judger.name]
-        fig = topology_figure(probs, adjacency, names, title=self.title(trainer.global_step))
+        allowed = pl_module.edge_mask.cpu()  # what the policy samples; fixed: present without being sampled
+        title = f"{_module_title(pl_module, self.directory.parent)}\n{self.title(trainer.global_step)}"
+        fig = topology_figure(probs, adjacency, names, title=title, allowed=allowed, fixed=adjacency.cpu() & ~allowed)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step{trainer.global_step:06d}.png"
         fig.savefig(path, dpi=80)
@@ -113,8 +149,10 @@ class Completions(L.Callback):
 
 class ProgressLog(L.Callback):
     """A log line every `every_n_steps` training steps (and at the last): step, reward, the last
-    validation accuracy, edges and judger senders per graph, seconds per step and time left.
-    For runs without a TTY (nohup, Slurm), where a progress bar shows nothing useful."""
+    validation accuracy, edges and judger senders per graph, seconds per step and time left; and
+    during the test split, about every tenth of its batches and at the last, the questions done
+    ("test: 8/40 questions"). For runs without a TTY (nohup, Slurm), where a progress bar shows
+    nothing useful."""
 
     def __init__(self, every_n_steps: int = 5) -> None:
         if every_n_steps < 1:
@@ -122,6 +160,7 @@ class ProgressLog(L.Callback):
         self.every_n_steps = every_n_steps
         self._start = 0.0
         self._first_step = 0
+        self._tested = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
@@ -145,13 +184,39 @@ class ProgressLog(L.Callback):
             "?" if math.isnan(left) else f"{int(left // 60)}m{int(left % 60):02d}s",
         )
 
+    def on_test_start(self, trainer, pl_module) -> None:
+        self._tested = 0
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._tested += len(batch)
+        if not trainer.is_global_zero:
+            return
+        loaders = trainer.test_dataloaders
+        loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+        try:  # this rank's questions (its share under DDP)
+            total = sum(len(loader.sampler) for loader in loaders)
+        except (TypeError, AttributeError):
+            total = None
+        if progress_due(self._tested, len(batch), total):
+            ranks = f" (rank 0's share, {trainer.world_size} ranks)" if trainer.world_size > 1 else ""
+            log.info("test: %d/%s questions%s", self._tested, "?" if total is None else total, ranks)
+
+
+def progress_due(done: int, last: int, total: int | None) -> bool:
+    """Whether a progress line is due after `last` more items brought the count to `done` of
+    `total`: at the end and whenever another tenth is passed (always when the total is unknown)."""
+    if not total or done >= total:
+        return True
+    return done * 10 // total > (done - last) * 10 // total
+
 
 class History(L.Callback):
     """After each validation: append step, validation accuracy, the mean training reward since the
     last validation and the oracle / distractor edge probabilities (tasks with an oracle graph) to
-    `history.jsonl`, and redraw `learning_curve.png` from it."""
+    `history.jsonl`, under summary.json's names (`val/accuracy`, `val/p_oracle`, `val/p_distractor`;
+    docs/outputs.md), and redraw `learning_curve.png` from it."""
 
-    KEYS = {"val/accuracy": "val/accuracy", "val/p_oracle": "p_oracle", "val/p_distractor": "p_distractor"}
+    KEYS = ("val/accuracy", "val/p_oracle", "val/p_distractor")
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
@@ -166,7 +231,7 @@ class History(L.Callback):
             return
         metrics = trainer.callback_metrics
         row = {"step": trainer.global_step}
-        row.update({name: float(metrics[key]) for key, name in self.KEYS.items() if key in metrics})
+        row.update({key: float(metrics[key]) for key in self.KEYS if key in metrics})
         if self._rewards:
             row["reward"] = sum(self._rewards) / len(self._rewards)
             self._rewards = []
@@ -174,31 +239,41 @@ class History(L.Callback):
         with open(self.directory / "history.jsonl", "a") as fh:
             fh.write(json.dumps(row) + "\n")
         rows = [json.loads(line) for line in (self.directory / "history.jsonl").read_text().splitlines() if line]
-        fig = learning_curve_figure(rows)
+        fig = learning_curve_figure(rows, title=_module_title(pl_module, self.directory))
         fig.savefig(self.directory / "learning_curve.png", dpi=80)
         plt.close(fig)
 
 
-def learning_curve_figure(rows: list[dict]):
-    """Validation accuracy and training reward (left), oracle vs distractor edge probability (right)."""
-    fig, (ax_a, ax_p) = plt.subplots(1, 2, figsize=(10, 3.6))
-    for key, label in (("val/accuracy", "validation accuracy"), ("reward", "training reward")):
+# What the "reward" of history.jsonl is (`History`): the window of its mean, said on the curve.
+REWARD_LABEL = "training reward (mean over the steps since the previous point;\neach step: mean over its sampled graphs)"
+
+
+def learning_curve_figure(rows: list[dict], title: str = ""):
+    """Validation accuracy and training reward (left), oracle vs distractor edge probability (right),
+    over whole training steps. Rows may use history.jsonl's names before issue 30 (`p_oracle`)."""
+    rows = history_rows(rows)
+    fig, (ax_a, ax_p) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for key, label in (("val/accuracy", "validation accuracy"), ("reward", REWARD_LABEL)):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             ax_a.plot(*zip(*points, strict=True), marker="o", label=label)
     ax_a.set_ylim(-0.02, 1.02)
-    ax_a.set_xlabel("step")
-    ax_a.legend(fontsize=8)
+    ax_a.set_xlabel("training step")
+    ax_a.legend(fontsize=7)
     ax_a.set_title("accuracy")
-    for key, style in (("p_oracle", "-"), ("p_distractor", "--")):
+    for key, style, label in (("val/p_oracle", "-", "p(oracle edges)"),
+                              ("val/p_distractor", "--", "p(distractor edges into the judger)")):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
-            ax_p.plot(*zip(*points, strict=True), style, marker="o", label=key)
+            ax_p.plot(*zip(*points, strict=True), style, marker="o", label=label)
     ax_p.set_ylim(-0.02, 1.02)
-    ax_p.set_xlabel("step")
-    ax_p.set_title("edge probability into the judger")
+    ax_p.set_xlabel("training step")
+    ax_p.set_title("validation: edge probability into the judger")
     if ax_p.lines:
-        ax_p.legend(fontsize=8)
+        ax_p.legend(fontsize=7)
+    for ax in (ax_a, ax_p):
+        integer_steps(ax)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 

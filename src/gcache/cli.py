@@ -135,6 +135,32 @@ def check_run_directory(argv: list[str]) -> None:
             sys.exit(EXIT_BAD_INPUT)
 
 
+# Keys that had another name in one command: one name per concept across train, evaluate and study.
+# The old name keeps working, with a message naming the new one, until the next release.
+RENAMED = {
+    "train": {"compare": "methods", "mode.compare": "mode.methods"},
+    "study": {"compare": "methods", "study.methods": "methods", "study.limit": "limit_test",
+              "study.baseline_topology": "baseline_topology", "mode.compare": "mode.methods"},
+    "evaluate": {"limit": "limit_test", "batch_size": "eval_batch_size", "mode.compare": "mode.methods"},
+}
+
+
+def renamed_overrides(argv: list[str], command: str) -> list[str]:
+    """`argv` with each old key name of `command` (`RENAMED`) replaced by its new one, saying so on stderr."""
+    out = []
+    for arg in argv:
+        if "=" in arg and not arg.startswith("-"):
+            key, value = arg.split("=", 1)
+            prefix = key[: len(key) - len(key.lstrip("+~"))]
+            new = RENAMED[command].get(key[len(prefix):])
+            if new:
+                print(f"warning: {key[len(prefix):]}= is now {new}= in gcache.{command} (the old name goes in the "
+                      "next release)", file=sys.stderr)
+                arg = f"{prefix}{new}={value}"
+        out.append(arg)
+    return out
+
+
 def check_command_line(argv: list[str]) -> None:
     """Exit 2 before Hydra runs when an override would put a secret into the config or names a
     key that moved into a config group."""

@@ -69,7 +69,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gcache.build import RUN_GROUPS, build_module, build_task, is_wandb, start_wandb_run, validate
 from gcache.checkpoints import load_checkpoint, load_trained
-from gcache.cli import CONF_DIR, ConfigError, check_command_line, config_errors, run_job
+from gcache.cli import (
+    CONF_DIR,
+    ConfigError,
+    check_command_line,
+    config_errors,
+    renamed_overrides,
+    run_job,
+)
 from gcache.policy.sampling import deterministic_dag
 from gcache.policy.topology import (
     TOPOLOGIES,
@@ -360,14 +367,15 @@ def evaluate(cfg: DictConfig, *, module=None, overrides: list[str] | None = None
     if cfg.ckpt_path is None and (wants := [m for m in methods if m in TRAINED_METHODS]):
         raise ValueError(f"methods {wants} evaluate a trained policy: give ckpt_path=… (an untrained fixed "
                          f"graph is `fixed-{cfg.topology.name}`)")
-    if "mismatched" in methods and cfg.batch_size < 2:
-        raise ValueError("the mismatched control needs batch_size >= 2 (it swaps caches between questions)")
+    if "mismatched" in methods and cfg.eval_batch_size < 2:
+        raise ValueError("the mismatched control needs eval_batch_size >= 2 (it swaps caches between questions)")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = module.task if module is not None else build_task(cfg)
     examples = task.splits()[cfg.split]
-    if cfg.limit:
-        examples = examples[: cfg.limit]
+    limit = cfg.get(f"limit_{cfg.split}")  # limit_test (limit_val with split=val), as in gcache.train
+    if limit:
+        examples = examples[:limit]
     if module is None:
         module = build_module(cfg, task=task)
     ckpt_path = load_trained(cfg.ckpt_path, module) if cfg.ckpt_path else None
@@ -380,8 +388,8 @@ def evaluate(cfg: DictConfig, *, module=None, overrides: list[str] | None = None
     with tqdm(total=len(todo), desc="evaluate", disable=not todo) as bar:
         for method in methods:
             pending = [ex for m, ex in todo if m == method]
-            for start in range(0, len(pending), cfg.batch_size):
-                batch = pending[start : start + cfg.batch_size]
+            for start in range(0, len(pending), cfg.eval_batch_size):
+                batch = pending[start : start + cfg.eval_batch_size]
                 if method == "mismatched" and len(batch) < 2:
                     batch = [*batch, *[ex for ex in examples if ex.id != batch[0].id][:1]]
                 records = [r for r in evaluator.run(method, batch) if (r["id"], method) not in done]
@@ -403,24 +411,34 @@ def compare_on_test(module, methods: list[str], examples: list, out: Path, *, ba
                     ckpt_path: str | None = None) -> dict | None:
     """A training run's trained policy (its test predictions, `module.test_records`) next to baseline
     `methods` on the same test questions, with paired exact McNemar tests (and under an API mode
-    API tokens, USD per question and per correct answer); the baselines' records are written to
-    `out/comparison.jsonl`. `oracle` is left out for tasks without oracle graphs. `ckpt_path`: the
-    checkpoint whose weights the module holds (default `out/checkpoints/last.ckpt`)."""
+    API tokens, USD per question and per correct answer). `out/comparison.jsonl` gets every method's
+    records, the trained policy's first (method "gcache": its test predictions, with the `config` a
+    `gcache` evaluation of the checkpoint records), each with the question (docs/outputs.md). `oracle`
+    is left out for tasks without oracle graphs. `ckpt_path`: the checkpoint whose weights the module
+    holds (default `out/checkpoints/last.ckpt`). A log line per method about every tenth of the questions."""
+    from gcache.callbacks import progress_due
+
     methods = [m for m in methods if m not in ORACLE_METHODS or all(ex.oracle_edges for ex in examples)]
     if not methods:
         return None
     evaluator = Evaluator(module, ckpt_path=ckpt_path or str(out / "checkpoints" / "last.ckpt"))
     trained = {r["id"]: r for r in module.test_records}
-    rows_of = {"gcache": [trained[ex.id] for ex in examples]}
-    records = []
+    config = evaluator.describe("gcache")  # what a training run's test_predictions.jsonl records already hold
+    rows_of = {"gcache": [{**trained[ex.id], "config": trained[ex.id].get("config", config)} for ex in examples]}
+    records = list(rows_of["gcache"])
+    questions = {ex.id: ex.question for ex in examples}
     was_training = module.training
     module.eval()
+    log.info("comparison: %s on the %d test questions", ", ".join(methods), len(examples))
     try:
         with module.api_part("compare"):
             for method in methods:
                 rows = []
                 for start in range(0, len(examples), batch_size):
-                    rows += evaluator.run(method, examples[start : start + batch_size])
+                    rows += [{"id": r["id"], "method": r["method"], "question": questions[r["id"]], **r}
+                             for r in evaluator.run(method, examples[start : start + batch_size])]
+                    if progress_due(len(rows), min(batch_size, len(examples) - start), len(examples)):
+                        log.info("comparison: %s %d/%d questions", method, len(rows), len(examples))
                 records += rows
                 rows_of[method] = rows
     finally:
@@ -480,5 +498,6 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
+    sys.argv[1:] = renamed_overrides(sys.argv[1:], "evaluate")
     check_command_line(sys.argv[1:])
     main()

@@ -284,7 +284,10 @@ class GCacheModule(L.LightningModule):
                 log.warning("step %d skipped: another rank had a non-finite reward or loss", self.global_step)
             return sum(p.sum() for p in self.parameters()) * 0.0  # zero gradients; optimizer_step drops them
         metrics = self.step_metrics(trajectory, losses, start)
-        self.log_dict(metrics, batch_size=len(batch), prog_bar=False)
+        # One step count everywhere (loggers, history.jsonl, completions/, topology/, checkpoints): the
+        # training steps completed, so this step's metrics are at global_step + 1 (Lightning's default
+        # for loggers is the index of the step, one less). A logged `step` sets the loggers' step.
+        self.log_dict({**metrics, "step": float(self.global_step + 1)}, batch_size=len(batch), prog_bar=False)
         self.log("reward", metrics["train/reward"], prog_bar=True, batch_size=len(batch), logger=False)
         return losses.total
 
@@ -430,11 +433,18 @@ class GCacheModule(L.LightningModule):
         start = time.perf_counter()
         with self.api_part(stage):
             answers, rewards, rows = self.evaluate_batch(batch)
-        if stage == "test":  # per-question predictions, written by the training run
+        if stage == "test":  # per-question predictions (test_predictions.jsonl): the records of comparison.jsonl
             api = self.generator_mode.item_usage() if self.generator_mode else [{}] * len(batch)
+            seconds = (time.perf_counter() - start) / max(len(batch), 1)
             self.test_records += [
-                {"id": ex.id, "answer": answer, "reward": reward, "judger_senders": rollout.judger_senders,
-                 "edges": int(rollout.adjacency.sum()), "agents_run": rollout.agents_run, **usage}
+                {"id": ex.id, "method": "gcache", "question": ex.question, "reward": reward, "answer": answer,
+                 "extracted": None if answer is None else self.task.extract_answer(answer),
+                 "reference": ex.answer[:200], "oracle_edges": ex.oracle_edges or None,
+                 "decoded_tokens": rollout.decoded_tokens, "prompt_tokens": rollout.prompt_tokens,
+                 "seconds": seconds, "peak_cache_bytes": rollout.peak_cache_bytes,
+                 "edges": int(rollout.adjacency.sum()), "judger_senders": list(rollout.judger_senders),
+                 "agents_run": rollout.agents_run, "handed_positions": rollout.handed_positions,
+                 "handed_bytes": rollout.handed_bytes, **usage}
                 for ex, answer, reward, rollout, usage in zip(batch, answers, rewards, rows.rollouts, api, strict=True)
             ]
         scored = [r for r in rewards if r is not None]
@@ -449,6 +459,8 @@ class GCacheModule(L.LightningModule):
             self.val_records += self.completion_records(batch, answers, rewards, rows)
             metrics.update(self.edge_probability_metrics(batch))
         # Under DDP each rank evaluates its shard; the epoch value is the mean over ranks.
+        # at the steps completed before it (0: the untrained policy), as history.jsonl and completions/ say
+        metrics["step"] = torch.tensor(float(self.global_step))
         self.log_dict(metrics, batch_size=len(batch), on_epoch=True, on_step=False, sync_dist=True)
 
     @torch.no_grad()

@@ -164,29 +164,50 @@ def report_markdown(report: dict, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def report_figure(report: dict, path: Path) -> None:
+def run_name(directory: str | Path) -> str:
+    """A run's name for picture titles: its output directory's name, with its parents' for the
+    numbered, per-seed or evaluation directories of a sweep or study (`0`, `seed1`, `seed1/eval`)."""
+    path = Path(directory).resolve()
+    parts = [path.name]
+    while (parts[0].isdigit() or parts[0] == "eval" or (parts[0].startswith("seed") and parts[0][4:].isdigit())) \
+            and path.parent != path and len(parts) < 3:
+        path = path.parent
+        parts.insert(0, path.name)
+    return "/".join(parts)
+
+
+def report_figure(report: dict, path: Path, title: str = ""):
+    """report.png: accuracy (0-1, 95% Wilson interval, the value on each bar, a bar at 0 drawn as a
+    line), seconds and decoded tokens per question by method; titled with `title` (task, questions,
+    model) and the run (the output directory). Returns the (closed) figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from gcache.stats import accuracy_bars
+
     names = list(report["methods"])
     stats = report["methods"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.4))
     acc = [stats[m]["accuracy"] for m in names]
     pairs = list(zip(names, acc, strict=True))
     err = [[a - stats[m]["ci95"][0] for m, a in pairs], [stats[m]["ci95"][1] - a for m, a in pairs]]
-    axes[0].bar(names, acc, yerr=err, capsize=4, color="#4c72b0")
+    accuracy_bars(axes[0], names, acc, err, ["#4c72b0"] * len(names))
     axes[0].set_title("accuracy (95% CI)")
     axes[1].bar(names, [stats[m]["seconds_per_question"] for m in names], color="#dd8452")
     axes[1].set_title("seconds per question")
     axes[2].bar(names, [stats[m]["decoded_tokens_per_question"] for m in names], color="#55a868")
     axes[2].set_title("decoded tokens per question")
-    for ax in axes:
+    for ax in axes[1:]:
         ax.tick_params(axis="x", rotation=30)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+    fig.suptitle(" · ".join(part for part in (title, f"run {run_name(Path(path).parent)}") if part), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+    return fig
 
 
 def write_report(out: Path, title: str = "", settings: dict | None = None) -> dict:
@@ -201,5 +222,5 @@ def write_report(out: Path, title: str = "", settings: dict | None = None) -> di
         tmp.write_text(text)
         tmp.replace(out / name)
     if report["methods"]:
-        report_figure(report, out / "report.png")
+        report_figure(report, out / "report.png", title=title)
     return report

@@ -5,7 +5,8 @@ pooled comparisons take questions, not (seed, question) pairs, as the independen
 Pure functions over the records `gcache.evaluate` writes to results.jsonl (one dict per
 (question, method): "id", "method", "reward" 0/1 or None, "decoded_tokens", "prompt_tokens",
 "seconds", ...) and over training histories (one dict per logging point: "step",
-"val/accuracy", "p_oracle", "p_distractor", "reward", any of them possibly missing).
+"val/accuracy", "val/p_oracle", "val/p_distractor", "reward", any of them possibly missing; files
+written before issue 30 say "p_oracle" and "p_distractor": `history_rows`).
 No torch, no model: `gcache.study` feeds these functions and writes what they return.
 
     summary = aggregate({0: records_seed0, 1: records_seed1, 2: records_seed2})
@@ -647,6 +648,20 @@ def _fmt_bytes(value) -> str:
     return f"{value:.0f} B"
 
 
+# history.jsonl before issue 30 named the edge probabilities without their split; readers accept both.
+HISTORY_RENAMED = {"p_oracle": "val/p_oracle", "p_distractor": "val/p_distractor"}
+
+
+def history_rows(history: Sequence[dict]) -> list[dict]:
+    """history.jsonl rows under summary.json's metric names (`val/p_oracle`, `val/p_distractor`),
+    whichever names they were written with (the current name wins where a row has both)."""
+    rows = []
+    for row in history:
+        renamed = {HISTORY_RENAMED.get(k, k): v for k, v in row.items() if k in HISTORY_RENAMED}
+        rows.append({**renamed, **{k: v for k, v in row.items() if k not in HISTORY_RENAMED}})
+    return rows
+
+
 def _series(history: Sequence[dict], key: str) -> tuple[list[float], list[float]]:
     """(steps, values) of the points of `history` that carry a finite `key`."""
     points = [
@@ -657,13 +672,54 @@ def _series(history: Sequence[dict], key: str) -> tuple[list[float], list[float]
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def text_colour(rgba: Sequence[float]) -> str:
+    """"black" or "white": the text colour of higher contrast on a background of colour `rgba`
+    (WCAG relative luminance; black from a luminance of about 0.18 up)."""
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(float(c)) for c in rgba[:3])
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return "black" if (luminance + 0.05) / 0.05 >= 1.05 / (luminance + 0.05) else "white"
+
+
+def integer_steps(ax) -> None:
+    """Whole training steps on the x axis (no 0.25-step ticks)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def accuracy_bars(ax, names: Sequence[str], accuracy: Sequence[float], err=None, colours=None) -> None:
+    """Bars of accuracies on a 0-1 axis, each with its value written on it; a bar at 0 (no height)
+    is drawn as a thick line at the base so that it is seen, not taken for a missing method."""
+    colours = list(colours) if colours is not None else ["#4c72b0"] * len(names)
+    x = list(range(len(names)))
+    ax.bar(x, accuracy, yerr=err, capsize=4, color=colours, error_kw={"ecolor": "0.3"})
+    for i, (value, colour) in enumerate(zip(accuracy, colours, strict=True)):
+        if value <= 0:
+            ax.plot([i - 0.4, i + 0.4], [0, 0], color=colour, lw=4, solid_capstyle="butt", clip_on=False,
+                    zorder=4, gid="zero-bar")
+        # beside the error bar's line (x = i), on the bar's top: above it, or inside when there is no room
+        if value < 0.93:
+            ax.text(i + 0.06, value + 0.015, f"{value:.2f}", ha="left", va="bottom", fontsize=8, color="black")
+        else:  # in the colour that reads on the bar
+            import matplotlib.colors as mcolors
+
+            ax.text(i + 0.06, value - 0.015, f"{value:.2f}", ha="left", va="top", fontsize=8,
+                    color=text_colour(mcolors.to_rgba(colour)))
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+
+
 def study_figures(
-    summary: dict, histories_by_seed: Mapping[int, Sequence[dict]], out_dir: Path
+    summary: dict, histories_by_seed: Mapping[int, Sequence[dict]], out_dir: Path, title: str = ""
 ) -> list[Path]:
     """Write curves.png (validation accuracy over steps per seed), edges.png (probability of
     oracle edges, solid, and distractor edges, dashed, per seed) and comparison.png (accuracy per
-    method with 95% intervals); a picture whose data are absent is skipped. Returns the files
-    written."""
+    method with 95% intervals); a picture whose data are absent is skipped. Each picture's title
+    holds `title` (the study's task and model) and the study's directory. Histories may use the
+    names of history.jsonl before issue 30 (`p_oracle`, `history_rows`). Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -673,9 +729,12 @@ def study_figures(
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    histories_by_seed = {s: history_rows(h) for s, h in histories_by_seed.items()}
+    heading = " · ".join(part for part in (title, f"study {out_dir.resolve().name}") if part)
 
-    def save(fig, name: str) -> None:
+    def save(fig, name: str, what: str) -> None:
         path = out_dir / name
+        fig.suptitle(f"{heading}\n{what}", fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -683,36 +742,38 @@ def study_figures(
 
     curves = {s: _series(h, "val/accuracy") for s, h in histories_by_seed.items()}
     if any(steps for steps, _ in curves.values()):
-        fig, ax = plt.subplots(figsize=(6, 3.8))
+        fig, ax = plt.subplots(figsize=(6, 4.2))
         for i, (s, (steps, values)) in enumerate(curves.items()):
             if steps:
                 ax.plot(steps, values, marker="o", ms=3, color=colours[i % len(colours)], label=f"seed {s}")
-        ax.set_xlabel("step")
+        ax.set_xlabel("training step")
         ax.set_ylabel("validation accuracy")
         ax.set_ylim(-0.02, 1.02)
+        integer_steps(ax)
         ax.legend()
-        save(fig, "curves.png")
+        save(fig, "curves.png", "validation accuracy per seed (deterministic graph, greedy decoding)")
 
     edges = {
-        s: (_series(h, "p_oracle"), _series(h, "p_distractor")) for s, h in histories_by_seed.items()
+        s: (_series(h, "val/p_oracle"), _series(h, "val/p_distractor")) for s, h in histories_by_seed.items()
     }
     if any(o[0] or d[0] for o, d in edges.values()):
-        fig, ax = plt.subplots(figsize=(6, 3.8))
+        fig, ax = plt.subplots(figsize=(6, 4.2))
         for i, (s, (oracle, distractor)) in enumerate(edges.items()):
             colour = colours[i % len(colours)]
             if oracle[0]:
                 ax.plot(*oracle, color=colour, linestyle="-", label=f"seed {s} oracle")
             if distractor[0]:
                 ax.plot(*distractor, color=colour, linestyle="--", label=f"seed {s} distractor")
-        ax.set_xlabel("step")
+        ax.set_xlabel("training step")
         ax.set_ylabel("edge probability")
         ax.set_ylim(-0.02, 1.02)
+        integer_steps(ax)
         ax.legend(fontsize="small")
-        save(fig, "edges.png")
+        save(fig, "edges.png", "validation: p(oracle edges), solid; p(distractor edges into the judger), dashed")
 
     rows = [(n, m) for n, m in summary.get("methods", {}).items() if m.get("accuracy") is not None]
     if rows:
-        fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows) + 1.5), 3.8))
+        fig, ax = plt.subplots(figsize=(max(4, 1.1 * len(rows) + 1.5), 4.2))
         names = [n for n, _ in rows]
         acc = [m["accuracy"] for _, m in rows]
         err = [
@@ -720,14 +781,11 @@ def study_figures(
             [m["ci95"][1] - m["accuracy"] if m.get("ci95") else 0.0 for _, m in rows],
         ]
         reference = summary.get("reference")
-        bar_colours = ["#c44e52" if n == reference else "#4c72b0" for n in names]
-        ax.bar(names, acc, yerr=err, capsize=4, color=bar_colours)
+        accuracy_bars(ax, names, acc, err, ["#c44e52" if n == reference else "#4c72b0" for n in names])
         # Each seed's accuracy as a dot on its method's bar: how much seeds disagree.
         for x, (_, m) in enumerate(rows):
             ys = [p["accuracy"] for p in m.get("per_seed", []) if p.get("accuracy") is not None]
-            ax.scatter([x] * len(ys), ys, color="black", s=10, zorder=3)
+            ax.scatter([x] * len(ys), ys, color="black", s=10, zorder=5, clip_on=False)
         ax.set_ylabel("accuracy (95% CI, seeds + questions)")
-        ax.set_ylim(0, 1.05)
-        ax.tick_params(axis="x", rotation=30)
-        save(fig, "comparison.png")
+        save(fig, "comparison.png", "test accuracy per method; dots: each seed")
     return written

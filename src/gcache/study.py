@@ -3,10 +3,10 @@ same held-out questions, and aggregate with intervals and paired tests.
 
     python -m gcache.study                                 # lookup, seeds 0,1,2 (gcache/conf/study.yaml)
     python -m gcache.study task=arith seed=0,1,2,3,4       # another task, five seeds
-    python -m gcache.study task=gsm8k study.limit=20 limit_train=16 topology=full
+    python -m gcache.study task=gsm8k limit_test=20 limit_train=16 topology=full
 
 A Hydra multirun over `seed`: each job (one seed, in `<sweep dir>/seed<N>/`) trains like
-`gcache.train` and then evaluates `study.methods` on the test split with the trained
+`gcache.train` and then evaluates `methods` on the test split with the trained
 checkpoint (`gcache.evaluate`, so `eval/results.jsonl` holds one record per question and
 method). When the sweep ends, `Aggregate` reads every seed's records and `history.jsonl`
 and writes `study.json`, `study.md` and pictures (`curves.png`, `edges.png`,
@@ -34,21 +34,31 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gcache.build import is_wandb, start_wandb_run
-from gcache.cli import CONF_DIR, ConfigError, check_command_line, config_errors, holds_run, run_job
+from gcache.cli import (
+    CONF_DIR,
+    ConfigError,
+    check_command_line,
+    config_errors,
+    holds_run,
+    renamed_overrides,
+    run_job,
+)
 
 log = logging.getLogger(__name__)
 
 
 def run_seed(cfg: DictConfig) -> dict[str, Any]:
     """Train (unless this seed's run finished) and evaluate one seed in `cfg.output_dir`."""
-    from gcache.build import build_task
+    from gcache.build import build_task, validate
     from gcache.evaluate import evaluate
     from gcache.train import run
 
+    with config_errors():
+        validate(cfg)  # the methods too, before this seed trains
     out = Path(cfg.output_dir)
     summary_path = out / "summary.json"
     # The mode's baselines (api_single under an API mode) are evaluated here, not by the training run.
-    methods = list(dict.fromkeys([*cfg.study.methods, *(cfg.mode.get("compare") or [])]))
+    methods = list(dict.fromkeys([*cfg.methods, *(cfg.mode.get("methods") or [])]))
     if summary_path.exists():
         log.info("seed %s: trained already (%s)", cfg.seed, summary_path)
         summary = json.loads(summary_path.read_text())
@@ -56,7 +66,7 @@ def run_seed(cfg: DictConfig) -> dict[str, Any]:
         train_cfg = copy.deepcopy(cfg)
         with open_dict(train_cfg):
             train_cfg.resume = holds_run(out)  # an interrupted seed continues (from its last checkpoint, if any)
-            train_cfg.mode.compare = []
+            train_cfg.methods, train_cfg.mode.methods = [], []  # the evaluation below runs them
         summary = run(train_cfg)
     if "oracle" in methods and not build_task(cfg).load_examples()[0].oracle_edges:
         log.info("task %s has no oracle graph: method 'oracle' left out", cfg.task.name)
@@ -65,11 +75,8 @@ def run_seed(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(eval_cfg):
         eval_cfg.methods = methods
         eval_cfg.split = "test"
-        eval_cfg.limit = cfg.study.limit or cfg.limit_test
-        eval_cfg.batch_size = cfg.eval_batch_size
         # The weights the seed's training run tested (select_checkpoint: last, or the best validation's).
         eval_cfg.ckpt_path = summary.get("checkpoint") or str(out / "checkpoints" / "last.ckpt")
-        eval_cfg.baseline_topology = cfg.study.baseline_topology
         eval_cfg.output_dir = str(out / "eval")
     report = evaluate(eval_cfg)
     return {"summary": summary, "report": report}
@@ -83,6 +90,7 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
     from gcache.stats import (
         aggregate,
         first_step,
+        history_rows,
         routing_by_step,
         study_figures,
         study_markdown,
@@ -97,7 +105,9 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
         seed = int(seed_dir.name.removeprefix("seed"))
         records[seed] = read_results(results)
         history = seed_dir / "history.jsonl"
-        histories[seed] = [json.loads(x) for x in history.read_text().splitlines() if x] if history.exists() else []
+        # under summary.json's names (val/p_oracle, ...), from history files of any version
+        histories[seed] = history_rows([json.loads(x) for x in history.read_text().splitlines() if x]
+                                       if history.exists() else [])
     if not records:
         raise FileNotFoundError(f"no seed*/eval/results.jsonl under {directory}")
     summary = aggregate(records, reference=reference)
@@ -110,12 +120,12 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
                                                                       "test_accuracy")}
         else:
             summary["training"][seed] = {}
-        edges = [h for h in histories[seed] if h.get("p_oracle") is not None]
+        edges = [h for h in histories[seed] if h.get("val/p_oracle") is not None]
         if edges:  # how fast the graph policy found the oracle graph (tasks that have one)
             summary["training"][seed].update({
-                "first_step_p_oracle_above_0.9": first_step(edges, "p_oracle", above=0.9),
-                "first_step_p_distractor_below_0.1": first_step(edges, "p_distractor", below=0.1),
-                "last_p_oracle": edges[-1]["p_oracle"], "last_p_distractor": edges[-1].get("p_distractor"),
+                "first_step_p_oracle_above_0.9": first_step(edges, "val/p_oracle", above=0.9),
+                "first_step_p_distractor_below_0.1": first_step(edges, "val/p_distractor", below=0.1),
+                "last_p_oracle": edges[-1]["val/p_oracle"], "last_p_distractor": edges[-1].get("val/p_distractor"),
             })
     # What the judger read on the validation questions at each validation of every seed.
     completions = [json.loads(line) for seed in records
@@ -128,7 +138,7 @@ def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: 
     (directory / "study.json.tmp").replace(directory / "study.json")
     text = study_markdown(summary, title or f"study: {directory}")
     (directory / "study.md").write_text(text)
-    study_figures(summary, histories, directory)
+    study_figures(summary, histories, directory, title=title)
     log.info("study of %d seed(s): %s (on stdout)", len(records), directory / "study.md")
     print(text, flush=True)  # results on stdout, logs on stderr
     return summary
@@ -171,9 +181,9 @@ def _seeds(directory: Path) -> list[int]:
 
 def _study_command(cfg: DictConfig) -> dict[str, Any]:
     with config_errors():
-        if cfg.study.reference not in cfg.study.methods:
-            raise ConfigError(f"study.reference={cfg.study.reference!r} is not among study.methods "
-                              f"{list(cfg.study.methods)}")
+        if cfg.study.reference not in cfg.methods:
+            raise ConfigError(f"study.reference={cfg.study.reference!r} is not among methods "
+                              f"{list(cfg.methods)}")
     return run_seed(cfg)
 
 
@@ -185,5 +195,6 @@ def main(cfg: DictConfig) -> None:
 if __name__ == "__main__":
     import sys
 
+    sys.argv[1:] = renamed_overrides(sys.argv[1:], "study")
     check_command_line(sys.argv[1:])
     main()

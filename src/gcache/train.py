@@ -8,9 +8,9 @@
 Each run writes into its output directory: the composed config (`.hydra/`), checkpoints
 (`checkpoints/last.ckpt` and every `ckpt_every_n_steps` steps), topology pictures,
 logs (W&B offline by default, or CSV), `test_predictions.jsonl`, `comparison.jsonl` (the
-trained policy next to `compare` baselines on the test questions) and `summary.json`.
+trained policy next to the `methods` baselines on the test questions) and `summary.json`.
 
-Under `mode=hybrid` / `api_hint` the comparison also holds `mode.compare` (default
+Under `mode=hybrid` / `api_hint` the comparison also holds `mode.methods` (default
 `[api_single]`: the API model alone on the same questions) with API tokens and USD per question
 and per correct answer, and `summary.json` / the W&B summary hold the run's API totals (`api`:
 requests, tokens, cost, retries, failed items for train, val, test, compare and in total).
@@ -66,10 +66,11 @@ from gcache.cli import (
     check_run_directory,
     config_errors,
     is_nonzero_rank,
+    renamed_overrides,
     run_directory_error,
     run_job,
 )
-from gcache.evaluate import compare_on_test, comparison_table
+from gcache.evaluate import Evaluator, compare_on_test, comparison_table
 from gcache.report import API_COLUMNS, accuracy_counts
 from gcache.secrets import redacted_config
 
@@ -77,7 +78,7 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train, then evaluate on the test split next to `cfg.compare`; returns (and writes) the summary."""
+    """Train, then evaluate on the test split next to `cfg.methods`; returns (and writes) the summary."""
     start = time.perf_counter()
     out = Path(cfg.output_dir)
     if cfg.resume and (out / "summary.json").is_file():  # a finished run: nothing is redone or rewritten
@@ -151,7 +152,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tuple[dict, dict, dict | None, str]:
-    """Validation metrics after training, test metrics, the comparison with `cfg.compare`, and the
+    """Validation metrics after training, test metrics, the comparison with `cfg.methods`, and the
     checkpoint whose weights the test ran (`select_checkpoint`: last.ckpt, or the best validation's)."""
     if cfg.get("validate_at_start") and ckpt_path is None:  # step 0 of the learning curve
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -176,12 +177,17 @@ def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tup
     # The best checkpoint's weights replace the module's (the comparison's controls then use them too).
     results = trainer.test(module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None,
                            weights_only=True)
-    test = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    test = {k: float(v) for k, v in (results[0] if results else {}).items() if k != "step"}  # (the loggers' step)
     module.test_records = gather_records(module.test_records, datamodule.split("test"))
     test["test/counts"] = accuracy_counts([r["reward"] for r in module.test_records])
     test["test/accuracy"] = test["test/counts"]["accuracy"]  # exact, not a float32 mean of batch means
     comparison = None
     if trainer.is_global_zero:  # every rank's test records, gathered above
+        # With what ran (graph, fuser, checkpoint: `Evaluator.describe`), as every record of comparison.jsonl
+        # and of an evaluation's results.jsonl (one schema: docs/outputs.md).
+        config = Evaluator(module, ckpt_path=tested).describe("gcache")
+        module.test_records = [{**r, "config": config} for r in module.test_records]
+        log.info("test: %d predictions in %s", len(module.test_records), out / "test_predictions.jsonl")
         (out / "test_predictions.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in module.test_records))
         (out / "test_predictions.jsonl.tmp").replace(out / "test_predictions.jsonl")
         comparison = compare_on_test(module, compare_methods(cfg), datamodule.split("test"), out,
@@ -192,8 +198,9 @@ def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tup
 
 
 def compare_methods(cfg: DictConfig) -> list[str]:
-    """`compare`, then the mode's own baselines (`mode.compare`: `api_single` for the API modes)."""
-    return list(dict.fromkeys([*(cfg.get("compare") or []), *(cfg.mode.get("compare") or [])]))
+    """`methods`, then the mode's own baselines (`mode.methods`: `api_single` for the API modes); the
+    trained policy (`gcache`) is always compared."""
+    return [m for m in dict.fromkeys([*(cfg.get("methods") or []), *(cfg.mode.get("methods") or [])]) if m != "gcache"]
 
 
 API_PARTS = ("train", "val", "test", "compare")
@@ -308,6 +315,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = renamed_overrides(sys.argv[1:], "train")
     check_command_line(sys.argv[1:])  # before Hydra writes overrides to .hydra/
     check_run_directory(sys.argv[1:])  # ... and before it writes into a run directory that holds a run
     main()
