@@ -28,7 +28,7 @@ TINY = ["model=tiny-random", "logger=csv", "task=lookup", "limit_train=4", "limi
         "batch_size=2", "eval_batch_size=2", "policy.graphs_per_question=2", "rollout.latent_steps=2",
         "rollout.max_new_tokens=4", "rollout.cuda_graphs=static"]
 # Every predictions record (test_predictions.jsonl, comparison.jsonl) holds at least these.
-PREDICTION_KEYS = {"id", "method", "question", "reference", "answer", "extracted", "reward", "judger_senders",
+PREDICTION_KEYS = {"id", "method", "question", "reference", "answer", "extracted", "reward", "graph", "judger_senders",
                    "edges", "config"}
 
 
@@ -151,13 +151,13 @@ def test_test_predictions_and_comparison_share_one_schema_with_the_policys_rows(
         assert set(row) == schema, row["method"]
         assert row["question"].startswith("What is") and row["reference"]
     assert predictions[0]["config"]["graph"] == "learned" and predictions[0]["config"]["checkpoint"] == summary["checkpoint"]
-    # the evaluation's records of the same checkpoint: the same fields, less the question
+    # the evaluation's records of the same checkpoint: the same fields
     results = read_results(out / "eval" / "results.jsonl")
-    assert set(results[0]) == schema - {"question"}
+    assert set(results[0]) == schema
     mine = {r["id"]: r for r in results if r["method"] == "gcache"}
+    same = ("question", "answer", "extracted", "reward", "graph", "judger_senders", "edges")
     for row in predictions:
-        assert {k: mine[row["id"]][k] for k in ("answer", "extracted", "reward", "judger_senders", "edges")} == {
-            k: row[k] for k in ("answer", "extracted", "reward", "judger_senders", "edges")}
+        assert {k: mine[row["id"]][k] for k in same} == {k: row[k] for k in same}
 
 
 def test_the_comparison_in_summary_json_is_computed_from_comparison_jsonl(smoke):

@@ -117,6 +117,7 @@ def _record(example, method: str, answer: str, detail: dict, config: dict, **cos
     return {
         "id": example.id,
         "method": method,
+        "question": example.question,
         "reward": detail["reward"],
         "answer": answer,
         "extracted": detail.get("extracted"),
@@ -246,7 +247,8 @@ class Evaluator:
         return [
             _record(ex, method, answer, detail, config, decoded_tokens=rollout.decoded_tokens,
                     prompt_tokens=rollout.prompt_tokens, seconds=seconds,
-                    peak_cache_bytes=rollout.peak_cache_bytes, edges=int(rollout.adjacency.sum()),
+                    peak_cache_bytes=rollout.peak_cache_bytes, graph=self.module.graph_text(rollout.adjacency),
+                    edges=int(rollout.adjacency.sum()),
                     judger_senders=rollout.judger_senders, agents_run=rollout.agents_run,
                     handed_positions=rollout.handed_positions, handed_bytes=rollout.handed_bytes, **usage)
             for ex, rollout, answer, detail, usage in zip(batch, rows.rollouts, answers, details, api, strict=True)
@@ -271,7 +273,7 @@ class Evaluator:
         return [
             _record(ex, method, r["answer"], d, config, decoded_tokens=r["completion_tokens"],
                     prompt_tokens=r["prompt_tokens"], seconds=seconds, peak_cache_bytes=0,
-                    edges=int(adjacency[row].sum()), judger_senders=r["judger_senders"], agents_run=0,
+                    graph=self.module.graph_text(adjacency[row]), edges=int(adjacency[row].sum()), judger_senders=r["judger_senders"], agents_run=0,
                     api_prompt_tokens=r["prompt_tokens"], api_completion_tokens=r["completion_tokens"],
                     api_cost_usd=client.cost_usd(r["prompt_tokens"], r["completion_tokens"])
                     if client.priced else None)
@@ -426,7 +428,6 @@ def compare_on_test(module, methods: list[str], examples: list, out: Path, *, ba
     config = evaluator.describe("gcache")  # what a training run's test_predictions.jsonl records already hold
     rows_of = {"gcache": [{**trained[ex.id], "config": trained[ex.id].get("config", config)} for ex in examples]}
     records = list(rows_of["gcache"])
-    questions = {ex.id: ex.question for ex in examples}
     was_training = module.training
     module.eval()
     log.info("comparison: %s on the %d test questions", ", ".join(methods), len(examples))
@@ -435,8 +436,7 @@ def compare_on_test(module, methods: list[str], examples: list, out: Path, *, ba
             for method in methods:
                 rows = []
                 for start in range(0, len(examples), batch_size):
-                    rows += [{"id": r["id"], "method": r["method"], "question": questions[r["id"]], **r}
-                             for r in evaluator.run(method, examples[start : start + batch_size])]
+                    rows += evaluator.run(method, examples[start : start + batch_size])  # question included
                     if progress_due(len(rows), min(batch_size, len(examples) - start), len(examples)):
                         log.info("comparison: %s %d/%d questions", method, len(rows), len(examples))
                 records += rows

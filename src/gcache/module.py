@@ -442,7 +442,8 @@ class GCacheModule(L.LightningModule):
                  "reference": ex.answer[:200], "oracle_edges": ex.oracle_edges or None,
                  "decoded_tokens": rollout.decoded_tokens, "prompt_tokens": rollout.prompt_tokens,
                  "seconds": seconds, "peak_cache_bytes": rollout.peak_cache_bytes,
-                 "edges": int(rollout.adjacency.sum()), "judger_senders": list(rollout.judger_senders),
+                 "graph": self.graph_text(rollout.adjacency), "edges": int(rollout.adjacency.sum()),
+                 "judger_senders": list(rollout.judger_senders),
                  "agents_run": rollout.agents_run, "handed_positions": rollout.handed_positions,
                  "handed_bytes": rollout.handed_bytes, **usage}
                 for ex, answer, reward, rollout, usage in zip(batch, answers, rewards, rows.rollouts, api, strict=True)
@@ -487,18 +488,21 @@ class GCacheModule(L.LightningModule):
         """Node names: the agents, then the judger (node N)."""
         return [role.name for role in self.roster.roles] + [self.roster.judger.name]
 
+    def graph_text(self, adjacency: torch.Tensor) -> str:
+        """The graph that ran, (N+1, N+1) bool, as its edges by name ("(the judger alone)" without any)."""
+        names = self.edge_names()
+        return ", ".join(f"{names[i]} -> {names[j]}" for i, j in adjacency.nonzero().tolist()) or "(the judger alone)"
+
     def completion_records(self, batch: list[Example], answers: list[str | None], rewards: list[float | None],
                            rows) -> list[dict]:
         """One row per question for the completions table (TRL's `log_completions`): the graph that ran
         (agent -> agent and agent -> judger edges), the final answer (the judger's; the API model's in
         hybrid / api_hint mode), the answer extracted from it, the reference and the reward."""
-        names = self.edge_names()
         records = []
         for ex, answer, reward, rollout in zip(batch, answers, rewards, rows.rollouts, strict=True):
-            edges = [f"{names[i]} -> {names[j]}" for i, j in rollout.adjacency.nonzero().tolist()]
             records.append({
                 "step": self.global_step, "id": ex.id, "question": ex.question,
-                "graph": ", ".join(edges) or "(the judger alone)", "answer": answer,
+                "graph": self.graph_text(rollout.adjacency), "answer": answer,
                 "extracted": None if answer is None else self.task.extract_answer(answer),
                 "reference": ex.answer, "reward": reward,
                 # for the study's routing during training (`gcache.stats.routing_summary`)
