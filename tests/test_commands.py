@@ -139,3 +139,15 @@ def test_a_roster_size_that_the_task_fixes_names_the_tasks_key():
         cfg = compose(config_name="train", overrides=["agents.num_agents=10"])
     with pytest.raises(ValueError, match="the task sets the number of agents: task.num_agents=10"):
         build_roster(cfg, build_task(cfg))
+
+
+def test_evaluate_help_lists_the_groups_evaluate_reads_and_no_other():
+    import yaml
+
+    from gcache.build import CONF_DIR
+
+    defaults = yaml.safe_load((Path(CONF_DIR) / "evaluate.yaml").read_text())["defaults"]
+    groups = [next(iter(d)) for d in defaults if isinstance(d, dict)]
+    result = _gcache("evaluate", "--help", timeout=120)
+    listed = result.stdout.split("== Configuration groups")[1].splitlines()[1].split(", ")
+    assert result.returncode == 0 and listed == groups and "trainer" not in listed
