@@ -161,15 +161,54 @@ def renamed_overrides(argv: list[str], command: str) -> list[str]:
     return out
 
 
-def check_command_line(argv: list[str]) -> None:
-    """Exit 2 before Hydra runs when an override would put a secret into the config or names a
-    key that moved into a config group."""
+def unknown_keys(argv: list[str], config_name: str) -> str | None:
+    """Why an override `key=value` of `argv` names no key of the command's config (None if all do),
+    with the closest key: Hydra's own message ("To append to your config use +key=...") would lead to
+    adding a key gcache does not read. Sweeps and group choices are composed with their first option."""
+    import difflib
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    groups = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
+    plain = [arg for arg in argv if "=" in arg and not arg.startswith(("-", "+", "~"))]
+    chosen = [f"{key}={value.split(',')[0]}" for key, value in (arg.split("=", 1) for arg in plain) if key in groups]
+    keys = [arg.split("=", 1)[0] for arg in plain]
+    keys = [key for key in keys if key not in groups and not key.startswith("hydra.") and key != "hydra"]
+    if not keys:
+        return None
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=chosen)
+    except Exception:  # a bad group option: Hydra's own message lists the options
+        return None
+    for key in keys:
+        if OmegaConf.select(cfg, key, default="<missing>", throw_on_missing=False) == "<missing>":
+            known = [path for path, _ in _dotted(OmegaConf.to_container(cfg, resolve=False))]
+            close = difflib.get_close_matches(key, known, n=1)
+            return f"{key}: no such key" + (f"; did you mean {close[0]}?" if close else "")
+    return None
+
+
+def _dotted(node, prefix: str = ""):
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield f"{prefix}{key}", value
+            yield from _dotted(value, f"{prefix}{key}.")
+
+
+def check_command_line(argv: list[str], config_name: str | None = None) -> None:
+    """Exit 2 before Hydra runs when an override would put a secret into the config, names a
+    key that moved into a config group, or (with the command's `config_name`) names no key."""
     if keys := secret_overrides(argv):
         print(f"error: {', '.join(keys)}: {KEY_SOURCES}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
     if moved := moved_overrides(argv):
         names = ", ".join(f"{old} is now {new}" for old, new in moved)
         print(f"error: {names} (the rollout and policy config groups); use {moved[0][1]}=...", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    if config_name and (why := unknown_keys(argv, config_name)):
+        print(f"error: {why}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
 
 

@@ -499,5 +499,5 @@ if __name__ == "__main__":
     import sys
 
     sys.argv[1:] = renamed_overrides(sys.argv[1:], "evaluate")
-    check_command_line(sys.argv[1:])
+    check_command_line(sys.argv[1:], "evaluate")
     main()

@@ -196,5 +196,5 @@ if __name__ == "__main__":
     import sys
 
     sys.argv[1:] = renamed_overrides(sys.argv[1:], "study")
-    check_command_line(sys.argv[1:])
+    check_command_line(sys.argv[1:], "study")
     main()

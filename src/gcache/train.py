@@ -316,6 +316,6 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     sys.argv[1:] = renamed_overrides(sys.argv[1:], "train")
-    check_command_line(sys.argv[1:])  # before Hydra writes overrides to .hydra/
+    check_command_line(sys.argv[1:], "train")  # before Hydra writes overrides to .hydra/
     check_run_directory(sys.argv[1:])  # ... and before it writes into a run directory that holds a run
     main()
