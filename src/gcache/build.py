@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from gcache.agents import DEFAULT_ROSTER, Roster
 from gcache.agents import build_roster as roster_from_names
 from gcache.callbacks import Completions, History, ProgressLog, StopOnSignal, TopologyPictures
 from gcache.checkpoints import AtomicCheckpointIO
-from gcache.cli import CONF_DIR, ConfigError
+from gcache.cli import CONF_DIR, ConfigError, leaves
 from gcache.datamodule import TaskDataModule
 from gcache.embeddings import TextEmbedder
 from gcache.llm.local import LocalLM, embedded_missing
@@ -46,9 +45,9 @@ __all__ = ["CONF_DIR", "ConfigError", "build_datamodule", "build_logger", "build
 INTEGERS = {"policy.graphs_per_question": 1, "batch_size": 1, "eval_batch_size": 1, "ckpt_every_n_steps": 1,
             "seed": 0, "task.seed": 0}
 OPTIONAL_INTEGERS = {"agents.num_agents": 1, "limit_train": 1, "limit_val": 1, "limit_test": 1}
-SELECT_CHECKPOINT = ("last", "best")
+SELECT_CHECKPOINT = ("last", "best")  # the weights a training run tests (train.yaml select_checkpoint)
 # The config groups a checkpoint records (`GCacheModule.run_settings`) and an evaluation of it adopts.
-RUN_GROUPS = ("task", "agents", "topology", "policy", "rollout", "mode")  # the weights a training run tests (train.yaml select_checkpoint)
+RUN_GROUPS = ("task", "agents", "topology", "policy", "rollout", "mode")
 
 
 # ---- checks ------------------------------------------------------------------------------------
@@ -100,7 +99,7 @@ def validate(cfg: DictConfig) -> None:
     if ckpt_path not in (None, "last") and not Path(str(ckpt_path)).is_file():
         raise ConfigError(f"ckpt_path={ckpt_path!r} does not exist "
                           "(resume=true continues the run in hydra.run.dir)")
-    secrets = [key for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False))
+    secrets = [key for key, value in leaves(OmegaConf.to_container(cfg, resolve=False))
                if value and is_secret_key(key)]
     if secrets:
         raise ConfigError(f"{', '.join(secrets)}: {KEY_SOURCES}")
@@ -116,7 +115,7 @@ def check_additions(cfg: DictConfig, overrides: list[str]) -> None:
     trainer, logger, task, policy.net) is passed to that object, which judges it."""
     import difflib
 
-    known = [key for key, _ in _leaves(OmegaConf.to_container(cfg, resolve=False)) if not key.startswith("hydra")]
+    known = [key for key, _ in leaves(OmegaConf.to_container(cfg, resolve=False)) if not key.startswith("hydra")]
     for override in overrides:
         if not override.startswith("+") or "=" not in override:
             continue
@@ -128,14 +127,6 @@ def check_additions(cfg: DictConfig, overrides: list[str]) -> None:
         close = difflib.get_close_matches(key, [k for k in known if k != key], n=1)
         hint = f"; did you mean {close[0]}=... (without +)?" if close else ""
         raise ConfigError(f"+{key}: gcache reads no key {key!r}, so adding it would change nothing{hint}")
-
-
-def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            yield from _leaves(value, f"{prefix}{key}.")
-    else:
-        yield prefix.rstrip("."), node
 
 
 # ---- the parts ---------------------------------------------------------------------------------

@@ -184,17 +184,19 @@ def unknown_keys(argv: list[str], config_name: str) -> str | None:
         return None
     for key in keys:
         if OmegaConf.select(cfg, key, default="<missing>", throw_on_missing=False) == "<missing>":
-            known = [path for path, _ in _dotted(OmegaConf.to_container(cfg, resolve=False))]
+            known = [path for path, _ in leaves(OmegaConf.to_container(cfg, resolve=False))]
             close = difflib.get_close_matches(key, known, n=1)
             return f"{key}: no such key" + (f"; did you mean {close[0]}?" if close else "")
     return None
 
 
-def _dotted(node, prefix: str = ""):
+def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of a nested dict (a config as a container), keys after `prefix`."""
     if isinstance(node, dict):
         for key, value in node.items():
-            yield f"{prefix}{key}", value
-            yield from _dotted(value, f"{prefix}{key}.")
+            yield from leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), node
 
 
 def check_command_line(argv: list[str], config_name: str | None = None) -> None:

@@ -74,6 +74,7 @@ from gcache.cli import (
     ConfigError,
     check_command_line,
     config_errors,
+    leaves,
     renamed_overrides,
     run_job,
 )
@@ -306,12 +307,6 @@ def run_settings_of(ckpt_path: str | Path) -> tuple[dict[str, Any] | None, str]:
     return {g: OmegaConf.to_container(run_cfg[g], resolve=True) for g in RUN_GROUPS if g in run_cfg}, str(saved)
 
 
-def _leaf_keys(node: Any, prefix: str) -> dict[str, Any]:
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _leaf_keys(value, f"{prefix}.{key}").items()}
-    return {prefix: node}
-
-
 def adopt_run_settings(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, dict[str, Any]]:
     """The evaluation of a trained checkpoint runs what its run ran: each group of `RUN_GROUPS` (task,
     agents, topology, policy, rollout, mode) is the run's, except where the command line (`overrides`)
@@ -329,8 +324,8 @@ def adopt_run_settings(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfi
         for group in RUN_GROUPS:
             if group not in run or group not in cfg:
                 continue
-            now = _leaf_keys(OmegaConf.to_container(cfg[group], resolve=True), group)
-            ran = _leaf_keys(run[group], group)
+            now = dict(leaves(OmegaConf.to_container(cfg[group], resolve=True), f"{group}."))
+            ran = dict(leaves(run[group], f"{group}."))
             if group in given:  # another option of the group was chosen: the checkpoint check judges it
                 settings["given"].update({k: {"given": now.get(k), "run": v} for k, v in ran.items() if now.get(k) != v})
                 continue

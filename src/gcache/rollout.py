@@ -64,7 +64,6 @@ RETENTIONS = ("full", "role_latent", "latent_only")
 METHODS = ("latent", "text")
 JUDGER_CACHES = ("fused", "mismatched", "zeroed", "shuffled")
 CUDA_GRAPHS = ("auto", "on", "static", "off")
-LOOPS = ("eager", "static", "graphs")  # what `RolloutConfig.loops` resolves `cuda_graphs` to
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,7 @@ class RolloutConfig:
 
 
     def loops(self, device: torch.device) -> str:
-        """How token loops (decoding, latent steps) run on `device`, one of `LOOPS`: `graphs` (static
+        """How token loops (decoding, latent steps) run on `device`: `graphs` (static
         workspaces captured as CUDA graphs: `on`, and `auto` on CUDA), `static` (the same workspaces and
         steps without the capture and replay calls, on any device: the GPU path under test on CPU), or
         `eager` (`off`, and `auto` on CPU: buffers that grow per call, rows leave as they end)."""
