@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ from gcache.tasks import build_task
 
 
 def test_gates_start_at_one_and_are_reported_per_layer_and_sender():
-    fuser = CacheFuser(num_layers=3)
+    fuser = CacheFuser(num_layers=3, fusion="values")
     gates = fuser.gates(torch.tensor([[0.5], [-2.0]]))  # 2 senders, 1 receiver row
     assert gates.shape == (2, 3, 1)
     torch.testing.assert_close(gates, torch.ones(2, 3, 1))
@@ -27,9 +29,29 @@ def test_gates_start_at_one_and_are_reported_per_layer_and_sender():
     torch.testing.assert_close(gates[..., 0], expected)
 
 
+def test_attention_weights_start_at_one_and_follow_the_formula():
+    fuser = CacheFuser(num_layers=3)
+    logits = torch.tensor([[0.5, 3.0], [-2.0, -400.0]])  # 2 senders, 2 receiver rows
+    torch.testing.assert_close(fuser.log_weights(logits), torch.zeros(2, 2))
+    with torch.no_grad():
+        fuser.weight_bias.fill_(-0.5)
+        fuser.weight_slope.fill_(1.5)
+    expected = 2 * torch.sigmoid(-0.5 + 1.5 * logits)
+    torch.testing.assert_close(fuser.sender_weights(logits), expected)
+    # exact in the tail, where the weight underflows: log 2 + log σ(x) ~ log 2 + x
+    assert fuser.log_weights(logits)[1, 1].item() == pytest.approx(math.log(2) - 0.5 - 600, abs=1e-3)
+    assert [p.shape for p in fuser.gate_parameters()] == [(), ()]
+
+
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="num_layers must be >= 1"):
         CacheFuser(0)
+    with pytest.raises(ValueError, match="fusion='mean' is not one of"):
+        CacheFuser(2, fusion="mean")
+    with pytest.raises(ValueError, match="gates are the values fusion's"):
+        CacheFuser(2).gates(torch.zeros(1, 1))
+    with pytest.raises(ValueError, match="log_weights are the attention fusion's"):
+        CacheFuser(2, fusion="values").log_weights(torch.zeros(1, 1))
     fuser = CacheFuser(2)
     with pytest.raises(ValueError, match="edge_logits must be"):
         fuser.fuse([kv.empty(1)], torch.zeros(2, 1), None)
@@ -54,12 +76,13 @@ def _nll(llm, fuser, batch, edge_logits):
     return kv.answer_nll(llm.model, kv.stack(fused), p_ids, p_mask, t_ids, t_mask).mean()
 
 
-def test_fuser_loss_reaches_fuser_and_edge_logits_but_not_the_lm():
+@pytest.mark.parametrize("fusion", ["attention", "values"])
+def test_fuser_loss_reaches_fuser_and_edge_logits_but_not_the_lm(fusion):
     llm = LocalLM.tiny_random(seed=0)
     roster = build_roster("math")
     task = build_task("arith")
     batch = _judger_batch(llm, roster, task, task.splits()["train"][:2], steps=2)
-    fuser = CacheFuser(llm.num_layers)
+    fuser = CacheFuser(llm.num_layers, fusion=fusion)
     edge_logits = torch.randn(2, roster.num_agents, requires_grad=True)
     _nll(llm, fuser, batch, edge_logits).backward()
     assert all(p.grad is not None and bool(p.grad.ne(0).any()) for p in fuser.parameters())
@@ -67,21 +90,22 @@ def test_fuser_loss_reaches_fuser_and_edge_logits_but_not_the_lm():
     assert edge_logits.grad is None or not bool(edge_logits.grad.ne(0).any())
     # ... once b has moved, the fuser loss reaches the policy's logits.
     with torch.no_grad():
-        fuser.logit_slope.fill_(0.5)
+        fuser.slope.fill_(0.5)
     _nll(llm, fuser, batch, edge_logits).backward()
     assert edge_logits.grad is not None and bool(edge_logits.grad.ne(0).all())
     assert all(p.grad is None for p in llm.model.parameters())
 
 
 @pytest.mark.slow
-def test_twenty_fuser_steps_change_every_parameter_and_lower_held_out_nll():
+@pytest.mark.parametrize("fusion", ["attention", "values"])
+def test_twenty_fuser_steps_change_every_parameter_and_lower_held_out_nll(fusion):
     torch.manual_seed(0)
     llm = LocalLM.embedded(device="cpu")
     roster = build_roster("math")
     task = build_task("arith")
     train = _judger_batch(llm, roster, task, task.splits()["train"][:4])
     held_out = _judger_batch(llm, roster, task, task.splits()["val"][:4])
-    fuser = CacheFuser(llm.num_layers)
+    fuser = CacheFuser(llm.num_layers, fusion=fusion)
     before = {n: p.detach().clone() for n, p in fuser.named_parameters()}
     # Edge logits as a trained policy would give them: fixed here so only the fuser learns.
     g = torch.Generator().manual_seed(0)
@@ -103,8 +127,9 @@ def test_twenty_fuser_steps_change_every_parameter_and_lower_held_out_nll():
         assert not torch.equal(param.detach(), before[name]), f"{name} did not change"
     assert train_after < train_before
     assert held_after < held_before, (held_before, held_after)
-    gates = fuser.gates(logits_held.T)  # (senders, layers, rows): visible per layer and sender
-    assert gates.shape == (roster.num_agents, llm.num_layers, 4)
+    if fusion == "values":
+        gates = fuser.gates(logits_held.T)  # (senders, layers, rows): visible per layer and sender
+        assert gates.shape == (roster.num_agents, llm.num_layers, 4)
     print(f"fuser NLL train {train_before:.3f} -> {train_after:.3f}, held-out {held_before:.3f} -> {held_after:.3f}")
 
 
@@ -133,8 +158,8 @@ def rotary():
 
 def test_an_untrained_channel_is_the_identity_so_the_fuser_is_todays_gates(rotary):
     senders = [_segment(seed=0), _segment(length=2, seed=1)]
-    gates = CacheFuser(2)
-    channel = CacheFuser(2, channel="lowrank", rank=3, kv_dim=32)
+    gates = CacheFuser(2, fusion="values")
+    channel = CacheFuser(2, channel="lowrank", rank=3, kv_dim=32, fusion="values")
     logits = torch.tensor([[0.3], [-1.0]])
     with torch.no_grad():
         for f in (gates, channel):

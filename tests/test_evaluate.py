@@ -155,6 +155,32 @@ def test_trained_checkpoint_evaluates_to_the_training_runs_own_test_predictions(
     assert report["methods"]["gcache-fuser-only"]["config"]["graph"] == "full"
 
 
+def test_the_other_question_control_weights_each_questions_senders_by_the_next_questions_logits(tmp_path, monkeypatch):
+    from gcache.rollout import RolloutEngine
+    from gcache.train import run
+
+    summary = run(_train_cfg(tmp_path / "train"))
+    seen = {}
+    real_run = RolloutEngine.run
+
+    def spy(self, questions, adjacency, question_index, **kwargs):
+        if self.fuser is not None:  # the two fuser methods' rollouts: what their judgers were weighted by
+            seen[len(seen)] = (list(questions), adjacency.clone(), kwargs["edge_logits"].clone())
+        return real_run(self, questions, adjacency, question_index, **kwargs)
+
+    monkeypatch.setattr(RolloutEngine, "run", spy)
+    report = evaluate(_cfg(tmp_path / "eval", f"ckpt_path={summary['checkpoint']}",
+                           "methods=[gcache-fuser-only,gcache-fuser-other-question]"))
+    (q_own, a_own, own), (q_other, a_other, other) = seen[0], seen[1]
+    assert q_own == q_other and torch.equal(a_own, a_other) and len(q_own) == 3  # the same questions and graph
+    assert torch.equal(other, own.roll(-1, dims=0)) and not torch.equal(other, own)  # question i: question i+1's
+    config = report["methods"]["gcache-fuser-other-question"]["config"]
+    assert config["fuser_signal"] == "other-question" and config["fuser"] == "trained" and config["graph"] == "full"
+    with pytest.raises(ValueError, match="needs batches of at least two different questions"):
+        evaluate(_cfg(tmp_path / "eval1", f"ckpt_path={summary['checkpoint']}", "limit_test=1",
+                      "methods=[gcache-fuser-other-question]"))
+
+
 def test_a_checkpoint_is_evaluated_with_its_runs_settings_and_the_command_line_differences_are_named(tmp_path):
     # Trained with latent_steps=1, max_new_tokens=3 and topology=chain; evaluated from the defaults
     # (4 latent steps, 16 tokens, topology=debate, task lookup): the run's settings are applied.
@@ -185,6 +211,34 @@ def test_a_checkpoint_is_evaluated_with_its_runs_settings_and_the_command_line_d
     assert report["settings"]["given"] == {"rollout.max_new_tokens": {"given": 5, "run": 3}}
     assert "`rollout.max_new_tokens=5` (run: `3`)" in (tmp_path / "eval5" / "report.md").read_text()
     assert report["methods"]["gcache"]["decoded_tokens_per_question"] <= 5
+
+
+def test_a_checkpoint_from_before_the_attention_fusion_is_evaluated_with_the_value_gates_it_trained(tmp_path):
+    # A run from before `policy.fusion` and `policy.fuser_graph`: value gates trained on the sampled graphs. Its
+    # checkpoint's settings lack both keys (simulated by removing them); evaluated from today's defaults
+    # (attention, all), it runs what it trained.
+    from gcache.checkpoints import load_checkpoint
+    from gcache.train import run
+
+    summary = run(_train_cfg(tmp_path / "train", "policy.fusion=values", "policy.fuser_graph=sampled",
+                             "policy.fuser_lr=0.5"))
+    trained = [json.loads(line) for line in (tmp_path / "train" / "test_predictions.jsonl").read_text().splitlines()]
+    state = load_checkpoint(summary["checkpoint"])
+    assert float(state["state_dict"]["fuser.logit_slope"]) != 0.0  # trained gates: the check is not of an identity
+    for key in ("fusion", "fuser_graph"):
+        del state["gcache_run"]["policy"][key]
+    assert "fusion" not in state["gcache_config"]  # the identity of a values run is that of older runs
+    old = tmp_path / "old.ckpt"
+    torch.save(state, old)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["model=tiny-random", f"ckpt_path={old}", "methods=[gcache]",
+                                                         "limit_test=3"])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "eval")
+    report = evaluate(cfg, overrides=[])
+    mine = {r["id"]: r["answer"] for r in read_results(tmp_path / "eval" / "results.jsonl")}
+    assert [mine[t["id"]] for t in trained] == [t["answer"] for t in trained]
+    assert report["settings"]["adopted"]["policy.fuser_lr"] == {"default": 0.05, "run": 0.5}
 
 
 def test_a_channel_trained_on_oracle_graphs_is_evaluated_on_them_with_its_controls_and_a_text_baseline(tmp_path):

@@ -4,6 +4,8 @@ linear, llama3 and yarn RoPE scaling."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -245,6 +247,94 @@ def test_value_scale_of_one_is_plain_concatenation(llm, model):
     torch.testing.assert_close(plain.logits, gated.logits, atol=1e-6, rtol=0)
     halved = kv.prefill(model, *_ones(c), past=kv.concat([kv_a, kv_b], llm.rotary, [s * 0.5 for s in scales]))
     assert not torch.allclose(plain.logits, halved.logits, atol=1e-4)
+
+
+def _weighted_pair(llm, model, seed):
+    """Two senders' caches A (5 slots) and B (4 slots), and B's slots hand-joined twice after A at the
+    same positions 5..8 (a reader then pays B exactly twice its attention: a weight of 2)."""
+    a, b = _ids(5, 4, seed=seed)
+    kv_a, kv_b = kv.prefill(model, *_ones(a)).kv, kv.prefill(model, *_ones(b)).kv
+    out_b = model.get_decoder()(input_ids=b[None], position_ids=torch.arange(5, 9)[None], cache=kv.empty(1).cache,
+                                use_cache=True)
+    doubled = kv.cache_from_layers([(torch.cat([ka, lb.keys, lb.keys], 2), torch.cat([va, lb.values, lb.values], 2))
+                                    for (ka, va), lb in zip(kv_a.layers(), out_b.cache.layers, strict=True)])
+    return kv_a, kv_b, doubled
+
+
+@torch.no_grad()
+def test_an_attention_weight_of_two_is_the_senders_slots_read_twice(llm, model, pool):
+    kv_a, kv_b, doubled = _weighted_pair(llm, model, seed=31)
+    c = _ids(4, seed=32)[0]
+    weighted = kv.concat([kv_a, kv_b], llm.rotary, log_weights=[torch.zeros(1), torch.full((1,), math.log(2.0))])
+    assert weighted.log_weight.shape == (1, 9)
+    ours = kv.prefill(model, *_ones(c), past=weighted)
+    # reference: the doubled cache (13 slots) and the prompt at positions 9..12, plain attention
+    ref = model(input_ids=c[None], position_ids=torch.arange(9, 13)[None], cache=doubled, use_cache=True)
+    torch.testing.assert_close(ours.logits[0], ref.logits[0, -1].float(), atol=ATOL, rtol=0)
+    # ... and so is every token decoded from it (the token loops carry the weights), by the same reference
+    tokens, _ = kv.decode(model, ours.kv, ours.logits, max_new_tokens=4, eos_token_ids=[-1], pad_token_id=0, pool=pool)
+    cache, position, logits = ref.cache, 13, ref.logits[0, -1]
+    for t in range(4):
+        assert int(tokens[0, t]) == int(logits.argmax())
+        step = model(input_ids=tokens[:, t : t + 1], position_ids=torch.tensor([[position]]), cache=cache, use_cache=True)
+        cache, position, logits = step.cache, position + 1, step.logits[0, -1]
+    # a zero log-weight is plain concatenation
+    plain = kv.prefill(model, *_ones(c), past=kv.concat([kv_a, kv_b], llm.rotary))
+    zero = kv.prefill(model, *_ones(c), past=kv.concat([kv_a, kv_b], llm.rotary, log_weights=[torch.zeros(1)] * 2))
+    torch.testing.assert_close(zero.logits, plain.logits, atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_a_sender_weighted_to_zero_is_not_read_in_prefill_latent_steps_or_decoding(llm, model, pool):
+    kv_a, kv_b, _ = _weighted_pair(llm, model, seed=33)
+    noise = kv.KV(kv.cache_from_layers([(torch.randn_like(k), torch.randn_like(v)) for k, v in kv_b.layers()]),
+                  kv_b.mask.clone())
+    c = _ids(3, seed=34)[0]
+    out = []
+    for b in (kv_b, noise):  # what B holds cannot matter when its weight is exp(-1e4)
+        fused = kv.concat([kv_a, b], llm.rotary, log_weights=[torch.zeros(1), torch.full((1,), -1e9)])
+        step = kv.prefill(model, *_ones(c), past=fused)
+        thought = kv.latent_steps(model, step, 3, llm.realignment("ridge"), logits=True, pool=pool).step
+        assert thought.kv.log_weight.shape == (1, 15) and float(thought.kv.log_weight[0, 5:9].max()) == kv.LOG_WEIGHT_FLOOR
+        assert bool(thought.kv.log_weight[0, 9:].eq(0).all())  # the reader's own slots: weight 1
+        tokens, _ = kv.decode(model, thought.kv, thought.logits, max_new_tokens=5, eos_token_ids=[-1], pad_token_id=0,
+                              pool=pool)
+        out.append((step.logits, thought.logits, tokens))
+    torch.testing.assert_close(out[0][0], out[1][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[0][1], out[1][1], atol=1e-5, rtol=0)
+    assert torch.equal(out[0][2], out[1][2])
+    read = kv.prefill(model, *_ones(c), past=kv.concat([kv_a, noise], llm.rotary))
+    assert not torch.allclose(read.logits, out[1][0], atol=1e-3)  # read plainly, the noise does matter
+
+
+@torch.no_grad()
+def test_log_weights_follow_rows_through_stack_select_and_a_padded_batch(llm, model, pool):
+    rows = []
+    for seed, w in ((35, 0.7), (36, -2.0)):
+        kv_a, kv_b, _ = _weighted_pair(llm, model, seed=seed)
+        rows.append(kv.concat([kv_a, kv.keep_last(kv_b, 2 if w > 0 else 4, llm.rotary)], llm.rotary,
+                              log_weights=[torch.zeros(1), torch.full((1,), w)]))
+    prompts = _ids(3, 5, seed=37)
+    batch = kv.prefill(model, *_left_pad(prompts), past=kv.stack(rows))  # row 0 is left-padded by 2 slots
+    tokens, _ = kv.decode(model, batch.kv, batch.logits, max_new_tokens=3, eos_token_ids=[-1], pad_token_id=0, pool=pool)
+    for i, row in enumerate(rows):
+        alone = kv.prefill(model, *_ones(prompts[i]), past=row)
+        torch.testing.assert_close(batch.logits[i], alone.logits[0], atol=ATOL, rtol=0)
+        one, _ = kv.decode(model, alone.kv, alone.logits, max_new_tokens=3, eos_token_ids=[-1], pad_token_id=0, pool=pool)
+        assert torch.equal(tokens[i], one[0])
+        picked = kv.select(batch.kv, [i])
+        torch.testing.assert_close(picked.log_weight[:, picked.mask[0].bool()], alone.kv.log_weight)
+
+
+def test_answer_nll_gradient_reaches_attention_log_weights(llm, model):
+    a, b, prompt, target = _ids(5, 4, 6, 3, seed=38)
+    with torch.no_grad():
+        kv_a, kv_b = kv.prefill(model, *_ones(a)).kv, kv.prefill(model, *_ones(b)).kv
+    log_w = torch.zeros(2, 1, requires_grad=True)
+    nll = kv.answer_nll(model, kv.concat([kv_a, kv_b], llm.rotary, log_weights=list(log_w)), *_ones(prompt), *_ones(target))
+    nll.sum().backward()
+    assert log_w.grad is not None and bool(log_w.grad.abs().gt(0).all())
+    assert all(p.grad is None for p in model.parameters())
 
 
 @torch.no_grad()

@@ -34,8 +34,11 @@ def _quiet(module):
 
 def _nontrivial(module):
     with torch.no_grad():
-        module.fuser.layer_bias.copy_(torch.linspace(-1.0, 1.2, module.fuser.num_layers))
-        module.fuser.logit_slope.fill_(0.7)
+        if module.fuser.fusion == "values":
+            module.fuser.layer_bias.copy_(torch.linspace(-1.0, 1.2, module.fuser.num_layers))
+        else:
+            module.fuser.weight_bias.fill_(-0.3)
+        module.fuser.slope.fill_(0.7)
         module.policy.bias.fill_(1.0)  # most edges sampled: deep graphs
         if module.fuser.channel == "lowrank":  # a channel away from the identity
             g = torch.Generator().manual_seed(5)
@@ -78,15 +81,17 @@ def _rollout_nll(module, batch, logits, graph=_graph_batch) -> torch.Tensor:
     return nll.double().mean()
 
 
-@pytest.mark.parametrize("channel,retention", [("gates", "full"), ("lowrank", "full"), ("lowrank", "latent_only"),
-                                               ("realign", "latent_only"), ("realign", "role_latent")])
-def test_fuser_gradient_equals_a_finite_difference_of_the_whole_rollout(channel, retention):
+@pytest.mark.parametrize("fusion,channel,retention", [
+    ("attention", "gates", "full"), ("values", "gates", "full"), ("attention", "lowrank", "full"),
+    ("attention", "lowrank", "latent_only"), ("attention", "realign", "latent_only"), ("values", "realign", "role_latent")])
+def test_fuser_gradient_equals_a_finite_difference_of_the_whole_rollout(fusion, channel, retention):
     """Gates, the low-rank channel and the trained realignment (all of a fuser's parameters in the
     direction), under `full` retention (ancestors read through senders: not rewritten), `role_latent`
     and `latent_only`. The realignment's gradient goes through the direct senders' latent steps and
     stops at their inputs, so its graph has no agent -> agent edge (where a finite difference of the
     whole rollout would also move what the senders received)."""
-    task, module = _module(f"rollout.retention={retention}", f"policy.channel={channel}", "policy.channel_rank=3")
+    task, module = _module(f"rollout.retention={retention}", f"policy.channel={channel}", "policy.channel_rank=3",
+                           f"policy.fusion={fusion}")
     _nontrivial(module)
     if channel == "realign":
         g = torch.Generator().manual_seed(6)
@@ -102,7 +107,7 @@ def test_fuser_gradient_equals_a_finite_difference_of_the_whole_rollout(channel,
         answer_format=task.answer_format, edge_logits=logits, keep_judger_inputs=True,
     )
     module.fuser.zero_grad()
-    module.fuser_loss(batch, rows, logits).backward()
+    module.fuser_loss(batch, rows.judger_inputs, logits).backward()
     params = list(module.fuser.parameters())
     direction = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(params)]
     analytic = sum(float((p.grad * d).sum()) for p, d in zip(params, direction, strict=True))
@@ -134,7 +139,7 @@ def test_fuser_nll_reaches_the_policy_only_when_switched_on(trains_policy):
         answer_format=task.answer_format, edge_logits=logits.detach(), keep_judger_inputs=True,
     )
     module.zero_grad()
-    module.fuser_loss(batch, rows, logits).backward()
+    module.fuser_loss(batch, rows.judger_inputs, logits).backward()
     assert all(p.grad is not None and bool(p.grad.ne(0).any()) for p in module.fuser.parameters())
     policy_grads = [p.grad for p in module.policy.parameters()]
     if trains_policy:
@@ -178,11 +183,37 @@ def test_training_step_with_nonzero_advantages_changes_every_parameter_and_no_lm
         assert torch.equal(param, lm_before[name]) and param.grad is None, name
 
 
+def test_fuser_graph_all_trains_the_fuser_on_every_agent_to_judger_and_leaves_the_sampled_rows_alone():
+    task, module = _module("policy.fuser_graph=all")
+    _, sampled = _module("policy.fuser_graph=sampled", llm=module.llm)
+    sampled.load_state_dict(module.state_dict())
+    for m in (module, sampled):
+        _nontrivial(_quiet(m))
+    batch = task.splits()["train"][:2]
+    t_all, t_sampled = module.collect(batch), sampled.collect(batch)
+    # the policy's rows are those of fuser_graph=sampled: the same graphs, answers and rewards
+    assert torch.equal(t_all.adjacency, t_sampled.adjacency) and t_all.question_index == t_sampled.question_index
+    assert t_all.answers == t_sampled.answers and t_all.scores == t_sampled.scores
+    assert len(t_all.rows.rollouts) == len(t_all.rows.judger_inputs) == len(batch) * module.graphs_per_question
+    # ... plus, per question, the judger reading every agent, each a weighted direct sender: built, never decoded
+    assert t_sampled.fuser_inputs is None
+    assert [inp.question_index for inp in t_all.fuser_inputs] == [0, 1]
+    n = module.roster.num_agents
+    for inp in t_all.fuser_inputs:
+        assert inp.senders == list(range(n)) and inp.gated == [True] * n
+    assert t_all.rows.judger_decodes == t_sampled.rows.judger_decodes
+    # the fuser's NLL reads those inputs
+    losses = module.losses(t_all)
+    expected = module.fuser_loss(batch, t_all.fuser_inputs, t_all.logits)
+    assert float(losses.fuser.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    assert module.all_senders_graph(1)[0, :n, n].all() and not module.all_senders_graph(1)[0, :n, :n].any()
+
+
 # ---- oracle graphs: the channel trained alone ---------------------------------------------------
 
 
-@pytest.mark.parametrize("channel,trained", [("lowrank", ("channel_up", "channel_bias", "layer_bias")),
-                                             ("realign", ("realign.offsets", "realign.up", "layer_bias"))])
+@pytest.mark.parametrize("channel,trained", [("lowrank", ("channel_up", "channel_bias", "weight_bias")),
+                                             ("realign", ("realign.offsets", "realign.up", "weight_bias"))])
 def test_oracle_graphs_train_the_channel_alone_on_each_questions_oracle_graph(channel, trained):
     from gcache.policy.topology import oracle_adjacency
 
@@ -198,7 +229,7 @@ def test_oracle_graphs_train_the_channel_alone_on_each_questions_oracle_graph(ch
     optimizer = module.configure_optimizers()
     groups = [(group["lr"], {id(p) for p in group["params"]}) for group in optimizer.param_groups]
     assert [lr for lr, _ in groups] == [module.policy_lr, module.fuser_lr, module.channel_lr]
-    assert groups[1][1] == {id(module.fuser.layer_bias), id(module.fuser.logit_slope)}  # the gates apart
+    assert groups[1][1] == {id(p) for p in module.fuser.gate_parameters()}  # the sender weights apart
     assert groups[2][1] | groups[1][1] == {id(p) for p in module.fuser.parameters()}
     policy_before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
     fuser_before = {n: p.detach().clone() for n, p in module.fuser.named_parameters()}
@@ -227,6 +258,8 @@ def test_oracle_graphs_and_bad_channel_settings_are_refused_with_the_allowed_val
         _module("policy.graphs=oracle")  # gsm8k has none
     for override, message in (("policy.channel=wide", r"policy.channel='wide' is not one of \['gates', 'lowrank', 'realign'\]"),
                               ("policy.graphs=best", r"policy.graphs='best' is not one of \['learned', 'oracle'\]"),
+                              ("policy.fusion=mean", r"policy.fusion='mean' is not one of \['attention', 'values'\]"),
+                              ("policy.fuser_graph=dense", r"policy.fuser_graph='dense' is not one of \['sampled', 'all'\]"),
                               ("policy.channel_rank=0", "policy.channel_rank must be an integer >= 1, got 0")):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="train", overrides=[*TINY, override])

@@ -213,18 +213,22 @@ def test_run_latent_chain_is_the_engine_on_a_chain(llm, roster):
         assert chain.rollouts[q].answer == _reference_chain(llm, roster, question, 3)[1]
 
 
-def _nontrivial_fuser(llm) -> CacheFuser:
-    fuser = CacheFuser(llm.num_layers)
+def _nontrivial_fuser(llm, fusion) -> CacheFuser:
+    fuser = CacheFuser(llm.num_layers, fusion=fusion)
     with torch.no_grad():
-        fuser.layer_bias.copy_(torch.linspace(-1.0, 1.5, llm.num_layers))
-        fuser.logit_slope.fill_(0.8)
+        if fusion == "values":
+            fuser.layer_bias.copy_(torch.linspace(-1.0, 1.5, llm.num_layers))
+        else:
+            fuser.weight_bias.fill_(-0.4)
+        fuser.slope.fill_(0.8)
     return fuser
 
 
 @torch.no_grad()
-def test_judger_gates_each_segment_once_with_its_own_edge_logit(llm, roster, loops):
+@pytest.mark.parametrize("fusion", ["attention", "values"])
+def test_judger_weights_each_segment_once_with_its_own_edge_logit(llm, roster, loops, fusion):
     config = RolloutConfig(cuda_graphs=loops, latent_steps=2, retention="full", max_new_tokens=2)
-    fuser = _nontrivial_fuser(llm)
+    fuser = _nontrivial_fuser(llm, fusion)
     logits = torch.randn(1, N + 1, N + 1, generator=torch.Generator().manual_seed(1)) * 2
     gated = RolloutEngine(llm, roster, config, fuser=fuser).run(
         QUESTIONS[:1], DIAMOND, [0], answer_format=FORMAT, keep_judger_inputs=True, edge_logits=logits)
@@ -236,16 +240,30 @@ def test_judger_gates_each_segment_once_with_its_own_edge_logit(llm, roster, loo
         for (ka, va), (kb, vb) in zip(a.layers(), b.layers(), strict=True):
             torch.testing.assert_close(ka, kb)
             torch.testing.assert_close(va, vb)
-    # The judger's cache: segment i's values scaled once by 2σ(a_l + b·s_{i→judger}) where i → judger
-    # was sampled (agent 3); the ancestors 0, 1, 2 read through it keep gate 1.
+    # The judger's cache: segment i weighted once by 2σ(a(_l) + b·s_{i→judger}) where i → judger was
+    # sampled (agent 3): its values (values) or the judger's attention to its slots (attention); the
+    # ancestors 0, 1, 2 read through it keep weight 1.
     assert inp.senders == [0, 1, 2, 3] and inp.gated == [False, False, False, True]
-    gates = 2 * torch.sigmoid(fuser.layer_bias[None, :] + fuser.logit_slope * logits[0, inp.senders, N][:, None])
-    gates = torch.where(torch.tensor(inp.gated)[:, None], gates, torch.ones_like(gates))
-    ref = kv.concat(inp.sender_kvs, llm.rotary, [g[:, None] for g in gates])
+    s = logits[0, inp.senders, N][:, None]  # (S, 1)
+    direct = torch.tensor(inp.gated)[:, None]
+    if fusion == "values":
+        gates = 2 * torch.sigmoid(fuser.layer_bias[None, :] + fuser.slope * s)  # (S, L)
+        ref = kv.concat(inp.sender_kvs, llm.rotary, [g[:, None] for g in torch.where(direct, gates, 1.0)])
+        assert not torch.allclose(inp.cache.layers()[0][1], plain.judger_inputs[0].cache.layers()[0][1])
+        assert inp.cache.log_weight is None
+    else:
+        weights = 2 * torch.sigmoid(fuser.weight_bias + fuser.slope * s)  # (S, 1)
+        ref = kv.concat(inp.sender_kvs, llm.rotary, log_weights=list(torch.where(direct, weights.log(), 0.0)))
+        lengths = [int(x.seq_len) for x in inp.sender_kvs]
+        expected = torch.cat([torch.full((n,), float(w) if d else 0.0) for n, w, d in
+                              zip(lengths, weights[:, 0].log(), inp.gated, strict=True)])
+        torch.testing.assert_close(inp.cache.log_weight[0], expected)
+        assert float(expected[-lengths[-1]:].abs().min()) > 0.1  # the sender's weight is not 1: a real check
+        for (_, va), (_, vb) in zip(inp.cache.layers(), plain.judger_inputs[0].cache.layers(), strict=True):
+            assert torch.equal(va, vb)  # values untouched
     for (ka, va), (kb, vb) in zip(inp.cache.layers(), ref.layers(), strict=True):
         torch.testing.assert_close(ka, kb)
         torch.testing.assert_close(va, vb)
-    assert not torch.allclose(inp.cache.layers()[0][1], plain.judger_inputs[0].cache.layers()[0][1])
     # the fuser's loss differentiates exactly that: no gradient reaches an edge agent -> judger that did not run
     with torch.enable_grad():
         s = logits[0, :, N].clone().requires_grad_(True)
@@ -324,7 +342,7 @@ def test_sharing_with_nontrivial_gates_changes_nothing(llm, roster, loops):
     adjacency[3, 1, 2] = True  # ... except that graph 3 also has 1 -> 2 (a different agent 2, and 3 unchanged)
     config = RolloutConfig(cuda_graphs=loops, latent_steps=2, retention="role_latent", max_new_tokens=3)
     logits = torch.randn(1, N + 1, N + 1, generator=torch.Generator().manual_seed(2)) * 2
-    fuser = _nontrivial_fuser(llm)
+    fuser = _nontrivial_fuser(llm, "attention")
     shared = RolloutEngine(llm, roster, config, fuser=fuser).run(
         QUESTIONS[:1], adjacency, [0] * 4, answer_format=FORMAT, edge_logits=logits, keep_judger_inputs=True)
     naive = RolloutEngine(llm, roster, RolloutConfig(**{**config.__dict__, "reuse": False}), fuser=fuser).run(
@@ -466,7 +484,7 @@ def test_rows_reading_the_same_segments_with_other_direct_senders_are_not_shared
     a = _graph([(0, 1)], judger=(0, 1))
     b = _graph([(0, 1)], judger=(1,))
     config = RolloutConfig(cuda_graphs=loops, latent_steps=1, retention="full", max_new_tokens=2)
-    fuser = _nontrivial_fuser(llm)
+    fuser = _nontrivial_fuser(llm, "attention")
     logits = torch.randn(1, N + 1, N + 1, generator=torch.Generator().manual_seed(2)) * 2
     engine = RolloutEngine(llm, roster, config, fuser=fuser)
     both = engine.run(QUESTIONS[:1], torch.cat([a, b]), [0, 0], answer_format=FORMAT, keep_judger_inputs=True,
@@ -479,3 +497,5 @@ def test_rows_reading_the_same_segments_with_other_direct_senders_are_not_shared
         for (k0, v0), (k1, v1) in zip(both.judger_inputs[row].cache.layers(), alone.cache.layers(), strict=True):
             torch.testing.assert_close(k0, k1)
             torch.testing.assert_close(v0, v1)
+        torch.testing.assert_close(both.judger_inputs[row].cache.log_weight, alone.cache.log_weight)
+    assert not torch.equal(both.judger_inputs[0].cache.log_weight, both.judger_inputs[1].cache.log_weight)

@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
+METHODS = {"gcache", "single", "fixed-full", "oracle", "mismatched", "zeroed"}
+ABLATION = {"gcache-policy-only", "gcache-fuser-only", "gcache-fuser-other-question", "fixed-debate"}
 TINY = ["model=tiny-random", "logger=csv", "task=lookup", "limit_train=4", "limit_val=2", "limit_test=3",
         "batch_size=2", "eval_batch_size=3", "policy.graphs_per_question=2", "rollout.latent_steps=1", "rollout.max_new_tokens=3",
         "val_every_n_steps=1", "methods=[gcache,single,fixed-full,oracle,mismatched,zeroed]",
@@ -30,8 +34,8 @@ def test_study_trains_evaluates_and_aggregates_every_seed_and_resumes(tmp_path):
         seed_dir = tmp_path / f"seed{seed}"
         assert (seed_dir / "summary.json").is_file() and (seed_dir / "checkpoints" / "last.ckpt").is_file()
         records = [json.loads(x) for x in (seed_dir / "eval" / "results.jsonl").read_text().splitlines()]
-        assert {r["method"] for r in records} == {"gcache", "single", "fixed-full", "oracle", "mismatched", "zeroed"}
-        assert len(records) == 6 * 3
+        assert {r["method"] for r in records} == {*METHODS, *ABLATION}  # the ablation: a fuser was trained
+        assert len(records) == 10 * 3
         history = [json.loads(x) for x in (seed_dir / "history.jsonl").read_text().splitlines()]
         # Step 0 (the untrained policy), then after each of the two steps.
         assert [h["step"] for h in history] == [0, 1, 2] and all("val/p_oracle" in h for h in history)
@@ -41,7 +45,19 @@ def test_study_trains_evaluates_and_aggregates_every_seed_and_resumes(tmp_path):
         assert [mine[t["id"]] for t in trained] == [t["answer"] for t in trained]
     study = json.loads((tmp_path / "study.json").read_text())
     assert study["seeds"] == [0, 1] and study["reference"] == "gcache"
-    assert set(study["methods"]) == {"gcache", "single", "fixed-full", "oracle", "mismatched", "zeroed"}
+    assert set(study["methods"]) == {*METHODS, *ABLATION}
+    # what each trained part adds: each pair a paired comparison on the same questions
+    parts = {(row["with"], row["without"]): row for row in study["ablation"]}
+    assert list(parts) == [("gcache", "gcache-policy-only"), ("gcache-fuser-only", "fixed-debate"),
+                           ("gcache", "gcache-fuser-only"), ("gcache-policy-only", "fixed-debate"),
+                           ("gcache-fuser-only", "gcache-fuser-other-question")]
+    for (a, b), row in parts.items():
+        assert row["pooled"]["pairs"] == 6  # 2 seeds x 3 questions
+        accuracy = {m: sum(float(r["reward"]) for s in (0, 1) for r in map(json.loads, (
+            tmp_path / f"seed{s}" / "eval" / "results.jsonl").read_text().splitlines()) if r["method"] == m) / 6
+            for m in (a, b)}
+        assert row["pooled"]["reference_accuracy"] == pytest.approx(accuracy[a])
+        assert row["pooled"]["method_accuracy"] == pytest.approx(accuracy[b])
     oracle = study["methods"]["oracle"]
     assert len(oracle["per_seed"]) == 2
     assert "single" in study["comparisons"] and "pooled" in study["comparisons"]["single"]
@@ -61,6 +77,7 @@ def test_study_trains_evaluates_and_aggregates_every_seed_and_resumes(tmp_path):
     text = (tmp_path / "study.md").read_text()
     assert "| oracle |" in text and "nan" not in text
     assert "## Routing" in text and "What gcache confused" in text and "Keeper" in text
+    assert "## What each trained part adds" in text and "| the fuser alone, on every agent -> judger |" in text
     for picture in ("curves.png", "edges.png", "comparison.png"):
         assert (tmp_path / picture).is_file(), picture
 
@@ -86,7 +103,7 @@ def test_a_study_with_an_api_mode_evaluates_the_api_model_alone_and_keeps_each_s
             "methods=[gcache,single]")
     result = _study(tmp_path, "mode=hybrid", f"mode.api.base_url={llama_server.base_url}",
                     f"mode.api.model={llama_server.model}", "mode.api.require_key=false", "mode.api.max_tokens=6",
-                    base=base)
+                    "study.ablation=false", base=base)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "HTTP Request" not in result.stderr
     summary = json.loads((tmp_path / "seed0" / "summary.json").read_text())
@@ -94,7 +111,7 @@ def test_a_study_with_an_api_mode_evaluates_the_api_model_alone_and_keeps_each_s
     assert summary["comparison"] is None and set(summary["api"]) == {"train", "val", "test", "total"}
     assert summary["api"]["train"]["requests"] == 8 and summary["api"]["total"]["cost_usd"] is None
     report = json.loads((tmp_path / "seed0" / "eval" / "report.json").read_text())["methods"]
-    assert set(report) == {"gcache", "single", "api_single"}
+    assert set(report) == {"gcache", "single", "api_single"}  # study.ablation=false: no ablation methods
     assert all(stats["api_completion_tokens_per_question"] > 0 for stats in report.values())
     study = json.loads((tmp_path / "study.json").read_text())
     assert "api_single" in study["methods"] and "api_single" in study["comparisons"]

@@ -31,8 +31,8 @@ from gcache.cli import CONF_DIR, ConfigError, leaves
 from gcache.datamodule import TaskDataModule
 from gcache.embeddings import TextEmbedder
 from gcache.llm.local import LocalLM, embedded_missing
-from gcache.module import GRAPHS, GCacheModule, LossConfig
-from gcache.policy.cache_fuser import CHANNELS, CacheFuser
+from gcache.module import FUSER_GRAPHS, GRAPHS, GCacheModule, LossConfig
+from gcache.policy.cache_fuser import CHANNELS, FUSIONS, CacheFuser
 from gcache.policy.topology import JUDGER_EDGES
 from gcache.rollout import RolloutConfig
 from gcache.secrets import KEY_SOURCES, is_secret_key
@@ -45,6 +45,8 @@ __all__ = ["CONF_DIR", "ConfigError", "build_datamodule", "build_logger", "build
 INTEGERS = {"policy.graphs_per_question": 1, "batch_size": 1, "eval_batch_size": 1, "ckpt_every_n_steps": 1,
             "seed": 0, "task.seed": 0}
 OPTIONAL_INTEGERS = {"agents.num_agents": 1, "limit_train": 1, "limit_val": 1, "limit_test": 1}
+# What a policy group without these keys ran (the settings of runs from before them; policy/default.yaml sets them).
+LEGACY_POLICY = {"fusion": "values", "fuser_graph": "sampled"}
 SELECT_CHECKPOINT = ("last", "best")  # the weights a training run tests (train.yaml select_checkpoint)
 # The config groups a checkpoint records (`GCacheModule.run_settings`) and an evaluation of it adopts.
 RUN_GROUPS = ("task", "agents", "topology", "policy", "rollout", "mode")
@@ -75,8 +77,9 @@ def validate(cfg: DictConfig) -> None:
     judger_edges = cfg.policy.judger_edges
     if judger_edges not in JUDGER_EDGES:
         raise ConfigError(f"policy.judger_edges={judger_edges!r} is not one of {list(JUDGER_EDGES)}")
-    for key, allowed in (("channel", CHANNELS), ("graphs", GRAPHS)):
-        value = cfg.policy.get(key, allowed[0])
+    # absent keys (a run's settings from before them) mean what those runs ran: `LEGACY_POLICY`
+    for key, allowed in (("channel", CHANNELS), ("graphs", GRAPHS), ("fusion", FUSIONS), ("fuser_graph", FUSER_GRAPHS)):
+        value = cfg.policy.get(key, LEGACY_POLICY.get(key, allowed[0]))
         if value not in allowed:
             raise ConfigError(f"policy.{key}={value!r} is not one of {list(allowed)}")
     select = cfg.get("select_checkpoint", "last")
@@ -215,7 +218,8 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
         policy=instantiate(policy.net),
         fuser=CacheFuser(llm.num_layers, channel=policy.get("channel", "gates"), rank=policy.get("channel_rank", 8),
                          kv_dim=llm.kv_dim, hidden_dim=llm.model.config.hidden_size,
-                         latent_steps=cfg.rollout.latent_steps, seed=cfg.seed),
+                         latent_steps=cfg.rollout.latent_steps, seed=cfg.seed,
+                         fusion=policy.get("fusion", LEGACY_POLICY["fusion"])),
         llm=llm,
         embedder=embedder,
         rollout=build_rollout(cfg),
@@ -228,6 +232,7 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
         loss=LossConfig(
             edge_cost=policy.edge_cost, entropy_coef=policy.entropy_coef,
             fuser_weight=policy.fuser_weight, fuser_rows_per_question=policy.fuser_rows_per_question,
+            fuser_graph=policy.get("fuser_graph", LEGACY_POLICY["fuser_graph"]),
         ),
         judger_edges=policy.judger_edges,
         fuser_trains_policy=bool(policy.fuser_trains_policy),

@@ -28,8 +28,11 @@ Trained (need `ckpt_path`):
 - `gcache`: the learned policy's deterministic graph and the learned fuser — exactly the
   training run's test evaluation (`GCacheModule.evaluate_batch`). A run trained with
   `policy.graphs=oracle` runs the oracle graph with its trained fuser (gates and channel).
-- `gcache-policy-only`: the learned graph, gates fixed at 1; `gcache-fuser-only`: the fixed
-  `topology` graph (every agent -> judger) with the learned gates.
+- `gcache-policy-only`: the learned graph, the fuser off (plain concatenation); `gcache-fuser-only`:
+  the fixed `topology` graph (every agent -> judger) with the learned fuser, each sender weighted
+  by the policy's edge logit for its question; `gcache-fuser-other-question`: the same, each
+  question's senders weighted by the logits of the next question of its batch (a control: a
+  fuser that reads its question's signal falls to `fixed-<topology>` or below with another's).
 Controls, applied to the *subject* (`gcache` with a checkpoint, else `fixed-<topology>`):
 - `mismatched`: the judger reads the input built for another question of the batch;
 - `zeroed`: the values of what it reads are zeroed; `shuffled`: each segment's slots permuted;
@@ -102,7 +105,7 @@ log = logging.getLogger(__name__)
 
 FIXED_METHODS = tuple(f"fixed-{name}" for name in TOPOLOGIES if name != "direct")
 ORACLE_METHODS = ("oracle", "oracle-flat", "text-oracle")  # need the task's oracle graphs
-TRAINED_METHODS = ("gcache", "gcache-policy-only", "gcache-fuser-only")
+TRAINED_METHODS = ("gcache", "gcache-policy-only", "gcache-fuser-only", "gcache-fuser-other-question")
 CONTROLS = ("mismatched", "zeroed", "shuffled", "realign-identity", "realign-random", "wrong-sender")
 API_METHODS = ("api_single", "api_text_mas")
 METHODS = ("single", "single_budget", "text_mas", "latent_mas", *FIXED_METHODS, *ORACLE_METHODS,
@@ -176,8 +179,10 @@ class Evaluator:
         elif subject == "text-oracle":
             config.update(graph="oracle", method="text", retention=None, realign=None,
                           agent_max_new_tokens=base.latent_steps)
-        elif subject == "gcache-fuser-only":
+        elif subject in ("gcache-fuser-only", "gcache-fuser-other-question"):
             config.update(graph=self.module.topology, fuser="trained", checkpoint=self.ckpt_path)
+            if subject == "gcache-fuser-other-question":
+                config["fuser_signal"] = "other-question"
         elif subject in TRAINED_METHODS:
             graph = "oracle" if self.module.graphs == "oracle" else "learned"  # policy.graphs of the run
             config.update(graph=graph, judger_edges=self.module.judger_edges, checkpoint=self.ckpt_path,
@@ -232,7 +237,11 @@ class Evaluator:
             adjacency, logits = self._graph(config, batch)
             if fuser is not None and logits is None:
                 with torch.no_grad():
-                    logits = self.module.edge_logits([ex.question for ex in batch])
+                    logits = self.module.edge_logits([ex.question for ex in batch])  # (B, N+1, N+1)
+            if config.get("fuser_signal") == "other-question":
+                if len({ex.question for ex in batch}) < 2:
+                    raise ValueError(f"method {method!r} needs batches of at least two different questions")
+                logits = logits.roll(-1, dims=0)  # question i weighted by question i + 1's logits
             rows = engine.run(
                 [ex.question for ex in batch], adjacency, list(range(len(batch))),
                 answer_format=self.module.task.answer_format, agent_facts=[ex.agent_facts for ex in batch],

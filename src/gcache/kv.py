@@ -1,7 +1,14 @@
 """Pure functions on batches of KV caches: prefill, latent steps, decode, truncate, concatenate.
 
 A `KV` is a transformers `DynamicCache` plus the padding mask of every slot. Shapes:
-keys/values per layer are (B, H, L, Dh); the mask is (B, L) with 1 = real token.
+keys/values per layer are (B, H, L, Dh); the mask is (B, L) with 1 = real token. A KV may also
+carry attention log-weights (B, L) (`log_weight`, fp32; None = 0): every query that attends the
+cache adds slot j's log-weight to its attention logit for j, at every layer, so the attention a
+reader pays to those slots is multiplied by exp(log_weight) before the softmax renormalises. A
+`CacheFuser` weights its senders this way (`concat(..., log_weights=)`); −∞ would remove a slot,
+0 is plain attention. Log-weights live in the additive attention masks that `forward` and the
+token loops build, so prefill, latent steps, decoding and the answer NLL all read them, and
+they are differentiable (the fuser's loss trains them).
 
 The one invariant everything here keeps: **in every row, the real slots hold the
 positions 0 … n−1 in slot order** (n = that row's number of real slots); padding slots
@@ -53,6 +60,7 @@ class KV:
 
     cache: DynamicCache
     mask: torch.Tensor  # (B, L) long; 1 = real token, 0 = padding
+    log_weight: torch.Tensor | None = None  # (B, L) fp32 attention log-weight per slot; None = 0 everywhere
 
     @property
     def batch_size(self) -> int:
@@ -104,7 +112,23 @@ def copy(kv: KV, *, clone: bool = False) -> KV:
     if not kv.cache.layers or kv.seq_len == 0:
         return KV(DynamicCache(), kv.mask.clone())
     layers = [(k.clone(), v.clone()) if clone else (k, v) for k, v in kv.layers()]
-    return KV(cache_from_layers(layers), kv.mask.clone())
+    return KV(cache_from_layers(layers), kv.mask.clone(), _slots(kv.log_weight, slice(None)))
+
+
+def _slots(log_weight: torch.Tensor | None, columns) -> torch.Tensor | None:
+    """Log-weights (B, L) of some slot columns (a slice or an index tensor), or None."""
+    if log_weight is None:
+        return None
+    if isinstance(columns, slice):
+        return log_weight[:, columns]
+    return log_weight.index_select(1, columns)
+
+
+def _rows(log_weight: torch.Tensor | None, rows) -> torch.Tensor | None:
+    """Log-weights (B, L) of some rows (a slice or an index tensor), or None."""
+    if log_weight is None:
+        return None
+    return log_weight[rows] if isinstance(rows, slice) else log_weight.index_select(0, rows)
 
 
 def _is_empty(kv: KV) -> bool:
@@ -118,12 +142,13 @@ def select(kv: KV, rows: Sequence[int] | torch.Tensor) -> KV:
         part = slice(rows[0], rows[0] + len(rows))
         if _is_empty(kv):
             return KV(DynamicCache(), kv.mask[part])
-        return KV(cache_from_layers([(k[part], v[part]) for k, v in kv.layers()]), kv.mask[part])
+        return KV(cache_from_layers([(k[part], v[part]) for k, v in kv.layers()]), kv.mask[part],
+                  _rows(kv.log_weight, part))
     index = torch.as_tensor(rows, dtype=torch.long, device=kv.mask.device)
     if _is_empty(kv):
         return KV(DynamicCache(), kv.mask.index_select(0, index))
     layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in kv.layers()]
-    return KV(cache_from_layers(layers), kv.mask.index_select(0, index))
+    return KV(cache_from_layers(layers), kv.mask.index_select(0, index), _rows(kv.log_weight, index))
 
 
 def compact(kv: KV) -> KV:
@@ -135,7 +160,7 @@ def compact(kv: KV) -> KV:
     if idx.numel() == 0:
         return empty(kv.batch_size, kv.mask.device)
     layers = [(k.index_select(2, idx), v.index_select(2, idx)) for k, v in kv.layers()]
-    return KV(cache_from_layers(layers), kv.mask.index_select(1, idx))
+    return KV(cache_from_layers(layers), kv.mask.index_select(1, idx), _slots(kv.log_weight, idx))
 
 
 def tail(kv: KV, n: int) -> KV:
@@ -146,7 +171,8 @@ def tail(kv: KV, n: int) -> KV:
     if n <= 0:
         return empty(kv.batch_size, kv.mask.device)
     cut = kv.seq_len - n
-    return KV(cache_from_layers([(k[:, :, cut:], v[:, :, cut:]) for k, v in kv.layers()]), kv.mask[:, cut:].clone())
+    return KV(cache_from_layers([(k[:, :, cut:], v[:, :, cut:]) for k, v in kv.layers()]), kv.mask[:, cut:].clone(),
+              _slots(kv.log_weight, slice(cut, None)))
 
 
 def stack(kvs: Sequence[KV], *, compacted: bool = False) -> KV:
@@ -159,6 +185,11 @@ def stack(kvs: Sequence[KV], *, compacted: bool = False) -> KV:
     mask = torch.cat(masks, 0)
     if length == 0:
         return empty(mask.shape[0], device)
+    log_weight = None  # (B, L): a batch without log-weights (and every pad) has 0
+    if any(kv.log_weight is not None for kv in kvs):
+        log_weight = torch.cat([torch.nn.functional.pad(
+            kv.log_weight if kv.log_weight is not None else kv.mask.new_zeros(kv.mask.shape, dtype=torch.float32),
+            (length - kv.seq_len, 0)) for kv in kvs], 0)
     template = next(kv for kv in kvs if not _is_empty(kv))
     layers = []
     for layer_idx, (k_ref, v_ref) in enumerate(template.layers()):
@@ -175,7 +206,7 @@ def stack(kvs: Sequence[KV], *, compacted: bool = False) -> KV:
             ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)))
             vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)))
         layers.append((torch.cat(ks, 0), torch.cat(vs, 0)))
-    return KV(cache_from_layers(layers), mask)
+    return KV(cache_from_layers(layers), mask, log_weight)
 
 
 def nbytes(kv: KV) -> int:
@@ -246,16 +277,28 @@ def rotate_keys(keys: torch.Tensor, shift: torch.Tensor, rotary: torch.nn.Module
     return rotate_with(keys, rotation(shift.to(keys.device), rotary, keys.shape[-1]))
 
 
-def attention_bias(mask: torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:
+def attention_bias(mask: torch.Tensor, new: int, dtype: torch.dtype, log_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Additive attention mask (B, 1, T, L + T) for T new slots after L past ones: new slot i sees the
-    real slots j <= L + i (0 there, the dtype's min elsewhere). Built here rather than by transformers,
-    whose mask code asks the host whether any slot is padding (a sync per forward)."""
+    real slots j <= L + i (the slot's log-weight there, 0 without `log_weight` (B, L + T); the dtype's
+    min elsewhere). Built here rather than by transformers, whose mask code asks the host whether any
+    slot is padding (a sync per forward)."""
     total = mask.shape[1]
     slots = torch.arange(total, device=mask.device)  # (L + T,)
     queries = torch.arange(total - new, total, device=mask.device)  # (T,)
     allowed = (slots[None, :] <= queries[:, None])[None] & mask.bool()[:, None, :]  # (B, T, L + T)
-    bias = torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias[:, None]
+    if log_weight is None:
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
+        return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    weights = clamp_log_weight(log_weight).to(device=mask.device, dtype=dtype)[:, None, :]  # (B, 1, L + T)
+    return weights.expand(allowed.shape).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+LOG_WEIGHT_FLOOR = -1e4  # a slot weighted below exp(-1e4) is absent; the floor keeps it apart from padding
+
+
+def clamp_log_weight(log_weight: torch.Tensor) -> torch.Tensor:
+    """Log-weights floored at `LOG_WEIGHT_FLOOR` (far above any dtype's min, which marks padding)."""
+    return log_weight.clamp_min(LOG_WEIGHT_FLOOR)
 
 
 def _positions(past_lengths: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
@@ -288,11 +331,14 @@ def forward(
     new_mask = new_mask.to(past.mask.device).long()
     state = past if extend_in_place else copy(past)
     full_mask = torch.cat([past.mask, new_mask], dim=1)  # (B, L + T)
+    log_weight = None  # (B, L + T): the new slots have 0
+    if past.log_weight is not None:
+        log_weight = torch.nn.functional.pad(past.log_weight.to(full_mask.device), (0, new_mask.shape[1]))
     dtype = inputs_embeds.dtype if inputs_embeds is not None else model.get_input_embeddings().weight.dtype
     out = model.get_decoder()(
         input_ids=input_ids,
         inputs_embeds=inputs_embeds,
-        attention_mask=attention_bias(full_mask, new_mask.shape[1], dtype),
+        attention_mask=attention_bias(full_mask, new_mask.shape[1], dtype, log_weight),
         position_ids=_positions(past.lengths, new_mask),
         cache=state.cache,  # transformers >= 5.24 (`past_key_values` is deprecated, removed in 5.40)
         use_cache=True,
@@ -309,7 +355,7 @@ def forward(
         else:  # the layer's tensors were just made by `update`: nobody else holds them
             layer.keys[:, :, -steps:].masked_fill_(pad, 0)
             layer.values[:, :, -steps:].masked_fill_(pad, 0)
-    return KV(cache, full_mask), out.last_hidden_state
+    return KV(cache, full_mask, log_weight), out.last_hidden_state
 
 
 def next_token_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -434,14 +480,15 @@ def token_loop(model: torch.nn.Module, kv: KV, steps: int, kind: str, pool: kv_s
     or a `LoopPool`'s static workspace (CUDA graphs). kind: "ids" or "embeds"."""
     if _is_empty(kv):
         raise ValueError("a token loop starts from a prefilled cache")
+    log_weight = None if kv.log_weight is None else clamp_log_weight(kv.log_weight.detach())
     if pool is None:
-        return kv_static.EagerLoop(model, kv.layers(), kv.mask, steps)
-    return pool.loop(kv.layers(), kv.mask, steps, kind)
+        return kv_static.EagerLoop(model, kv.layers(), kv.mask, steps, log_weight)
+    return pool.loop(kv.layers(), kv.mask, steps, kind, log_weight)
 
 
 def _loop_kv(loop) -> KV:
-    layers, mask = loop.result()
-    return KV(cache_from_layers(layers), mask)
+    layers, mask, log_weight = loop.result()
+    return KV(cache_from_layers(layers), mask, log_weight)
 
 
 def latent_steps(model: torch.nn.Module, start: Step, steps: int, realign: Realignment, *,
@@ -496,17 +543,19 @@ def keep_last(kv: KV, n: int, rotary: torch.nn.Module | None) -> KV:
     dropped = kv.mask[:, :cut].sum(-1)  # (B,) real positions removed before the kept ones
     rot = rotation(-dropped, rotary, kv.layers()[0][0].shape[-1])
     layers = [(rotate_with(k[:, :, cut:], rot), v[:, :, cut:]) for k, v in kv.layers()]
-    return KV(cache_from_layers(layers), kv.mask[:, cut:].clone())
+    return KV(cache_from_layers(layers), kv.mask[:, cut:].clone(), _slots(kv.log_weight, slice(cut, None)))
 
 
 def concat(
     kvs: Sequence[KV],
     rotary: torch.nn.Module | None,
     value_scales: Sequence[torch.Tensor] | None = None,
+    log_weights: Sequence[torch.Tensor] | None = None,
 ) -> KV:
     """Join several senders' caches along the sequence, each segment re-rotated to follow the
     previous ones. `value_scales[s]` (num_layers, B) multiplies segment s's values (a
-    CacheFuser's gates; keys are never mixed or scaled)."""
+    CacheFuser's gates; keys are never mixed or scaled); `log_weights[s]` (B,) is added to the
+    attention log-weight of every slot of segment s (a CacheFuser's sender weights)."""
     kvs = [kv for kv in kvs]
     if not kvs:
         raise ValueError("concat needs at least one cache")
@@ -515,11 +564,13 @@ def concat(
         raise ValueError(f"all caches must have the same batch size, got {[kv.batch_size for kv in kvs]}")
     if value_scales is not None and len(value_scales) != len(kvs):
         raise ValueError(f"{len(value_scales)} value scales for {len(kvs)} caches")
+    if log_weights is not None and len(log_weights) != len(kvs):
+        raise ValueError(f"{len(log_weights)} log-weights for {len(kvs)} caches")
     parts = [(i, kv) for i, kv in enumerate(kvs) if not _is_empty(kv)]
     mask = torch.cat([kv.mask for kv in kvs], dim=1)
     if not parts:
         return KV(DynamicCache(), mask)
-    if value_scales is None and len(parts) == 1 and parts[0][0] == 0:
+    if value_scales is None and log_weights is None and len(parts) == 1 and parts[0][0] == 0:
         return copy(parts[0][1])  # a lone first segment needs no shift
     offsets, total = [], torch.zeros(batch, dtype=torch.long, device=mask.device)
     for kv in kvs:
@@ -541,14 +592,24 @@ def concat(
             vs.append(v)
         layers.append((torch.cat(ks, 2), torch.cat(vs, 2)))
     mask = torch.cat([kvs[i].mask for i, _ in parts], dim=1)
-    return KV(cache_from_layers(layers), mask)
+    log_weight = None  # (B, L): each segment's own log-weights plus its sender weight
+    if log_weights is not None or any(kv.log_weight is not None for _, kv in parts):
+        columns = []
+        for i, kv in parts:
+            own = kv.log_weight if kv.log_weight is not None else torch.zeros(kv.mask.shape, device=mask.device)
+            if log_weights is not None:  # a module's weights (fp32, maybe elsewhere) follow the cache's mask
+                own = own.to(mask.device) + log_weights[i].to(device=mask.device, dtype=torch.float32)[:, None]
+            columns.append(own)
+        log_weight = torch.cat(columns, dim=1)
+    return KV(cache_from_layers(layers), mask, log_weight)
 
 
 def zero_values(kv: KV) -> KV:
     """The same cache with every value zeroed (keys kept): a control whose attention reads nothing."""
     if _is_empty(kv):
         return copy(kv)
-    return KV(cache_from_layers([(k, torch.zeros_like(v)) for k, v in kv.layers()]), kv.mask.clone())
+    return KV(cache_from_layers([(k, torch.zeros_like(v)) for k, v in kv.layers()]), kv.mask.clone(),
+              _slots(kv.log_weight, slice(None)))
 
 
 def shuffle_slots(kv: KV, rotary: torch.nn.Module | None, generator: torch.Generator | None = None) -> KV:
@@ -568,7 +629,7 @@ def shuffle_slots(kv: KV, rotary: torch.nn.Module | None, generator: torch.Gener
         # rotate_keys shifts per batch row; put the slot axis there: (L, H, 1, Dh).
         rotated = rotate_keys(moved.permute(2, 1, 0, 3), shift, rotary).permute(2, 1, 0, 3)
         layers.append((rotated.contiguous(), v[:, :, perm]))
-    return KV(cache_from_layers(layers), kv.mask.clone())
+    return KV(cache_from_layers(layers), kv.mask.clone(), _slots(kv.log_weight, perm))
 
 
 # ---- decoding and scoring ---------------------------------------------------------------------

@@ -111,13 +111,30 @@ def _masked(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
+def _load_bias(bias: torch.Tensor, mask: torch.Tensor, log_weight: torch.Tensor | None) -> None:
+    """Write a starting cache's slots into an additive mask (B, 1, 1, C) filled with the dtype's min:
+    each real slot gets its log-weight (B, L) (0 without)."""
+    length = mask.shape[1]
+    if log_weight is None:
+        bias[:, 0, 0, :length].masked_fill_(mask.bool(), 0.0)
+    else:
+        bias[:, 0, 0, :length] = torch.where(mask.bool(), log_weight.to(bias), bias[:, 0, 0, :length])
+
+
+def _read_bias(bias: torch.Tensor, weighted: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The padding mask (B, L) long and, for a weighted loop, the log-weights (B, L) fp32 of used slots."""
+    real = bias.ne(_masked(bias.dtype))
+    return real.long(), (bias.float().masked_fill(~real, 0.0) if weighted else None)
+
+
 class EagerLoop:
     """Token loop over fresh buffers; each step attends over the used slots only, and rows that have
     ended can leave (`keep_rows`)."""
 
     shrinks = True
 
-    def __init__(self, model: torch.nn.Module, layers: Layers, mask: torch.Tensor, steps: int) -> None:
+    def __init__(self, model: torch.nn.Module, layers: Layers, mask: torch.Tensor, steps: int,
+                 log_weight: torch.Tensor | None = None) -> None:
         keys0 = layers[0][0]
         batch, length = mask.shape
         capacity = bucket(length + steps)
@@ -131,10 +148,11 @@ class EagerLoop:
             vb[:, :, :length] = v
             buffers.append(BufferLayer(kb, vb, length))
         self.cache = Cache(layers=buffers)
-        # Additive attention mask (B, 1, 1, C): 0 where a real slot, the dtype's min elsewhere (the
-        # slots' padding mask is read off it: `bias == 0`).
+        # Additive attention mask (B, 1, 1, C): a real slot's log-weight (0 without), the dtype's min
+        # elsewhere (the slots' padding mask is read off it: `bias != min`).
         self.bias = torch.full((batch, 1, 1, capacity), _masked(keys0.dtype), dtype=keys0.dtype, device=mask.device)
-        self.bias[:, 0, 0, :length].masked_fill_(mask.bool(), 0.0)
+        _load_bias(self.bias, mask, log_weight)
+        self.weighted = log_weight is not None
         self.next_position = mask.sum(-1)  # (B,) the position of each row's next token
 
     def step(self, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -166,7 +184,7 @@ class EagerLoop:
         """The used slots: per layer (keys, values) (B, H, used, Dh) views, and the mask (B, used) long."""
         layers = [(layer.key_buffer[:, :, : self.used], layer.value_buffer[:, :, : self.used])
                   for layer in self.cache.layers]
-        return layers, self.bias[:, 0, 0, : self.used].eq(0).long()
+        return (layers, *_read_bias(self.bias[:, 0, 0, : self.used], self.weighted))
 
 
 def workspace_bytes(model: torch.nn.Module, template: Layers, batch: int, capacity: int, kind: str) -> int:
@@ -217,8 +235,8 @@ class _Workspace:
         tensors += [b for layer in self.cache.layers for b in (layer.key_buffer, layer.value_buffer)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def load(self, layers: Layers, mask: torch.Tensor) -> None:
-        """Copy a starting cache (rows already padded to the batch) into the buffers."""
+    def load(self, layers: Layers, mask: torch.Tensor, log_weight: torch.Tensor | None = None) -> None:
+        """Copy a starting cache (rows already padded to the batch) and its log-weights into the buffers."""
         length = mask.shape[1]
         for layer, (k, v) in zip(self.cache.layers, layers, strict=True):
             layer.key_buffer[:, :, :length].copy_(k)
@@ -226,7 +244,7 @@ class _Workspace:
             layer.key_buffer[:, :, length:].zero_()
             layer.value_buffer[:, :, length:].zero_()
         self.bias.fill_(_masked(self.bias.dtype))
-        self.bias[:, 0, 0, :length].masked_fill_(mask.bool(), 0.0)
+        _load_bias(self.bias, mask, log_weight)
         self.position.fill_(length)
         self.next_position.copy_(mask.sum(-1))
 
@@ -359,7 +377,8 @@ class LoopPool:
             self.reported.add(key)
             log.warning(message, *args)
 
-    def loop(self, layers: Layers, mask: torch.Tensor, steps: int, kind: str) -> StaticLoop | EagerLoop:
+    def loop(self, layers: Layers, mask: torch.Tensor, steps: int, kind: str,
+             log_weight: torch.Tensor | None = None) -> StaticLoop | EagerLoop:
         batch, length = mask.shape
         rows = bucket(batch, minimum=1)
         capacity = bucket(length + steps)
@@ -371,14 +390,14 @@ class LoopPool:
                 self._report(key, "a token-loop workspace of %d rows x %d slots needs %.2f GiB, more than the "
                              "budget of %.2f GiB (rollout.workspace_memory): those loops run eagerly",
                              rows, capacity, size / GIB, self.budget_bytes / GIB)
-                return EagerLoop(self.model, layers, mask, steps)
+                return EagerLoop(self.model, layers, mask, steps, log_weight)
             self._evict(size)
             try:
                 self.workspaces[key] = _Workspace(self.model, layers, rows, capacity, kind)
             except torch.OutOfMemoryError:
                 self._report(key, "out of memory allocating a token-loop workspace of %d rows x %d slots "
                              "(%.2f GiB): those loops run eagerly", rows, capacity, size / GIB)
-                return EagerLoop(self.model, layers, mask, steps)
+                return EagerLoop(self.model, layers, mask, steps, log_weight)
             self.created += 1
         workspace = self.workspaces.pop(key)
         self.workspaces[key] = workspace  # most recently used last
@@ -387,9 +406,10 @@ class LoopPool:
             index = torch.where(index < batch, index, 0)  # made on the device: no host copy
             layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
             mask = mask.index_select(0, index)
-        workspace.load(layers, mask)
+            log_weight = None if log_weight is None else log_weight.index_select(0, index)
+        workspace.load(layers, mask, log_weight)
         self.loops += 1
-        return StaticLoop(self, workspace, batch, length)
+        return StaticLoop(self, workspace, batch, length, log_weight is not None)
 
     def _capture(self, workspace: _Workspace) -> None:
         if not self.capture or workspace.graph is not None or workspace.capture_failed:
@@ -413,11 +433,12 @@ class StaticLoop:
 
     shrinks = False
 
-    def __init__(self, pool: LoopPool, workspace: _Workspace, batch: int, length: int) -> None:
+    def __init__(self, pool: LoopPool, workspace: _Workspace, batch: int, length: int, weighted: bool = False) -> None:
         self.pool = pool
         self.workspace = workspace
         self.batch = batch
         self.used = length
+        self.weighted = weighted  # the start had log-weights: `result` returns them
 
     def step(self, *, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         ws = self.workspace
@@ -441,5 +462,4 @@ class StaticLoop:
         ws, b, n = self.workspace, self.batch, self.used
         layers = [(layer.key_buffer[:b, :, :n].clone(), layer.value_buffer[:b, :, :n].clone())
                   for layer in ws.cache.layers]
-        mask = ws.bias[:b, 0, 0, :n].eq(0).long()
-        return layers, mask
+        return (layers, *_read_bias(ws.bias[:b, 0, 0, :n], self.weighted))

@@ -75,7 +75,14 @@ from gcache.policy.sampling import (
     expected_edges,
     sample_dags,
 )
-from gcache.policy.topology import active_agents, edge_mask, oracle_adjacency, with_judger_edges
+from gcache.policy.topology import (
+    active_agents,
+    edge_mask,
+    fixed_adjacency,
+    judger_senders_all,
+    oracle_adjacency,
+    with_judger_edges,
+)
 from gcache.rollout import RolloutBatch, RolloutConfig, RolloutEngine
 from gcache.tasks.base import Example, Task
 
@@ -93,7 +100,11 @@ class LossConfig:
     edge_cost: float = 0.01
     entropy_coef: float = 0.01
     fuser_weight: float = 1.0
-    fuser_rows_per_question: int = 1  # sampled graphs per question used in the fuser loss
+    fuser_rows_per_question: int = 1  # sampled graphs per question used in the fuser loss (fuser_graph "sampled")
+    fuser_graph: str = "sampled"  # what the fuser's NLL reads: "sampled" graphs, or "all" (every agent -> judger)
+
+
+FUSER_GRAPHS = ("sampled", "all")
 
 
 @dataclass
@@ -110,6 +121,7 @@ class Trajectory:
     scores: list[float | None]  # (B·G,) task rewards; None = unscorable
     api_stats: dict[str, float]  # API usage of the final answers (hybrid, api_hint)
     rollout_s: float  # seconds spent in rollouts and final answers
+    fuser_inputs: list | None = None  # judger inputs of the fuser's graphs (`fuser_graph="all"`; None: the rows')
 
     def rewards(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, G) rewards; NaN = unscorable."""
@@ -140,7 +152,7 @@ class GCacheModule(L.LightningModule):
         topology_seed: int = 0,
         graphs_per_question: int = 4,
         policy_lr: float = 1e-3,
-        fuser_lr: float = 1e-2,
+        fuser_lr: float = 5e-2,
         channel_lr: float = 1e-3,
         loss: LossConfig = LossConfig(),
         judger_edges: str = "sampled",
@@ -156,6 +168,8 @@ class GCacheModule(L.LightningModule):
             raise ValueError(f"graphs={graphs!r} is not one of {list(GRAPHS)}")
         if graphs == "oracle" and not task.oracle_graphs:
             raise ValueError(f"graphs='oracle' needs a task with oracle graphs (e.g. lookup); {task.name!r} has none")
+        if loss.fuser_graph not in FUSER_GRAPHS:
+            raise ValueError(f"fuser_graph={loss.fuser_graph!r} is not one of {list(FUSER_GRAPHS)}")
         self.graphs = graphs
         self.task = task
         self.roster = roster
@@ -185,6 +199,7 @@ class GCacheModule(L.LightningModule):
         self.register_buffer("edge_mask", edge_mask(topology, n, judger_edges=judger_edges, seed=topology_seed),
                              persistent=False)
         self.active = active_agents(topology, n)
+        self.topology_seed = topology_seed
         self._role_emb: torch.Tensor | None = None
         self._engine: RolloutEngine | None = None
         self.last_step_timings: dict[str, float] = {}
@@ -204,6 +219,7 @@ class GCacheModule(L.LightningModule):
             **({"chat_template_kwargs": dict(llm.chat_template_kwargs)} if llm.chat_template_kwargs else {}),
             # absent at their defaults, as in checkpoints from before these keys
             **({"channel": fuser.describe()} if fuser.channel != "gates" else {}),
+            **({"fusion": fuser.fusion} if fuser.fusion != "values" else {}),
             **({"graphs": graphs} if graphs != "learned" else {}),
         }
 
@@ -302,17 +318,34 @@ class GCacheModule(L.LightningModule):
             sample = self.sample_graphs(batch, logits)  # (B, G, N+1, N+1)
             adjacency = self.add_fixed_edges(sample.adjacency.reshape(b * g, n + 1, n + 1))  # (B·G, N+1, N+1)
             index = [q for q in range(b) for _ in range(g)]
+        ran = adjacency.shape[0]
+        if self.loss_config.fuser_graph == "all" and self.graphs == "learned":  # + one row per question: every
+            # agent -> judger, not decoded (oracle graphs: the fuser trains on the oracle graph it runs)
+            adjacency = torch.cat([adjacency, self.all_senders_graph(b)])
+            index = index + list(range(b))
         rollout_start = time.perf_counter()
         rows = self.engine.run(
             [ex.question for ex in batch], adjacency, index, answer_format=self.task.answer_format,
             active=self.active, agent_facts=[ex.agent_facts for ex in batch], edge_logits=logits.detach(),
-            keep_judger_inputs=True,
+            keep_judger_inputs=True, undecoded=range(ran, adjacency.shape[0]),
         )
+        fuser_inputs = None
+        if ran < adjacency.shape[0]:
+            fuser_inputs = rows.judger_inputs[ran:]
+            rows = dataclasses.replace(rows, rollouts=rows.rollouts[:ran], judger_inputs=rows.judger_inputs[:ran])
+            adjacency, index = adjacency[:ran], index[:ran]
         answers, api_stats = self._answers(batch, rows)
         rollout_s = time.perf_counter() - rollout_start
         return Trajectory(batch=batch, logits=logits, sample=sample, adjacency=adjacency, question_index=index,
                           rows=rows, answers=answers, scores=self.score(answers, [batch[q] for q in index]),
-                          api_stats=api_stats, rollout_s=rollout_s)
+                          api_stats=api_stats, rollout_s=rollout_s, fuser_inputs=fuser_inputs)
+
+    def all_senders_graph(self, rows: int) -> torch.Tensor:
+        """(rows, N+1, N+1) the topology's fixed graph with every running agent -> judger: the graph
+        of `gcache-fuser-only`, where several senders are read (what `fuser_graph="all"` trains on)."""
+        n = self.roster.num_agents
+        agents = fixed_adjacency(self.topology, n, self.topology_seed).expand(rows, -1, -1)
+        return judger_senders_all(agents, self.active)
 
     def losses(self, trajectory: Trajectory) -> StepLosses | None:
         """REINFORCE on the sampled graphs plus the fuser's answer NLL; None (with a warning naming the
@@ -335,7 +368,8 @@ class GCacheModule(L.LightningModule):
                 trajectory.sample.log_prob, rewards, expected_edges(logits, mask, temp),
                 edge_entropy(logits, mask, temp), edge_cost=cfg.edge_cost, entropy_coef=cfg.entropy_coef,
             )
-        fuser_loss = self.fuser_loss(batch, trajectory.rows, logits)
+        inputs = trajectory.rows.judger_inputs if trajectory.fuser_inputs is None else trajectory.fuser_inputs
+        fuser_loss = self.fuser_loss(batch, inputs, logits)
         total = policy_loss + cfg.fuser_weight * fuser_loss
         if not bool(torch.isfinite(total)):
             log.warning("non-finite loss (policy %s, fuser %s) for question(s) %s at step %d: step skipped",
@@ -364,11 +398,11 @@ class GCacheModule(L.LightningModule):
             **{f"train/{k}": v for k, v in trajectory.api_stats.items()},
         }
         metrics.update({f"train/{k}": v for k, v in losses.stats.items() if torch.is_tensor(v) and v.numel() == 1})
-        with torch.no_grad():  # the judger's gate for each sender, averaged over layers and questions
-            judger_gates = self.fuser.gates(logits[:, :n, n].T).mean((1, 2))  # (N,)
+        with torch.no_grad():  # the judger's weight of each sender (value gates: averaged over layers), over questions
+            judger_gates = self.fuser.sender_weights(logits[:, :n, n].T).mean(1)  # (N,)
         for role, gate in zip(self.roster.roles, judger_gates, strict=True):
             metrics[f"train/gate/{role.name}"] = gate
-        metrics["train/gate_slope"] = self.fuser.logit_slope.detach()
+        metrics["train/gate_slope"] = self.fuser.slope.detach()
         return metrics
 
     def _on_every_rank(self, decision: bool) -> bool:
@@ -376,10 +410,11 @@ class GCacheModule(L.LightningModule):
         trainer = self._trainer
         return decision if trainer is None else trainer.strategy.reduce_boolean_decision(decision, all=True)
 
-    def fuser_loss(self, batch: list[Example], rows, logits: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced NLL of the reference answer given the judger prompt on its fused cache. With
-        the `realign` channel the direct senders' segments are recomputed from their starts with autograd
-        through their latent steps (what they received stays fixed: the gradient stops at a sender's inputs)."""
+    def fuser_loss(self, batch: list[Example], judger_inputs, logits: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced NLL of the reference answer given the judger prompt on its fused cache (of
+        `judger_inputs`: the sampled rows', or the all-senders graph's). With the `realign` channel the
+        direct senders' segments are recomputed from their starts with autograd through their latent
+        steps (what they received stays fixed: the gradient stops at a sender's inputs)."""
         n = self.roster.num_agents
         per_q = self.loss_config.fuser_rows_per_question
         seen: dict[int, int] = {}
@@ -387,7 +422,7 @@ class GCacheModule(L.LightningModule):
         if not self.fuser_trains_policy:
             logits = logits.detach()  # the NLL trains the fuser only; the topology learns from reward
         realign = self.engine.agent_realignment() if self.fuser.realign is not None else None
-        for inp in rows.judger_inputs:
+        for inp in judger_inputs:
             if seen.get(inp.question_index, 0) >= per_q or not inp.sender_kvs:
                 continue
             seen[inp.question_index] = seen.get(inp.question_index, 0) + 1

@@ -361,10 +361,13 @@ class RolloutEngine:
         edge_logits: torch.Tensor | None = None,
         keep_judger_inputs: bool = False,
         generator: torch.Generator | None = None,
+        undecoded: Sequence[int] = (),
     ) -> RolloutBatch:
         """Run R rows. adjacency (R, N+1, N+1) bool (node N = the judger); question_index (R,)
         into `questions`; agent_facts[q][i]: what agent i holds for question q (or None);
-        edge_logits (Q, N+1, N+1) per question (the judger's gates) or None."""
+        edge_logits (Q, N+1, N+1) per question (the judger's gates) or None. Rows in `undecoded` run
+        their agents and build their judger's input (kept with `keep_judger_inputs`, for a loss) but
+        their judger neither prefills nor decodes: their rollouts' answers are empty."""
         started = time.perf_counter()
         check_inputs(adjacency, self.roster.num_agents, agent_facts)
         if generator is not None and generator.device.type != self.llm.device.type:
@@ -382,7 +385,7 @@ class RolloutEngine:
                 self._run_agents(plan, chunk, questions, agent_facts, done, agent_realign, generator, keep_starts)
         rollouts, judger_inputs, decodes = self._run_judger(
             plan, questions, question_index, adjacency, done, edge_logits, answer_format, keep_judger_inputs,
-            realign, generator,
+            realign, generator, set(undecoded),
         )
         per_row = (time.perf_counter() - started) / max(len(rollouts), 1)
         for rollout in rollouts:
@@ -496,7 +499,7 @@ class RolloutEngine:
         return self.fuser.fuse(segments, s[:, None], self.llm.rotary, gated=gated)
 
     def _run_judger(self, plan, questions, question_index, adjacency, done, edge_logits, answer_format,
-                    keep_inputs, realign, generator):
+                    keep_inputs, realign, generator, undecoded=frozenset()):
         """Every row's judger: its input built once per distinct input, decoded in batches, and the
         row's `Rollout` (with its `JudgerInput` for the fuser loss when `keep_inputs`)."""
         latent = self.config.method == "latent"
@@ -520,9 +523,12 @@ class RolloutEngine:
                          for r in unique.values()}
         groups: dict[int, list[int]] = {}
         for r in rows:
-            groups.setdefault(unique[key(r)], []).append(r)
+            if r not in undecoded:
+                groups.setdefault(unique[key(r)], []).append(r)
         outputs = self._decode_judgers(groups, prompts, caches, cache_lengths, realign, generator)
         sampled = self.config.temperature > 0
+        for r in undecoded:  # an input built for a loss only: nothing decoded, nothing prefilled
+            outputs.setdefault(r if sampled else unique[key(r)], ("", 0, 0, cache_lengths[unique[key(r)]]))
         rollouts, judger_inputs = [], []
         for r in rows:
             u = unique[key(r)]
@@ -540,7 +546,8 @@ class RolloutEngine:
                     sender_starts=[done[x].start for x in reads],
                     cache=caches[u],
                 ))
-        return rollouts, judger_inputs, len(rows) if sampled else len(unique)
+        decoded = [r for r in rows if r not in undecoded]
+        return rollouts, judger_inputs, len(decoded) if sampled else len({unique[key(r)] for r in decoded})
 
     def _judger_sources(self, question_index: Sequence[int]) -> list[int]:
         """Which row's inputs each row's judger reads: its own, or under the mismatched control

@@ -292,8 +292,27 @@ def aggregate(
                     iterations, seed)
     routing = {name: r for name in names
                if (r := routing_summary([row for s in seeds for row in tables[s].get(name, {}).values()]))}
+    ablation = [{"part": part, "with": a, "without": b,
+                 **_comparison([(s, tables[s].get(a, {}), tables[s].get(b, {})) for s in seeds], a, iterations, seed)}
+                for a, b, part in ablation_pairs(records_by_seed)]
     return {"reference": reference, "seeds": seeds, "methods": methods, "comparisons": comparisons,
-            "routing": routing}
+            "routing": routing, **({"ablation": ablation} if ablation else {})}
+
+
+def ablation_pairs(records_by_seed: Mapping[int, Sequence[dict]]) -> list[tuple[str, str, str]]:
+    """The pairs of methods that say what each trained part adds, among the methods evaluated: (with the
+    part, without it, the part). `fixed-<topology>` is the graph `gcache-fuser-only` ran (its records'
+    config), so the fuser alone is compared with that graph read plainly."""
+    records = [r for rows in records_by_seed.values() for r in rows]
+    names = {r["method"] for r in records}
+    graph = next((r.get("config", {}).get("graph") for r in records if r["method"] == "gcache-fuser-only"), None)
+    fixed = f"fixed-{graph}" if graph else None
+    pairs = [("gcache", "gcache-policy-only", "the fuser, on the learned graph"),
+             ("gcache-fuser-only", fixed, "the fuser alone, on every agent -> judger"),
+             ("gcache", "gcache-fuser-only", "the learned graph, given the fuser"),
+             ("gcache-policy-only", fixed, "the learned graph alone"),
+             ("gcache-fuser-only", "gcache-fuser-other-question", "the fuser's signal of its own question")]
+    return [(a, b, part) for a, b, part in pairs if a in names and b in names]
 
 
 def routing_summary(records: Sequence[dict]) -> dict[str, Any] | None:
@@ -548,9 +567,28 @@ def study_markdown(summary: dict, title: str) -> str:
             f"questions with all their seeds ({iterations} resamples), so a question repeated over "
             "seeds counts as one question, not as new evidence.",
         ]
+    lines += ablation_markdown(summary)
     lines += routing_markdown(summary)
     lines += compute_markdown(summary)
     return "\n".join(lines) + "\n"
+
+
+def ablation_markdown(summary: dict) -> list[str]:
+    """"What each trained part adds": the `ablation` pairs of an `aggregate` summary (empty without)."""
+    if not summary.get("ablation"):
+        return []
+    lines = ["", "## What each trained part adds", "",
+             "Each row: the method with the part minus the method without it, on the (seed, question) pairs both "
+             "scored; 95% CI = cluster bootstrap over questions, p = paired sign-flip test over questions.", ""]
+    cols = ["part", "with", "without", "with acc", "without acc", "diff", "95% CI", "b10/b01", "p pooled"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in summary["ablation"]:
+        pooled = row["pooled"]
+        lines.append("| " + " | ".join([
+            row["part"], row["with"], row["without"], _fmt(pooled.get("reference_accuracy")),
+            _fmt(pooled.get("method_accuracy")), _fmt(pooled["diff"], "+.3f"), _fmt_ci(pooled["bootstrap"]["ci95"], "+.3f"),
+            f"{pooled['b10']}/{pooled['b01']}", _fmt_p(pooled["p_value"])]) + " |")
+    return lines
 
 
 def routing_markdown(summary: dict) -> list[str]:

@@ -58,7 +58,7 @@ def run_seed(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     summary_path = out / "summary.json"
     # The mode's baselines (api_single under an API mode) are evaluated here, not by the training run.
-    methods = list(dict.fromkeys([*cfg.methods, *(cfg.mode.get("methods") or [])]))
+    methods = list(dict.fromkeys([*cfg.methods, *(cfg.mode.get("methods") or []), *ablation_methods(cfg)]))
     if summary_path.exists():
         log.info("seed %s: trained already (%s)", cfg.seed, summary_path)
         summary = json.loads(summary_path.read_text())
@@ -80,6 +80,20 @@ def run_seed(cfg: DictConfig) -> dict[str, Any]:
         eval_cfg.output_dir = str(out / "eval")
     report = evaluate(eval_cfg)
     return {"summary": summary, "report": report}
+
+
+def ablation_methods(cfg: DictConfig) -> list[str]:
+    """With `study.ablation` (the default) and a run that trains a policy and a fuser: the methods that
+    say what each adds (`gcache.stats.ablation_pairs`): the policy alone, the fuser alone, the fuser
+    with another question's signal, and the fuser's graph without it (`fixed-<topology>`)."""
+    from gcache.evaluate import METHODS
+
+    policy = cfg.policy
+    if not cfg.study.get("ablation", True) or policy.get("graphs", "learned") != "learned" or not policy.fuser_weight:
+        return []
+    fixed = f"fixed-{cfg.topology.name}"
+    return ["gcache-policy-only", "gcache-fuser-only", "gcache-fuser-other-question",
+            *([fixed] if fixed in METHODS else [])]
 
 
 def aggregate_study(directory: str | Path, *, reference: str = "gcache", title: str = "",

@@ -1,8 +1,21 @@
-"""CacheFuser: fuse several senders' KV caches into one receiver input, with learned gates.
+"""CacheFuser: fuse several senders' KV caches into one receiver input, with learned weights.
 
 Senders' caches are concatenated along the sequence (each segment re-rotated to follow
 the previous one, `gcache.kv.concat`); keys of different tokens are never averaged and
-no sender is truncated. The values of sender segment i at layer l are scaled by
+no sender is truncated. What the fuser learns is how much the reader takes from each sender
+(`fusion`):
+
+- `attention` (the default): the reader's attention to every slot of sender segment i is
+  weighted by
+
+      w_i = 2 · σ(a + b · s_i)
+
+  (s_i: the policy's logit of the edge sender → receiver), added as log w_i to the attention
+  logits of those slots for every query the reader runs, at every layer (the KV's log-weights,
+  `gcache.kv`). The softmax renormalises, so w_i → 0 removes a sender exactly as if the graph
+  had no edge, and w_i = 1 is plain attention: where several senders are read and only some
+  help, the fuser learns to read those. a and b start at zero (w = 1: plain concatenation).
+- `values`: the values of sender segment i at layer l are scaled by
 
     g_{l,i} = 2 · σ(a_l + b · s_i)
 
@@ -13,7 +26,16 @@ from the logit of an edge that does not exist would train (and, through s_i, mov
 that did not run. Parameters a (one per
 layer) and b start at zero, so g = 1: an untrained fuser is plain concatenation (on a
 chain, exactly the LatentMAS chain), and training only moves away from that. A gate
-below 1 damps what a sender contributes at that layer, above 1 amplifies it.
+below 1 damps what a sender contributes at that layer, above 1 amplifies it. A gate cannot
+remove a sender: the reader's attention still goes to a damped segment's slots. Measured on
+`lookup` (docs/cache-fuser.md), gates trained on the one-keeper graphs the policy samples learned
+no slope (b = −0.001; per-layer gates 0.88–1.12 for every keeper alike), so on the all-keeper
+graph they changed 9 of 40 answers and no score (0.275, as without them). Kept to evaluate
+runs trained with them.
+
+Only segments of direct senders (an edge sender → receiver that was sampled) are weighted, in
+both fusions: under `full` retention a reader also reads ancestors through its senders, and
+their segments keep weight 1.
 
 The fuser is trained by a differentiable loss — the teacher-forced NLL of the reference
 answer given the judger's prompt on its fused cache (`gcache.kv.answer_nll`) —
@@ -51,6 +73,7 @@ stops at what they received. Its learning rate is `policy.channel_lr`, apart fro
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -59,6 +82,7 @@ from torch import nn
 from gcache import kv
 
 CHANNELS = ("gates", "lowrank", "realign")
+FUSIONS = ("attention", "values")
 
 
 class TrainedRealignment(nn.Module):
@@ -97,18 +121,28 @@ class TrainedRealignment(nn.Module):
 
 class CacheFuser(nn.Module):
     def __init__(self, num_layers: int, *, channel: str = "gates", rank: int = 8, kv_dim: int | None = None,
-                 hidden_dim: int | None = None, latent_steps: int | None = None, seed: int = 0) -> None:
-        """channel: "gates" (the gates alone), "lowrank" (the gates on a trained low-rank rewrite of
-        each direct sender's keys and values, of rank `rank`; kv_dim = KV heads × head dim) or
-        "realign" (the gates, and a `TrainedRealignment` of every agent's latent steps: hidden_dim,
-        latent_steps offsets, rank `rank`)."""
+                 hidden_dim: int | None = None, latent_steps: int | None = None, seed: int = 0,
+                 fusion: str = "attention") -> None:
+        """fusion: "attention" (a weight per sender on the reader's attention) or "values" (a gate
+        per layer and sender on the values). channel: "gates" (the fusion alone), "lowrank" (the
+        fusion on a trained low-rank rewrite of each direct sender's keys and values, of rank `rank`;
+        kv_dim = KV heads × head dim) or "realign" (the fusion, and a `TrainedRealignment` of every
+        agent's latent steps: hidden_dim, latent_steps offsets, rank `rank`)."""
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"num_layers must be >= 1, got {num_layers}")
         if channel not in CHANNELS:
             raise ValueError(f"channel={channel!r} is not one of {list(CHANNELS)}")
-        self.layer_bias = nn.Parameter(torch.zeros(num_layers))  # a_l
-        self.logit_slope = nn.Parameter(torch.zeros(()))  # b
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion={fusion!r} is not one of {list(FUSIONS)}")
+        self.fusion = fusion
+        self._num_layers = num_layers
+        if fusion == "values":
+            self.layer_bias = nn.Parameter(torch.zeros(num_layers))  # a_l
+            self.logit_slope = nn.Parameter(torch.zeros(()))  # b
+        else:
+            self.weight_bias = nn.Parameter(torch.zeros(()))  # a
+            self.weight_slope = nn.Parameter(torch.zeros(()))  # b
         self.channel = channel
         if channel != "gates" and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"channel rank must be an integer >= 1, got {rank!r}")
@@ -127,8 +161,15 @@ class CacheFuser(nn.Module):
             self.realign = TrainedRealignment(hidden_dim, latent_steps, rank, seed=seed)
 
     def gate_parameters(self) -> list[nn.Parameter]:
-        """a and b (trained at `policy.fuser_lr`)."""
-        return [self.layer_bias, self.logit_slope]
+        """The fusion's a and b (trained at `policy.fuser_lr`)."""
+        if self.fusion == "values":
+            return [self.layer_bias, self.logit_slope]
+        return [self.weight_bias, self.weight_slope]
+
+    @property
+    def slope(self) -> torch.Tensor:
+        """b: how strongly the edge logit moves a sender's weight."""
+        return self.logit_slope if self.fusion == "values" else self.weight_slope
 
     def channel_parameters(self) -> list[nn.Parameter]:
         """The trained channel's parameters (at `policy.channel_lr`); none for `gates`."""
@@ -146,14 +187,31 @@ class CacheFuser(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return self.layer_bias.shape[0]
+        return self._num_layers
 
     def gates(self, edge_logits: torch.Tensor) -> torch.Tensor:
-        """Gates for senders with edge logits (S, B) -> (S, num_layers, B)."""
+        """Value gates (fusion `values`) for senders with edge logits (S, B) -> (S, num_layers, B)."""
+        if self.fusion != "values":
+            raise ValueError("gates are the values fusion's; this fuser weights attention (log_weights)")
         pre = self.layer_bias[None, :, None] + self.logit_slope * edge_logits[:, None, :].to(
             self.layer_bias
         )
         return 2.0 * torch.sigmoid(pre)
+
+    def log_weights(self, edge_logits: torch.Tensor) -> torch.Tensor:
+        """Attention log-weights (fusion `attention`) log w = log 2 + log σ(a + b s) for senders with
+        edge logits (S, B) -> (S, B), in fp32 (exact far into the tails, where w underflows)."""
+        if self.fusion != "attention":
+            raise ValueError("log_weights are the attention fusion's; this fuser gates values (gates)")
+        pre = self.weight_bias + self.weight_slope * edge_logits.to(self.weight_bias)
+        return math.log(2.0) + torch.nn.functional.logsigmoid(pre)
+
+    def sender_weights(self, edge_logits: torch.Tensor) -> torch.Tensor:
+        """What each sender (edge logits (S, B)) weighs for its reader, (S, B): the attention weight w, or
+        the value gate averaged over layers."""
+        if self.fusion == "values":
+            return self.gates(edge_logits).mean(1)
+        return self.log_weights(edge_logits).exp()
 
     def rewrite(self, segment: kv.KV) -> kv.KV:
         """The channel applied to one sender's segment (B rows): every layer's keys and values
@@ -177,7 +235,7 @@ class CacheFuser(nn.Module):
                 flat = flat + (flat @ down) @ up + bias  # (B, T, D)
                 pair.append(flat.to(x.dtype).reshape(b, t, h, dh).transpose(1, 2))  # (B, H, T, Dh)
             layers.append(tuple(pair))
-        return kv.KV(kv.cache_from_layers(layers), segment.mask)
+        return kv.KV(kv.cache_from_layers(layers), segment.mask, segment.log_weight)
 
     def fuse(
         self,
@@ -187,22 +245,27 @@ class CacheFuser(nn.Module):
         gated: Sequence[bool] | None = None,
     ) -> kv.KV:
         """Fuse senders' caches (each with B rows) for B receivers; edge_logits (S, B) or None (= 0).
-        `gated[s]` False: segment s is an ancestor read through a sender, not a sender: gate 1 and
-        no channel rewrite (the channel, like the gates, acts on the edges that exist)."""
+        `gated[s]` False: segment s is an ancestor read through a sender, not a sender: weight 1 and
+        no channel rewrite (the channel, like the weights, acts on the edges that exist)."""
         if not senders:
             raise ValueError("fuse needs at least one sender")
         batch = senders[0].batch_size
+        param = self.gate_parameters()[0]
         if edge_logits is None:
-            edge_logits = torch.zeros(len(senders), batch, device=self.layer_bias.device)
+            edge_logits = torch.zeros(len(senders), batch, device=param.device)
         if edge_logits.shape != (len(senders), batch):
             raise ValueError(
                 f"edge_logits must be ({len(senders)}, {batch}), got {tuple(edge_logits.shape)}"
             )
-        gates = self.gates(edge_logits)  # (S, L, B)
-        if gated is not None:
-            if len(gated) != len(senders):
-                raise ValueError(f"gated has {len(gated)} entries for {len(senders)} senders")
-            keep = torch.tensor(list(gated), dtype=torch.bool, device=gates.device)[:, None, None]  # (S, 1, 1)
-            gates = torch.where(keep, gates, torch.ones_like(gates))
+        if gated is not None and len(gated) != len(senders):
+            raise ValueError(f"gated has {len(gated)} entries for {len(senders)} senders")
+        keep = torch.tensor([True] * len(senders) if gated is None else list(gated), dtype=torch.bool,
+                            device=param.device)  # (S,)
         senders = [self.rewrite(s) if gated is None or gated[i] else s for i, s in enumerate(senders)]
-        return kv.concat(senders, rotary, list(gates.unbind(0)))
+        if self.fusion == "values":
+            gates = self.gates(edge_logits)  # (S, L, B)
+            gates = torch.where(keep[:, None, None], gates, torch.ones_like(gates))
+            return kv.concat(senders, rotary, list(gates.unbind(0)))
+        log_w = self.log_weights(edge_logits)  # (S, B)
+        log_w = torch.where(keep[:, None], log_w, torch.zeros_like(log_w))
+        return kv.concat(senders, rotary, log_weights=list(log_w.unbind(0)))
