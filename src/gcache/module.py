@@ -16,9 +16,11 @@ attributes, built in `setup`) and never written into checkpoints.
 4. rewards from the task (`Task.reward`; None = unscorable, left out of baselines);
 5. policy loss: REINFORCE with a leave-one-out baseline + edge cost − entropy bonus;
 6. fuser loss: teacher-forced NLL of the reference answer given the judger's prompt on
-   its fused cache, with gates driven by the judger-edge logits. The gates are applied
-   only where the judger reads (see `gcache.rollout`), so this loss differentiates exactly
-   what the rollout applied. It trains the fuser; it reaches the policy through the edge
+   its fused cache, each sender weighted from its judger-edge logit, on the graph where the
+   judger reads every agent (`fuser_graph="all"`: one more row per question, built with the
+   sampled rows' agents and never decoded) or on the sampled graphs (`"sampled"`). The weights
+   are applied only where the judger reads (see `gcache.rollout`), so this loss differentiates
+   exactly what the rollout applies. It trains the fuser; it reaches the policy through the edge
    logits only when `fuser_trains_policy=True` (default off: the topology learns from reward);
 7. one Adam step on policy + fuser (automatic optimisation).
 

@@ -21,12 +21,13 @@ reaches any reader **at most once**:
 Only agents with a path to the judger run (the others cannot change the answer and cost
 nothing); a graph without judger edges is the judger answering alone.
 
-Gates. With a `CacheFuser`, the judger's input is the gated concatenation of the segments
-it reads: segment i's values at layer l are scaled by g_{l,i}(edge logit i → judger),
-once, where i is a direct sender (its edge i → judger was sampled); ancestors read through
-a sender (`full` retention) get gate 1. Agents read plain concatenations, so what the fuser's loss differentiates (the
-judger's fusion, `GCacheModule.fuser_loss`) is exactly what the rollout applies, and an
-untrained fuser (g = 1) reproduces plain concatenation.
+The fuser. With a `CacheFuser`, the judger's input is the weighted concatenation of the segments
+it reads: segment i weighted by w_i(edge logit i → judger) — the judger's attention to its slots
+(`fusion="attention"`, the KV's log-weights) or its values (`"values"`, per layer) — once, where i
+is a direct sender (its edge i → judger was sampled); ancestors read through a sender (`full`
+retention) get weight 1. Agents read plain concatenations, so what the fuser's loss differentiates
+(the judger's fusion, `GCacheModule.fuser_loss`) is exactly what the rollout applies, and an
+untrained fuser (w = 1) reproduces plain concatenation.
 
 Planning (`plan_rollouts`: which agent reads which segments, which computations are
 identical and shared) is a pure function of the graphs; `RolloutEngine.run` executes a
