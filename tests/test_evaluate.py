@@ -95,6 +95,41 @@ def test_a_finished_run_is_not_recomputed(full_run, tmp_path):
     assert (tmp_path / "results.jsonl").read_text() == before
 
 
+def test_methods_share_agents_on_a_batch_and_their_records_are_those_of_methods_run_alone(full_run, tmp_path,
+                                                                                         monkeypatch, caplog):
+    """The full run shared agents between methods (fixed-full and its controls read the same agents;
+    latent_mas's first agent is fixed-full's); without sharing, every record is the same."""
+    from gcache.rollout import RolloutEngine
+
+    out, _ = full_run
+    shared = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    computed = {"shared": 0, "alone": 0}
+    real_run = RolloutEngine.run
+
+    def counting(self, *args, **kwargs):
+        batch = real_run(self, *args, **kwargs)
+        computed[mode] += batch.prefills
+        return batch
+
+    monkeypatch.setattr(RolloutEngine, "run", counting)
+    mode = "shared"
+    evaluate(_cfg(tmp_path / "shared"))
+    mode = "alone"
+    monkeypatch.setattr(RolloutEngine, "_memo_key", lambda self, *args: object())  # never the same key: no sharing
+    with caplog.at_level("INFO", logger="gcache.evaluate"):
+        evaluate(_cfg(tmp_path / "alone"))
+    alone = [json.loads(line) for line in (tmp_path / "alone" / "results.jsonl").read_text().splitlines()]
+
+    def key(r):
+        return {k: v for k, v in r.items() if k != "seconds"}
+
+    assert sorted(map(json.dumps, map(key, alone))) == sorted(map(json.dumps, map(key, shared)))
+    # agent computations run: fixed-full's four agents once per batch for it and its four controls
+    # (mismatched, zeroed, shuffled share them; the realign controls think otherwise), latent_mas's first
+    assert computed["shared"] < computed["alone"]
+    print(f"agent computations: {computed['alone']} alone, {computed['shared']} shared")
+
+
 def test_wilson_interval_and_unknown_method(tmp_path):
     low, high = wilson_interval(0, 10)
     assert low == 0.0 and 0.25 < high < 0.35

@@ -120,7 +120,7 @@ TRAFFIC = {  # a copy between host and GPU
     ("nonzero", "kv.py:decode"): "every check_every (8) tokens: have all rows ended? (the loop's only read)",
     ("__int__", "kv.py:decode"): "once after the loop: the longest row, to cut trailing padding",
     ("cpu", "rollout.py:_decode"): "the answers' token ids and counts, one copy per decoded batch",
-    ("to", "rollout.py:_tokenize"): "prompt ids and mask, one copy per prefilled batch (each agent level, the judger)",
+    ("to", "rollout.py:_prefill_prompts"): "prompt ids and mask, one copy per prefilled batch (each agent level, the judger)",
     ("cpu", "rollout.py:run"): "the graphs to the host planner (in training they are on the policy's device)",
 }
 NO_TRAFFIC = {  # a host tensor, or a tensor already on the device
@@ -129,8 +129,8 @@ NO_TRAFFIC = {  # a host tensor, or a tensor already on the device
     ("cpu", "llm/local.py:decode_ids"): "host tensors (rollout._decode copied them)",
     ("tolist", "llm/local.py:decode_ids"): "host tensors",
     ("tolist", "rollout.py:_decode"): "host counts",
-    ("tolist", "rollout.py:_decode_judgers"): "the tokenizer's host mask: prompt lengths",
-    ("tolist", "rollout.py:_run_agents"): "the tokenizer's host mask: prompt lengths",
+    ("tolist", "rollout.py:_prefill_prompts"): "the tokenizer's host ids and mask: prompt lengths and prefixes",
+    ("__int__", "rollout.py:_prefill_prompts"): "the host mask: tokens prefilled",
     ("tolist", "rollout.py:_direct_senders"): "a host graph",
     ("cpu", "policy/sampling.py:topological_waves"): "a host graph",
     ("tolist", "policy/sampling.py:topological_waves"): "a host graph",
@@ -222,5 +222,5 @@ def test_host_device_traffic_of_a_row_is_a_fixed_list_of_sites_and_at_most_ten(m
     assert moved[8, 32, 1].pop(eos_check) == 3 and eos_check not in moved[2, 8, 1]  # at 8, 16, 24 of 32
     assert moved[8, 32, 4].pop(eos_check) == 3
     assert moved[2, 8, 1] == moved[8, 32, 1] == moved[8, 32, 4]
-    assert moved[2, 8, 1][("to", "rollout.py:_tokenize")] == 3  # agent level 0, level 1, the judger
+    assert moved[2, 8, 1][("to", "rollout.py:_prefill_prompts")] == 3  # agent level 0, level 1, the judger
     assert sum(moved[8, 32, 1].values()) + 3 <= 10  # the benchmark's row: 8 latent steps, 32 tokens

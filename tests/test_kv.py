@@ -338,6 +338,43 @@ def test_answer_nll_gradient_reaches_attention_log_weights(llm, model):
 
 
 @torch.no_grad()
+def test_prompts_on_cached_prefixes_equal_whole_prompts_in_a_left_padded_batch(llm):
+    """Agents without senders (two roles, questions of different lengths: left padding) and judgers alone
+    prefill on the model's cached chat-header + role prefixes (`gcache.prefix_cache`): their segments
+    and answers equal those of whole-prompt prefills; an agent on a past never uses a prefix."""
+    from gcache.agents import build_roster
+    from gcache.policy.topology import judger_senders_all
+    from gcache.rollout import RolloutConfig, RolloutEngine
+
+    roster = build_roster("math")
+    n = roster.num_agents
+    questions = ["What is 2 + 3?", "A train leaves at noon at 60 km/h; how far has it gone by 3 pm, in km?"]
+    graphs = torch.cat([judger_senders_all(torch.zeros(1, n, n, dtype=torch.bool)),  # every agent alone -> judger
+                        torch.zeros(1, n + 1, n + 1, dtype=torch.bool)])  # the judger alone
+    graphs[0, 0, 1] = True  # agent 1 reads agent 0: a prompt on a past
+    runs = {}
+    for cached in (False, True):
+        engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, retention="full", max_new_tokens=3,
+                                                          prefix_cache=cached))
+        runs[cached] = engine.run(questions, torch.cat([graphs, graphs]), [0, 0, 1, 1], answer_format="Answer:",
+                                  keep_judger_inputs=True)
+    plain, cached = runs[False], runs[True]
+    assert [r.answer for r in cached.rollouts] == [r.answer for r in plain.rollouts]
+    assert [r.prompt_tokens for r in cached.rollouts] == [r.prompt_tokens for r in plain.rollouts]
+    for a, b in zip(cached.judger_inputs, plain.judger_inputs, strict=True):
+        for seg_a, seg_b in zip(a.sender_kvs, b.sender_kvs, strict=True):
+            real = seg_a.mask[0].bool()  # a segment built on a prefix may hold the batch's padding inside
+            assert int(real.sum()) == seg_b.seq_len == int(seg_b.lengths[0])
+            for (ka, va), (kb, vb) in zip(seg_a.layers(), seg_b.layers(), strict=True):
+                torch.testing.assert_close(ka[:, :, real], kb, atol=1e-5, rtol=0)
+                torch.testing.assert_close(va[:, :, real], vb, atol=1e-5, rtol=0)
+    assert any(not bool(seg.mask.all()) for inp in cached.judger_inputs for seg in inp.sender_kvs)  # padding inside
+    assert cached.prefill_tokens < plain.prefill_tokens
+    stats = llm.prefix_cache().stats()
+    assert stats["computed"] >= 3 and stats["uses"] >= 2 * (n - 1) + 2  # agents alone and judgers alone, per question
+
+
+@torch.no_grad()
 def test_decode_does_not_change_the_callers_cache(llm, model, pool):
     step = kv.prefill(model, *_ones(_ids(8, seed=12)[0]))
     before = [(k.clone(), v.clone()) for k, v in step.kv.layers()]

@@ -97,7 +97,7 @@ from gcache.report import (
     report_markdown,
     write_report,
 )
-from gcache.rollout import RolloutConfig, RolloutEngine
+from gcache.rollout import AgentMemo, RolloutConfig, RolloutEngine
 from gcache.secrets import redacted_config
 from gcache.stats import mcnemar_exact, wilson_interval
 
@@ -140,6 +140,7 @@ class Evaluator:
         self.module = module
         self.baseline_topology = baseline_topology
         self.ckpt_path = ckpt_path
+        self.memo = AgentMemo()  # agents shared between the methods run on one batch (cleared per batch)
 
     @property
     def subject(self) -> str:
@@ -222,7 +223,12 @@ class Evaluator:
         if method in API_METHODS:
             return self._run_api(method, batch, start, config)
         if method == "gcache":  # exactly what the training run's validation and test run
-            answers, _, rows = self.module.evaluate_batch(batch)
+            engine = self.module.engine
+            engine.memo = self.memo
+            try:
+                answers, _, rows = self.module.evaluate_batch(batch)
+            finally:
+                engine.memo = None
         else:
             base = self.module.rollout_config
             rollout = RolloutConfig(**{
@@ -234,6 +240,7 @@ class Evaluator:
             })
             fuser = self.module.fuser if config["fuser"] == "trained" else None
             engine = RolloutEngine(self.module.llm, self.module.roster, rollout, fuser=fuser)
+            engine.memo = self.memo
             adjacency, logits = self._graph(config, batch)
             if fuser is not None and logits is None:
                 with torch.no_grad():
@@ -392,10 +399,13 @@ def evaluate(cfg: DictConfig, *, module=None, overrides: list[str] | None = None
     todo = [(m, ex) for m in methods for ex in examples if (ex.id, m) not in done]
     log.info("%d of %d (question, method) pairs to run (%d done)", len(todo), len(methods) * len(examples), len(done))
     with tqdm(total=len(todo), desc="evaluate", disable=not todo) as bar:
-        for method in methods:
-            pending = [ex for m, ex in todo if m == method]
-            for start in range(0, len(pending), cfg.eval_batch_size):
-                batch = pending[start : start + cfg.eval_batch_size]
+        # a batch of questions at a time, every method on it: the methods share its agents (`AgentMemo`)
+        for start in range(0, len(examples), cfg.eval_batch_size):
+            evaluator.memo.clear()
+            for method in methods:
+                batch = [ex for ex in examples[start : start + cfg.eval_batch_size] if (ex.id, method) not in done]
+                if not batch:
+                    continue
                 if method == "mismatched" and len(batch) < 2:
                     batch = [*batch, *[ex for ex in examples if ex.id != batch[0].id][:1]]
                 records = [r for r in evaluator.run(method, batch) if (r["id"], method) not in done]
@@ -406,6 +416,10 @@ def evaluate(cfg: DictConfig, *, module=None, overrides: list[str] | None = None
                     fh.flush()
                     os.fsync(fh.fileno())
                 bar.update(len(records))
+    evaluator.memo.clear()
+    if evaluator.memo.computed:
+        log.info("agents computed %d times, shared between methods %d times", evaluator.memo.computed,
+                 evaluator.memo.shared)
     title = f"{task.name}: {len(examples)} questions, model {module.llm.name}"
     report = write_report(out, title=title, settings=settings)
     log.info("report: %s (on stdout)", out / "report.md")
@@ -438,14 +452,17 @@ def compare_on_test(module, methods: list[str], examples: list, out: Path, *, ba
     try:
         with module.api_part("compare"):
             for method in methods:
-                rows = []
-                for start in range(0, len(examples), batch_size):
-                    rows += evaluator.run(method, examples[start : start + batch_size])  # question included
-                    if progress_due(len(rows), min(batch_size, len(examples) - start), len(examples)):
-                        log.info("comparison: %s %d/%d questions", method, len(rows), len(examples))
-                records += rows
-                rows_of[method] = rows
+                rows_of[method] = []
+            for start in range(0, len(examples), batch_size):  # a batch, every method: they share its agents
+                evaluator.memo.clear()
+                for method in methods:
+                    rows_of[method] += evaluator.run(method, examples[start : start + batch_size])  # question included
+                    if progress_due(len(rows_of[method]), min(batch_size, len(examples) - start), len(examples)):
+                        log.info("comparison: %s %d/%d questions", method, len(rows_of[method]), len(examples))
+            for method in methods:
+                records += rows_of[method]
     finally:
+        evaluator.memo.clear()
         module.train(was_training)
     rewards = {method: [r["reward"] for r in rows] for method, rows in rows_of.items()}
     with open(out / "comparison.jsonl", "w") as fh:

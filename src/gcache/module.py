@@ -449,6 +449,8 @@ class GCacheModule(L.LightningModule):
             f"{stage}/cache_bytes": torch.tensor(float(max(r.peak_cache_bytes for r in rs))) if rs else torch.tensor(0.0),
             f"{stage}/seconds_per_question": torch.tensor((time.perf_counter() - start) / max(num_questions, 1)),
             f"{stage}/prefill_share": torch.tensor(rows.prefills / max(rows.prefills_naive, 1)),
+            # prompt tokens run through the model per question (shared agents and cached prefixes once)
+            f"{stage}/prefill_tokens": torch.tensor(rows.prefill_tokens / max(num_questions, 1)),
         }
 
     @torch.no_grad()

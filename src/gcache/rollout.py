@@ -84,6 +84,7 @@ class RolloutConfig:
     max_batch: int = 32  # rows per forward
     cuda_graphs: str = "auto"  # auto (on for CUDA, off for CPU) | on | static | off: the token loops (`loops`)
     workspace_memory: float | str = "25%"  # the static loops' workspaces: GiB, or "N%" of the device's free memory
+    prefix_cache: bool = True  # prefill prompts' shared starts once (`gcache.prefix_cache`)
 
     def __post_init__(self) -> None:
         """Every check of these values, in one place. Each message starts with the field's name (the CLI
@@ -294,9 +295,10 @@ class JudgerInput:
 class RolloutBatch:
     rollouts: list[Rollout]
     judger_inputs: list[JudgerInput]
-    prefills: int  # agent computations run
+    prefills: int  # agent computations run (not those an `AgentMemo` held)
     prefills_naive: int  # agent computations without sharing identical agents
     judger_decodes: int = 0  # judger decodes computed (greedy: rows with identical judger inputs share one)
+    prefill_tokens: int = 0  # prompt tokens run through the model (agents and judgers; cached prefixes once)
 
 
 @dataclass
@@ -327,6 +329,23 @@ def _chunks(items: list, size: int):
         yield items[start : start + size]
 
 
+class AgentMemo:
+    """Agents' work shared across the rollouts of one evaluation's methods: an agent with the same
+    question, facts, role, inputs (the memo keys of what it reads) and settings (model, roster, method,
+    retention, latent steps, realignment and a trained one, loops, prefix cache) hands on the same
+    segment whichever method runs it, so it is computed once. Used by greedy rollouts only, never for a
+    training loss; `gcache.evaluate` clears it for every batch of questions (its memory is a batch's
+    agents)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, _Done] = {}
+        self.computed = 0  # agent computations stored
+        self.shared = 0  # agent computations taken from the memo instead
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
 # ---- engine ---------------------------------------------------------------------------------------
 
 
@@ -342,6 +361,11 @@ class RolloutEngine:
         loops = config.loops(llm.device)
         self.pool = None if loops == "eager" else llm.loop_pool(capture=loops == "graphs",
                                                                 memory=config.workspace_memory)
+        self.memo: AgentMemo | None = None  # agents shared with other engines' greedy rollouts (`AgentMemo`)
+        # what, besides its question, role and inputs, decides an agent's work (`AgentMemo`'s keys)
+        self._agent_settings = (id(llm), id(roster), config.method, config.latent_steps, config.retention,
+                                config.realign, config.realign_temperature, config.agent_max_new_tokens,
+                                config.prefix_cache, loops, id(fuser.realign) if self.trains_realignment else None)
 
     def plan(self, adjacency: torch.Tensor, question_index: Sequence[int], active: Sequence[int] | None) -> Plan:
         cfg = self.config
@@ -370,6 +394,7 @@ class RolloutEngine:
         their agents and build their judger's input (kept with `keep_judger_inputs`, for a loss) but
         their judger neither prefills nor decodes: their rollouts' answers are empty."""
         started = time.perf_counter()
+        self._prefilled = 0
         check_inputs(adjacency, self.roster.num_agents, agent_facts)
         if generator is not None and generator.device.type != self.llm.device.type:
             raise ValueError(f"generator is on {generator.device} but the model is on {self.llm.device}: sampling "
@@ -380,10 +405,25 @@ class RolloutEngine:
         realign = self.base_realignment()
         agent_realign = self.agent_realignment(realign)
         keep_starts = keep_judger_inputs and self.trains_realignment
+        memo = self.memo if self.memo is not None and self.config.temperature == 0 and not keep_starts else None
+        keys: dict[int, tuple] = {}
+        taken = 0  # agent nodes taken from the memo
         for level in range(plan.levels):
             pending = [x for x, node in enumerate(plan.nodes) if node.level == level]
+            if memo is not None:
+                for x in pending:
+                    keys[x] = self._memo_key(plan.nodes[x], keys, questions, agent_facts)
+                    if keys[x] in memo.entries:
+                        done[x] = memo.entries[keys[x]]
+                        taken += 1
+                pending = [x for x in pending if x not in done]
             for chunk in _chunks(pending, self.config.max_batch):
                 self._run_agents(plan, chunk, questions, agent_facts, done, agent_realign, generator, keep_starts)
+            if memo is not None:
+                memo.entries.update((keys[x], done[x]) for x in pending)
+                memo.computed += len(pending)
+        if memo is not None:
+            memo.shared += taken
         rollouts, judger_inputs, decodes = self._run_judger(
             plan, questions, question_index, adjacency, done, edge_logits, answer_format, keep_judger_inputs,
             realign, generator, set(undecoded),
@@ -391,8 +431,15 @@ class RolloutEngine:
         per_row = (time.perf_counter() - started) / max(len(rollouts), 1)
         for rollout in rollouts:
             rollout.seconds = per_row
-        return RolloutBatch(rollouts, judger_inputs, prefills=len(plan.nodes), prefills_naive=plan.naive_nodes,
-                            judger_decodes=decodes)
+        return RolloutBatch(rollouts, judger_inputs, prefills=len(plan.nodes) - taken, prefills_naive=plan.naive_nodes,
+                            judger_decodes=decodes, prefill_tokens=self._prefilled)
+
+    def _memo_key(self, node: AgentNode, keys: dict[int, tuple], questions, agent_facts) -> tuple:
+        """Everything that decides an agent node's work (`AgentMemo`): its question and facts, its role, the
+        keys of the nodes it reads, the engine's settings."""
+        facts = agent_facts[node.question] if agent_facts is not None else ()
+        return (questions[node.question], facts[node.agent] if facts else "", node.agent,
+                tuple(keys[x] for x in node.reads), self._agent_settings)
 
     def base_realignment(self):
         """The config's realignment (`realign`, `realign_temperature`): the judger's latent steps."""
@@ -415,14 +462,45 @@ class RolloutEngine:
         result = kv.latent_steps_with_grad(self.llm.model, start.step, self.config.latent_steps, realign)
         return kv.tail(kv.keep_last(result, start.width, self.llm.rotary), start.length)
 
-    def _agent_prompt(self, plan: Plan, node: AgentNode, questions, agent_facts, done) -> str:
+    def _agent_messages(self, plan: Plan, node: AgentNode, questions, agent_facts, done) -> list[dict]:
         facts = agent_facts[node.question] if agent_facts is not None else ()
         received = []
         if self.config.method == "text":
             received = [(self.roster.roles[plan.nodes[x].agent].name, done[x].text) for x in node.reads]
-        messages = agent_messages(self.roster.roles[node.agent], questions[node.question],
-                                  facts=facts[node.agent] if facts else "", received=received)
-        return self.llm.chat_text(messages)
+        return agent_messages(self.roster.roles[node.agent], questions[node.question],
+                              facts=facts[node.agent] if facts else "", received=received)
+
+    def _prefill_prompts(self, messages: list[list[dict]], texts: list[str], pasts: list[kv.KV], *, logits: bool):
+        """Prefill each row's chat prompt on its past (single-row compact KVs), left-padded in one batch.
+        With `prefix_cache`, a prompt with nothing before it (an agent without senders, the judger alone)
+        whose start is a cached prefix (`gcache.prefix_cache`) prefills only the rest, on the prefix: the
+        same tokens at the same positions. (After a past the prefix's tokens attend to it, so their keys
+        and values are the past's own: never cached.) Returns the step, each row's prompt tokens (whole
+        prompts), the prefix tokens each row took from the cache and the width T of the prefilled block.
+        `texts`: the prompts (`messages` rendered by the chat template)."""
+        ids, mask = self.llm.tokenize(texts)  # host, left-padded
+        prompt_tokens = mask.sum(-1).tolist()
+        heads = [0] * len(messages)
+        if self.config.prefix_cache:
+            prefixes = self.llm.prefix_cache()
+            computed = prefixes.tokens_computed
+            rows = [row[len(row) - n :] for row, n in zip(ids.tolist(), prompt_tokens, strict=True)]  # unpadded
+            heads = [0 if p.seq_len else prefixes.usable(m, row) for m, row, p in zip(messages, rows, pasts, strict=True)]
+            if any(heads):
+                pasts = [prefixes.get(tuple(row[:h])) if h else p for p, row, h in zip(pasts, rows, heads, strict=True)]
+                rest = [row[h:] for row, h in zip(rows, heads, strict=True)]
+                width = max(len(r) for r in rest)
+                ids = torch.full((len(rest), width), self.llm.tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros(len(rest), width, dtype=torch.long)
+                for b, r in enumerate(rest):  # left-padded again
+                    ids[b, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+                    mask[b, width - len(r) :] = 1
+            self._prefilled += prefixes.tokens_computed - computed
+        self._prefilled += int(mask.sum())
+        ids_device, mask_device = torch.stack([ids, mask]).to(self.llm.device)  # (2, B, T): one copy
+        past = kv.stack(pasts, compacted=True)  # concatenations of compact single-row segments
+        step = kv.prefill(self.llm.model, ids_device, mask_device, past=past, logits=logits)
+        return step, prompt_tokens, heads, ids.shape[1]
 
     def _run_agents(self, plan: Plan, chunk: list[int], questions, agent_facts, done, realign, generator,
                     keep_starts: bool = False) -> None:
@@ -430,26 +508,33 @@ class RolloutEngine:
         `SenderStart` (for a trained realignment's loss)."""
         cfg = self.config
         nodes = [plan.nodes[x] for x in chunk]
-        host_mask, (ids, mask) = self._tokenize([self._agent_prompt(plan, node, questions, agent_facts, done)
-                                                 for node in nodes])
-        prompt_tokens = host_mask.sum(-1).tolist()  # host integers: lengths are tracked without asking the device
+        messages = [self._agent_messages(plan, node, questions, agent_facts, done) for node in nodes]
+        texts = [self.llm.chat_text(m) for m in messages]
         if cfg.method == "latent":
             pasts = [self._concat([done[x].kv for x in node.reads]) for node in nodes]
             past_lengths = [sum(done[x].length for x in node.reads) for node in nodes]
-            past = kv.stack(pasts, compacted=True)  # concatenations of compact single-row segments
-            step = kv.prefill(self.llm.model, ids, mask, past=past, logits=False)
+            step, prompt_tokens, heads, width = self._prefill_prompts(messages, texts, pasts, logits=False)
             result = kv.latent_steps(self.llm.model, step, cfg.latent_steps, realign, pool=self.pool).step
-            width = cfg.latent_steps if cfg.retention == "latent_only" else ids.shape[1] + cfg.latent_steps
-            segment = kv.keep_last(result.kv, width, self.llm.rotary)  # (B, H, width, Dh) per layer
+            latent_only = cfg.retention == "latent_only"
+            if latent_only or not any(heads):
+                # Row b's real slots are the last ones of one window: its left-padded prompt, then its latents.
+                window = cfg.latent_steps if latent_only else width + cfg.latent_steps
+                segment = kv.keep_last(result.kv, window, self.llm.rotary)  # (B, H, window, Dh) per layer
             for b, x in enumerate(chunk):
-                # Row b's real slots are the last ones of the window: its left-padded prompt, then its latents.
-                length = cfg.latent_steps if cfg.retention == "latent_only" else prompt_tokens[b] + cfg.latent_steps
+                length = cfg.latent_steps if latent_only else prompt_tokens[b] + cfg.latent_steps  # real slots
+                if latent_only or not any(heads):
+                    kept, row = window, kv.tail(kv.select(segment, [b]), length)
+                else:  # the row's cached prefix, the block's padding, its prompt's rest, its latents: one window
+                    kept = heads[b] + width + cfg.latent_steps
+                    row = kv.keep_last(kv.select(result.kv, [b]), kept, self.llm.rotary)
                 full = past_lengths[b] + prompt_tokens[b] + cfg.latent_steps
-                start = SenderStart(kv.Step(kv.select(step.kv, [b]), step.hidden[b : b + 1], None), width,
-                                    length) if keep_starts else None
-                done[x] = _Done(kv.tail(kv.select(segment, [b]), length), "", prompt_tokens[b], 0,
-                                full * self.bytes_per_position, length, start)
+                start = SenderStart(kv.Step(kv.select(step.kv, [b]), step.hidden[b : b + 1], None), kept,
+                                    row.seq_len) if keep_starts else None
+                done[x] = _Done(row, "", prompt_tokens[b], 0, full * self.bytes_per_position, length, start)
             return
+        host_mask, (ids, mask) = self._tokenize(texts)
+        prompt_tokens = host_mask.sum(-1).tolist()  # host integers: lengths are tracked without asking the device
+        self._prefilled += sum(prompt_tokens)
         step = kv.prefill(self.llm.model, ids, mask)
         texts, counts = self._decode(step, cfg.agent_max_new_tokens, generator)
         for b, x in enumerate(chunk):
@@ -518,15 +603,16 @@ class RolloutEngine:
         unique: dict = {}
         for r in rows:
             unique.setdefault(key(r), r)
-        prompts, caches = self._judger_inputs(plan, list(unique.values()), source, questions, question_index, done,
-                                              edge_logits, answer_format, generator, gated)
+        messages, caches = self._judger_inputs(plan, list(unique.values()), source, questions, question_index, done,
+                                               edge_logits, answer_format, generator, gated)
+        prompts = {r: self.llm.chat_text(m) for r, m in messages.items()}
         cache_lengths = {r: sum(done[x].length for x in plan.judger_reads[source[r]]) if latent else 0
                          for r in unique.values()}
         groups: dict[int, list[int]] = {}
         for r in rows:
             if r not in undecoded:
                 groups.setdefault(unique[key(r)], []).append(r)
-        outputs = self._decode_judgers(groups, prompts, caches, cache_lengths, realign, generator)
+        outputs = self._decode_judgers(groups, messages, prompts, caches, cache_lengths, realign, generator)
         sampled = self.config.temperature > 0
         for r in undecoded:  # an input built for a loss only: nothing decoded, nothing prefilled
             outputs.setdefault(r if sampled else unique[key(r)], ("", 0, 0, cache_lengths[unique[key(r)]]))
@@ -568,22 +654,21 @@ class RolloutEngine:
         return [bool(column[a]) for a in agents]
 
     def _judger_inputs(self, plan, rows, source, questions, question_index, done, edge_logits, answer_format,
-                       generator, gated) -> tuple[dict[int, str], dict[int, kv.KV]]:
-        """The judger's prompt (chat text) and cache of each of `rows`."""
+                       generator, gated) -> tuple[dict[int, list[dict]], dict[int, kv.KV]]:
+        """The judger's prompt (chat messages) and cache of each of `rows`."""
         latent = self.config.method == "latent"
         n = self.roster.num_agents
         # slot permutations are drawn on the host, from a CPU generator of their own (a decoding generator
         # lives on the model's device; one generator cannot serve both on CUDA)
         shuffle_gen = torch.Generator().manual_seed(generator.initial_seed() if generator is not None else 0)
-        prompts: dict[int, str] = {}
+        prompts: dict[int, list[dict]] = {}
         caches: dict[int, kv.KV] = {}
         for r in rows:
             s = source[r]
             reads = plan.judger_reads[s]
             received = [] if latent else [(self.roster.roles[plan.nodes[x].agent].name, done[x].text) for x in reads]
-            messages = judger_messages(self.roster.judger, questions[question_index[r]], answer_format,
-                                       reads_others=bool(reads), received=received)
-            prompts[r] = self.llm.chat_text(messages)
+            prompts[r] = judger_messages(self.roster.judger, questions[question_index[r]], answer_format,
+                                         reads_others=bool(reads), received=received)
             if latent:
                 agents = [plan.nodes[x].agent for x in reads]
                 logits = None if edge_logits is None else edge_logits[question_index[s], agents, n]
@@ -592,7 +677,7 @@ class RolloutEngine:
                 caches[r] = kv.empty(1, self.llm.device)
         return prompts, caches
 
-    def _decode_judgers(self, groups: dict[int, list[int]], prompts, caches, cache_lengths, realign,
+    def _decode_judgers(self, groups: dict[int, list[int]], messages, prompts, caches, cache_lengths, realign,
                         generator) -> dict[int, tuple[str, int, int, int]]:
         """groups: a row whose judger input is computed -> the rows reading that same input. Each input is
         prefilled once; greedy decoding is shared by its rows, a sampled one is drawn per row (G samples
@@ -602,10 +687,8 @@ class RolloutEngine:
         sampled = cfg.temperature > 0
         outputs = {}
         for chunk in _chunks(list(groups), cfg.max_batch):
-            host_mask, (ids, mask) = self._tokenize([prompts[u] for u in chunk])
-            prompt_tokens = host_mask.sum(-1).tolist()
-            past = kv.stack([caches[u] for u in chunk], compacted=True)  # concatenations of compact segments
-            step = kv.prefill(self.llm.model, ids, mask, past=past)
+            step, prompt_tokens, _, _ = self._prefill_prompts([messages[u] for u in chunk], [prompts[u] for u in chunk],
+                                                              [caches[u] for u in chunk], logits=True)
             if cfg.judger_latent_steps:
                 step = kv.latent_steps(self.llm.model, step, cfg.judger_latent_steps, realign, logits=True,
                                        pool=self.pool).step

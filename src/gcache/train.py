@@ -126,6 +126,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "data_split_seed": OmegaConf.select(cfg, "task.seed", default=None),  # the same for every seed
             **_command(),
             "token_loops": module.llm.loop_stats(),  # this process's static workspaces and CUDA graphs
+            "prefix_cache": module.llm.prefix_cache().stats(),  # prompt prefixes prefilled once (gcache.prefix_cache)
         }
         api = api_totals(module)
         if api is not None:  # the model too: a sweep's jobs differ in it

@@ -20,6 +20,7 @@ templates, tokenises and decodes text.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import io
 import logging
@@ -44,6 +45,7 @@ from transformers import (
 )
 
 from gcache import kv, kv_static
+from gcache.prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +206,7 @@ class LocalLM:
         self._realign: dict[str, kv.Realignment] = {}  # ridge, identity, random
         self._soft_realign: dict[float, kv.SoftRealignment] = {}
         self._loop_pools: dict[bool, kv_static.LoopPool] = {}  # by capture (CUDA graphs or static only)
+        self._prefix_cache: PrefixCache | None = None
         self._pool_memory: dict[bool, float | str] = {}  # the budget each pool was given
         self._eos: tuple[list[int], torch.Tensor] | None = None  # `eos_tensor`: the ids and their tensor
 
@@ -366,15 +369,24 @@ class LocalLM:
         self._pool_memory[capture] = memory
         return pool
 
+    def prefix_cache(self) -> PrefixCache:
+        """The KV caches of prompt prefixes shared across questions (chat header and system prompt),
+        shared by every engine that uses the model (`gcache.prefix_cache`)."""
+        if self._prefix_cache is None:  # its probes render through the class's chat_text: they are not prompts sent
+            self._prefix_cache = PrefixCache(self.model, self.tokenizer, functools.partial(LocalLM.chat_text, self))
+        return self._prefix_cache
+
     def loop_stats(self) -> dict[str, dict]:
         """Per pool ("graphs" or "static"), what its static token loops kept and did (`LoopPool.stats`);
         empty when every loop ran eagerly."""
         return {"graphs" if capture else "static": pool.stats() for capture, pool in self._loop_pools.items()}
 
     def release(self) -> None:
-        """Free what token loops kept (workspaces, CUDA graphs): the end of a run."""
+        """Free what token loops kept (workspaces, CUDA graphs) and the prefix cache: the end of a run."""
         for pool in self._loop_pools.values():
             pool.release()
+        if self._prefix_cache is not None:
+            self._prefix_cache.release()
 
     # ---- text ---------------------------------------------------------------------------
     def chat_text(self, messages: list[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
