@@ -26,6 +26,16 @@ Speed rows at the hardware's pace (`--speed-only`; the GPU check of the rollout-
 7. syncs per row: CUDA's sync-debug warnings on a GPU; on CPU the tensor -> host conversions
    (`.item()`, `bool(t)`, `int(t)`, `.tolist()`, `.nonzero()`), host tensors included (an upper bound).
 
+The quickstart's phases (`--quickstart`): `python -m gcache.train logger=csv` in fresh processes,
+alternating between this checkout and a worktree of `--compare-ref` (default: the commit before the
+work-sharing changes), `--rounds` of each:
+
+    python scripts/benchmark.py --quickstart --compare-ref 3fe0b27 --rounds 1
+
+8. quickstart: wall time of startup (to the end of the first validation), training (24 steps and
+   their validations), test, comparison and the whole run; prefill tokens per question of the
+   validation and test (`val/prefill_tokens`, where the ref records it) and the test table.
+
 `--random-shape {smollm2-135m,llama-1b,qwen3-0.6b,qwen3-4b,qwen3-8b}` builds random weights of
 that config offline (speed and memory only); `--compare-ref REF` runs rows 5-7 in fresh processes
 alternating between this checkout and a worktree of REF and reports this / REF for every figure.
@@ -369,6 +379,70 @@ def compare_with_ref(ref: str, argv: list[str], rounds: int) -> dict:
         subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(base)], capture_output=True)
 
 
+def quickstart_phases(run_dir: Path, launched: float, ended: float) -> dict:
+    """Seconds per phase of a `gcache.train` run, from its train.log's timestamps (local time) and the
+    process's launch and end (`time.time()`); prefill tokens per question and accuracies from summary.json."""
+    import datetime
+    import re
+
+    stamps = []
+    for line in (run_dir / "train.log").read_text().splitlines():
+        match = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3})\]\[[^]]*\]\[\w+\] - (.*)", line)
+        if match:
+            moment = datetime.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            stamps.append((moment, match.group(2)))
+
+    def last(prefix: str) -> float:
+        return [t for t, text in stamps if text.startswith(prefix)][-1]
+
+    start_val = next(t for t, text in stamps if text.startswith("topology picture") and "step000000" in text)
+    trained = last("topology picture")
+    tested = next(t for t, text in stamps if text.startswith("test: ") and "predictions" in text)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    comparison = summary.get("comparison") or {}
+    return {
+        "startup + first validation s": start_val - launched,
+        "training s (24 steps, 3 validations)": trained - start_val,
+        "test s": tested - trained,
+        "comparison s": last("summary:") - tested,
+        "total s": ended - launched,
+        "val prefill tokens/q": (summary.get("val") or {}).get("val/prefill_tokens"),
+        "test prefill tokens/q": (summary.get("test") or {}).get("test/prefill_tokens"),
+        "table": " / ".join(f"{m['accuracy']:.3f}" for m in comparison.get("methods", {}).values()),
+    }
+
+
+def compare_quickstart(ref: str, rounds: int) -> dict:
+    """The quickstart with this checkout and with git `ref` (a worktree), alternating fresh processes;
+    the faster of each kept, with this / ref for every time."""
+    import os
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    base = Path(tempfile.mkdtemp(prefix="gcache-ref-")) / "tree"
+    subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", str(base), ref], check=True,
+                   capture_output=True)
+    try:
+        best: dict[str, dict] = {}
+        for _ in range(rounds):
+            for label, tree in (("this", root), ("ref", base)):
+                run_dir = Path(tempfile.mkdtemp(prefix=f"quickstart-{label}-"))
+                env = {**os.environ, "PYTHONPATH": f"{tree / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                       "OMP_WAIT_POLICY": "PASSIVE"}
+                launched = time.time()
+                subprocess.run([sys.executable, "-m", "gcache.train", "logger=csv", f"hydra.run.dir={run_dir}"],
+                               check=True, env=env, cwd=tree, capture_output=True)
+                phases = quickstart_phases(run_dir, launched, time.time())
+                if label not in best or phases["total s"] < best[label]["total s"]:
+                    best[label] = phases
+        ratio = {key: value / best["ref"][key] for key, value in best["this"].items()
+                 if key.endswith(" s") and best["ref"].get(key)}
+        return {"this": best["this"], "ref": best["ref"], "this / ref": ratio, "ref commit": ref}
+    finally:
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(base)], capture_output=True)
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -406,6 +480,8 @@ def main() -> None:
                             help="a git ref: run the speed rows with it and with this checkout, alternating, and report ratios")
     speed_args.add_argument("--rounds", type=int, default=2, help="with --compare-ref: runs of each")
     speed_args.add_argument("--speed-json", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--quickstart", action="store_true",
+                        help="the quickstart's phases, this checkout against --compare-ref (default 3fe0b27)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -415,6 +491,16 @@ def main() -> None:
     args.decode_batches = args.decode_batches or ([1, 32] if cuda else [1, 8])
     args.rollout_batches = args.rollout_batches or ([1, 8, 32] if cuda else [1, 8])
     args.rollout_rows = args.rollout_rows or (32 if cuda else 8)
+
+    if args.quickstart:
+        compared = compare_quickstart(args.compare_ref or "3fe0b27", args.rounds)
+        table = "\n".join(f"| {key} | {compared['this'].get(key)} | {compared['ref'].get(key)} | "
+                          f"{compared['this / ref'].get(key, '—')} |" for key in compared["this"])
+        table = f"| phase | this | ref {compared['ref commit']} | this / ref |\n|---|---|---|---|\n{table}"
+        print(table)
+        (out / "quickstart.md").write_text(table + "\n")
+        (out / "quickstart.json").write_text(json.dumps(compared, indent=2))
+        return
 
     if args.compare_ref:
         child = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads),
