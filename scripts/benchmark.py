@@ -437,7 +437,7 @@ def compare_quickstart(ref: str, rounds: int) -> dict:
                 if label not in best or phases["total s"] < best[label]["total s"]:
                     best[label] = phases
         ratio = {key: value / best["ref"][key] for key, value in best["this"].items()
-                 if key.endswith(" s") and best["ref"].get(key)}
+                 if " s" in key and best["ref"].get(key)}  # the times
         return {"this": best["this"], "ref": best["ref"], "this / ref": ratio, "ref commit": ref}
     finally:
         subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(base)], capture_output=True)
