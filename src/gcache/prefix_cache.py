@@ -6,11 +6,12 @@ facts, the question) changes. A `PrefixCache` (one per model, `LocalLM.prefix_ca
 a prefix once, alone, at positions 0 … P−1 (one row), and a prompt with nothing before it (an agent
 without senders, the judger alone) then prefills only what follows it, on the prefix
 (`RolloutEngine._prefill_prompts`). A prompt on a past cannot reuse it: there the prefix's tokens
-attend to the past, so their keys and values differ. The prefix's ids are those of the chat template rendered with a sentinel in place of the
-last message's content, cut at the sentinel (`prefix_ids`). A prompt reuses them only when its own
-token ids start with exactly those ids and go on after them (`usable`), so what it prefills is the
-whole prompt's token sequence: equal to one prefill of the whole prompt up to float rounding
-(`tests/test_kv.py`, every model family the kv tests cover, left-padded batches on non-empty pasts).
+attend to the past, so their keys and values differ. The prefix's ids are those of the chat
+template rendered with a sentinel in place of the last message's content, cut at the sentinel
+(`prefix_ids`). A prompt reuses them only when its own token ids start with exactly those ids and
+go on after them (`usable`), so what it prefills is the whole prompt's token sequence: equal to one
+prefill of the whole prompt up to float rounding (`tests/test_kv.py`, every model family the kv
+tests cover, in left-padded batches next to prompts on a past).
 
 Bounded: at most `max_entries` prefixes and `max_bytes` of keys and values, least recently used
 first out. Built outside inference mode (a prefix first made during a validation is read by the
@@ -64,9 +65,9 @@ class PrefixCache:
 
     def get(self, ids: tuple[int, ...]) -> kv.KV:
         """The KV of `ids` prefilled alone (one row, positions 0 … P−1), computed once while it stays cached."""
+        self.uses += 1
         if ids in self.entries:
             self.entries.move_to_end(ids)
-            self.uses += 1
             return self.entries[ids]
         device = self.model.get_input_embeddings().weight.device
         with torch.inference_mode(False), torch.no_grad():
@@ -74,7 +75,6 @@ class PrefixCache:
             entry = kv.prefill(self.model, tokens, torch.ones_like(tokens), logits=False).kv
         self.computed += 1
         self.tokens_computed += len(ids)
-        self.uses += 1
         self.entries[ids] = entry
         while len(self.entries) > self.max_entries or (
                 len(self.entries) > 1 and sum(kv.nbytes(e) for e in self.entries.values()) > self.max_bytes):
