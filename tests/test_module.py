@@ -358,3 +358,40 @@ def test_a_training_step_after_a_validation_under_inference_mode_trains_on_the_s
             for t in (ws.bias, ws.input, ws.hidden, *(b for layer in ws.cache.layers for b in (layer.key_buffer,)))]
     kept += [module.llm.realignment("ridge").matrix, module._role_emb, *module.embedder._cache.values()]
     assert not [t.shape for t in kept if t.is_inference()]
+
+
+def test_validations_keep_their_agents_and_complete_exactly_as_without(tmp_path, monkeypatch):
+    """Every validation runs the same questions; their agents do not depend on the policy, so a later
+    validation takes the keepers an earlier one computed (`GCacheModule.val_memo`): fewer agent computations,
+    every completion the same as a run that computes them again (a memo of 0 bytes keeps nothing)."""
+    import gcache.module
+    from gcache.rollout import RolloutEngine
+    from gcache.train import run
+
+    computed = {"kept": 0, "again": 0}
+    real_run = RolloutEngine.run
+
+    def counting(self, *args, **kwargs):
+        batch = real_run(self, *args, **kwargs)
+        if self.memo is not None and self.memo.max_bytes is not None:  # a validation's rollouts
+            computed[mode] += batch.prefills
+        return batch
+
+    monkeypatch.setattr(RolloutEngine, "run", counting)
+    completions = {}
+    for mode in ("kept", "again"):
+        if mode == "again":
+            monkeypatch.setattr(gcache.module, "VAL_MEMO_BYTES", 0)
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[
+                "experiment=smoke", "limit_train=8", "limit_val=3", "val_every_n_steps=1", "run_test=false",
+                "task=lookup", "methods=[]", "topology=full", "policy.judger_edges=all"])  # the policy moves the
+                # agent -> agent edges: a keeper whose readers changed is computed again, the others are kept
+        with open_dict(cfg):
+            cfg.output_dir = str(tmp_path / mode)
+        run(cfg)
+        completions[mode] = sorted((p.name, p.read_text()) for p in (tmp_path / mode / "completions").glob("*.jsonl"))
+    assert len(completions["kept"]) == 5  # step 0 and after each of the 4 steps
+    assert completions["kept"] == completions["again"]
+    assert computed["again"] == 5 * 3 * 4  # 5 validations x 3 questions x 4 keepers
+    assert 0 < computed["kept"] < computed["again"] - 2 * 3 * 4, computed  # at least two validations kept all

@@ -24,7 +24,9 @@ attributes, built in `setup`) and never written into checkpoints.
    logits only when `fuser_trains_policy=True` (default off: the topology learns from reward);
 7. one Adam step on policy + fuser (automatic optimisation).
 
-Validation and test use the deterministic graph (p > 0.5) and greedy decoding.
+Validation and test use the deterministic graph (p > 0.5) and greedy decoding. Validations keep their
+agents' segments (`val_memo`, bounded): an agent's work depends on its question, role and inputs, not on
+the policy, so the keepers a later validation routes were mostly computed by an earlier one.
 
 `graphs="oracle"` (tasks with oracle graphs, e.g. `lookup`) replaces steps 1-2 and 5: every
 question runs once on its task's oracle graph, the policy is neither sampled nor trained, and
@@ -85,12 +87,15 @@ from gcache.policy.topology import (
     oracle_adjacency,
     with_judger_edges,
 )
-from gcache.rollout import RolloutBatch, RolloutConfig, RolloutEngine
+from gcache.rollout import AgentMemo, RolloutBatch, RolloutConfig, RolloutEngine
 from gcache.tasks.base import Example, Task
 
 log = logging.getLogger(__name__)
 
-GRAPHS = ("learned", "oracle")  # where a step's graphs come from: sampled from the policy, or the task's oracle
+GRAPHS = ("learned", "oracle")
+# Validations run the same questions every time: their agents' segments are kept between them, up to this
+# (at the quickstart's size, 16 questions' routed keepers: about 170 MB in float32).
+VAL_MEMO_BYTES = 512 * 2**20  # where a step's graphs come from: sampled from the policy, or the task's oracle
 
 # Lightning warns whenever a module overrides `transfer_batch_to_device` next to a datamodule;
 # ours does so on purpose (batches are lists of Examples, not tensors).
@@ -208,6 +213,10 @@ class GCacheModule(L.LightningModule):
         self._skip_update = False  # set by training_step, read by optimizer_step
         self.test_records: list[dict] = []  # per-question test predictions of this rank
         self.val_records: list[dict] = []  # this validation's completions on this rank (`completion_records`)
+        # baselines run on every test batch next to the policy, sharing its agents (`gcache.evaluate.TestComparison`)
+        self.test_comparison = None
+        # the validation questions' agents, computed at the first validation that runs them (`AgentMemo`)
+        self.val_memo = AgentMemo(max_bytes=VAL_MEMO_BYTES)
         # The config groups this run was built with (`gcache.build.build_module`), saved in checkpoints so
         # that an evaluation of one runs what the run ran (`gcache.evaluate.adopt_run_settings`).
         self.run_settings: dict[str, Any] = {}
@@ -470,8 +479,16 @@ class GCacheModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: list[Example]) -> None:
         start = time.perf_counter()
-        with self.api_part(stage):
-            answers, rewards, rows = self.evaluate_batch(batch)
+        comparison = self.test_comparison if stage == "test" else None
+        if comparison is not None:  # the policy's agents, kept for the comparison's methods on this batch
+            self.engine.memo = comparison.memo
+        elif stage == "val" and not self.engine.trains_realignment:  # (a trained realignment changes agents)
+            self.engine.memo = self.val_memo
+        try:
+            with self.api_part(stage):
+                answers, rewards, rows = self.evaluate_batch(batch)
+        finally:
+            self.engine.memo = None
         if stage == "test":  # per-question predictions (test_predictions.jsonl): the records of comparison.jsonl
             api = self.generator_mode.item_usage() if self.generator_mode else [{}] * len(batch)
             seconds = (time.perf_counter() - start) / max(len(batch), 1)
@@ -502,6 +519,9 @@ class GCacheModule(L.LightningModule):
         # at the steps completed before it (0: the untrained policy), as history.jsonl and completions/ say
         metrics["step"] = torch.tensor(float(self.global_step))
         self.log_dict(metrics, batch_size=len(batch), on_epoch=True, on_step=False, sync_dist=True)
+        if comparison is not None:
+            with self.api_part("compare"):
+                comparison.run(batch)
 
     @torch.no_grad()
     def oracle_edge_probabilities(self, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor] | None:

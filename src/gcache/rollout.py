@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -330,20 +331,42 @@ def _chunks(items: list, size: int):
 
 
 class AgentMemo:
-    """Agents' work shared across the rollouts of one evaluation's methods: an agent with the same
-    question, facts, role, inputs (the memo keys of what it reads) and settings (model, roster, method,
-    retention, latent steps, realignment and a trained one, loops, prefix cache) hands on the same
-    segment whichever method runs it, so it is computed once. Used by greedy rollouts only, never for a
-    training loss; `gcache.evaluate` clears it for every batch of questions (its memory is a batch's
-    agents)."""
+    """Agents' work shared across rollouts: an agent with the same question, facts, role, inputs (the memo
+    keys of what it reads) and settings (model, roster, method, retention, latent steps, realignment and a
+    trained one, loops, prefix cache) hands on the same segment whichever rollout runs it, so it is computed
+    once. Used by greedy rollouts only, never for a training loss. `gcache.evaluate` shares one between the
+    methods of a batch of questions and clears it for every batch (its memory is a batch's agents); a
+    training run keeps one for its validations (`max_bytes`: the least recently used segments go beyond
+    it), whose questions and agents are the same at every validation."""
 
-    def __init__(self) -> None:
-        self.entries: dict[tuple, _Done] = {}
+    def __init__(self, max_bytes: int | None = None) -> None:
+        self.entries: OrderedDict[tuple, _Done] = OrderedDict()
+        self.max_bytes = max_bytes  # None: unbounded (cleared by its owner)
+        self.bytes = 0
         self.computed = 0  # agent computations stored
         self.shared = 0  # agent computations taken from the memo instead
 
+    def get(self, key: tuple) -> _Done | None:
+        done = self.entries.get(key)
+        if done is not None:
+            self.entries.move_to_end(key)
+        return done
+
+    def put(self, key: tuple, done: _Done) -> None:
+        if key in self.entries:
+            return
+        self.entries[key] = done
+        self.bytes += _nbytes(done)
+        while self.max_bytes is not None and self.bytes > self.max_bytes and self.entries:
+            self.bytes -= _nbytes(self.entries.popitem(last=False)[1])
+
     def clear(self) -> None:
         self.entries.clear()
+        self.bytes = 0
+
+
+def _nbytes(done: _Done) -> int:
+    return kv.nbytes(done.kv) if done.kv is not None else len(done.text.encode())
 
 
 # ---- engine ---------------------------------------------------------------------------------------
@@ -413,14 +436,15 @@ class RolloutEngine:
             if memo is not None:
                 for x in pending:
                     keys[x] = self._memo_key(plan.nodes[x], keys, questions, agent_facts)
-                    if keys[x] in memo.entries:
-                        done[x] = memo.entries[keys[x]]
+                    if (held := memo.get(keys[x])) is not None:
+                        done[x] = held
                         taken += 1
                 pending = [x for x in pending if x not in done]
             for chunk in _chunks(pending, self.config.max_batch):
                 self._run_agents(plan, chunk, questions, agent_facts, done, agent_realign, generator, keep_starts)
             if memo is not None:
-                memo.entries.update((keys[x], done[x]) for x in pending)
+                for x in pending:
+                    memo.put(keys[x], done[x])
                 memo.computed += len(pending)
         if memo is not None:
             memo.shared += taken
