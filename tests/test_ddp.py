@@ -162,7 +162,7 @@ def test_sigterm_to_every_rank_stops_both_at_the_same_step_with_a_checkpoint(tmp
 
 
 def test_ddp_with_a_test_split_compares_on_every_ranks_test_questions(tmp_path):
-    # Each rank tests its shard; the comparison needs all of them (rank 0 alone raised KeyError), and a
+    # Each rank tests its shard and runs the comparison's methods on it; the comparison needs all of them (rank 0 alone raised KeyError), and a
     # rank's epoch has half the batches (val_every_n_steps above it raised Lightning's ValueError).
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "MASTER_ADDR": "127.0.0.1"}
     env.pop("MASTER_PORT", None)
@@ -178,4 +178,8 @@ def test_ddp_with_a_test_split_compares_on_every_ranks_test_questions(tmp_path):
     assert set(comparison["methods"]) == {"gcache", "single", "fixed-full", "oracle"}
     predictions = [json.loads(line) for line in (out / "test_predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and len({p["id"] for p in predictions}) == 4
+    # each rank ran the baselines on its own test batches: gathered, every method has every question once
+    records = [json.loads(line) for line in (out / "comparison.jsonl").read_text().splitlines()]
+    for method in comparison["methods"]:
+        assert [r["id"] for r in records if r["method"] == method] == [p["id"] for p in predictions], method
     assert "trained policy vs baselines" in result.stderr

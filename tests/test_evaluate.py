@@ -98,17 +98,21 @@ def test_a_finished_run_is_not_recomputed(full_run, tmp_path):
 def test_methods_share_agents_on_a_batch_and_their_records_are_those_of_methods_run_alone(full_run, tmp_path,
                                                                                          monkeypatch, caplog):
     """The full run shared agents between methods (fixed-full and its controls read the same agents;
-    latent_mas's first agent is fixed-full's); without sharing, every record is the same."""
+    latent_mas's first agent is fixed-full's) and ran the methods with one engine (single, latent_mas,
+    fixed-full, fixed-star: the same rollout settings, no fuser) as one batch of rows; each method alone,
+    without any sharing, gives every record the same."""
     from gcache.rollout import RolloutEngine
 
     out, _ = full_run
     shared = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     computed = {"shared": 0, "alone": 0}
+    calls = {"shared": [], "alone": []}
     real_run = RolloutEngine.run
 
-    def counting(self, *args, **kwargs):
-        batch = real_run(self, *args, **kwargs)
+    def counting(self, questions, adjacency, *args, **kwargs):
+        batch = real_run(self, questions, adjacency, *args, **kwargs)
         computed[mode] += batch.prefills
+        calls[mode].append(adjacency.shape[0] // len(questions))  # rows per question: the methods of the call
         return batch
 
     monkeypatch.setattr(RolloutEngine, "run", counting)
@@ -117,7 +121,7 @@ def test_methods_share_agents_on_a_batch_and_their_records_are_those_of_methods_
     mode = "alone"
     monkeypatch.setattr(RolloutEngine, "_memo_key", lambda self, *args: object())  # never the same key: no sharing
     with caplog.at_level("INFO", logger="gcache.evaluate"):
-        evaluate(_cfg(tmp_path / "alone"))
+        evaluate(_cfg(tmp_path / "alone", "share_methods=false"))
     alone = [json.loads(line) for line in (tmp_path / "alone" / "results.jsonl").read_text().splitlines()]
 
     def key(r):
@@ -127,7 +131,23 @@ def test_methods_share_agents_on_a_batch_and_their_records_are_those_of_methods_
     # agent computations run: fixed-full's four agents once per batch for it and its four controls
     # (mismatched, zeroed, shuffled share them; the realign controls think otherwise), latent_mas's first
     assert computed["shared"] < computed["alone"]
+    # one engine call per method alone; shared, one call runs single, latent_mas, fixed-full and fixed-star
+    assert calls["alone"] == [1] * len(METHODS)
+    assert sorted(calls["shared"]) == [1] * (len(METHODS) - 4) + [4]
     print(f"agent computations: {computed['alone']} alone, {computed['shared']} shared")
+
+
+def test_evaluation_batches_are_sized_by_rows():
+    """Questions per batch: `max_batch` rows, a row per question for every method of the largest engine
+    call, and the questions split into equal batches."""
+    from gcache.datamodule import eval_batch_size
+
+    assert eval_batch_size(40, 1, 32) == 20  # two batches of 20, not 32 + 8
+    assert eval_batch_size(16, 1, 32) == 16
+    assert eval_batch_size(40, 3, 32) == 10  # 3 methods in one call: 30 rows a batch
+    assert eval_batch_size(41, 1, 32) == 21
+    assert eval_batch_size(5, 40, 32) == 1  # more methods than rows: a question at a time
+    assert eval_batch_size(0, 1, 32) == 1
 
 
 def test_wilson_interval_and_unknown_method(tmp_path):

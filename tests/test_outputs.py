@@ -198,10 +198,12 @@ def test_history_readers_accept_the_names_written_before():
 # ---- progress lines ---------------------------------------------------------------------------
 
 
-def test_the_comparison_logs_its_progress_per_method(smoke):
-    for method in smoke.summary["comparison"]["methods"]:
-        if method != "gcache":
-            assert f"comparison: {method} 4/4 questions" in smoke.log, (method, smoke.log)
+def test_the_test_split_and_its_comparison_log_their_progress(smoke):
+    """The comparison's methods run on each test batch next to the trained policy: one line says which,
+    on how many questions and batches; the test's progress lines count both."""
+    baselines = [m for m in smoke.summary["comparison"]["methods"] if m != "gcache"]
+    assert f"test: gcache and the comparison's {', '.join(baselines)} on 4 questions, 2 per batch" in smoke.log
+    assert "test: 4/4 questions" in smoke.log
     assert any(line.startswith("test: 4 predictions in") for line in smoke.log)
 
 
@@ -366,3 +368,43 @@ def test_study_figures_title_the_study_and_use_whole_steps_and_0_to_1(tmp_path, 
     monkeypatch.undo()
     for fig in figures:
         plt.close(fig)
+
+
+# ---- the comparison's work shared with the test split -----------------------------------------
+
+
+def test_the_comparison_runs_on_the_test_batches_sharing_agents_and_gives_what_each_method_alone_gives(
+        tmp_path, monkeypatch):
+    """The baselines run on each test batch next to the policy (`TestComparison`): oracle reads the keeper the
+    policy's graph already ran, single, fixed-full and oracle run as one batch of rows. Without any sharing
+    (`share_methods=false`, no memo) every record is the same and more agents are computed."""
+    from gcache.rollout import RolloutEngine
+    from gcache.train import run
+
+    computed = {"shared": 0, "alone": 0}
+    real_run = RolloutEngine.run
+
+    def counting(self, *args, **kwargs):
+        batch = real_run(self, *args, **kwargs)
+        if not kwargs.get("keep_judger_inputs"):  # not a training step's (validations: the same in both runs)
+            computed[mode] += batch.prefills
+        return batch
+
+    monkeypatch.setattr(RolloutEngine, "run", counting)
+    records = {}
+    for mode, extra in (("shared", []), ("alone", ["share_methods=false"])):
+        if mode == "alone":
+            monkeypatch.setattr(RolloutEngine, "_memo_key", lambda self, *args: object())  # never shared
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[*TINY, "validate_at_start=false", "eval_batch_size=null",
+                                                          *extra])
+        with open_dict(cfg):
+            cfg.output_dir = str(tmp_path / mode)
+        computed[mode] = 0
+        run(cfg)
+        records[mode] = [{**{k: v for k, v in r.items() if k != "seconds"},  # (the run's own directory:)
+                          "config": {**r["config"], "checkpoint": str(r["config"]["checkpoint"]).replace(mode, "run")}}
+                         for r in _lines(tmp_path / mode / "comparison.jsonl")]
+    assert records["shared"] == records["alone"]
+    assert {r["method"] for r in records["shared"]} == {"gcache", "single", "fixed-full", "oracle"}
+    assert computed["shared"] < computed["alone"], computed

@@ -42,9 +42,8 @@ __all__ = ["CONF_DIR", "ConfigError", "build_datamodule", "build_logger", "build
            "validate"]
 
 # key: smallest allowed value; keys a config does not have (evaluate.yaml has no training keys) are skipped.
-INTEGERS = {"policy.graphs_per_question": 1, "batch_size": 1, "eval_batch_size": 1, "ckpt_every_n_steps": 1,
-            "seed": 0, "task.seed": 0}
-OPTIONAL_INTEGERS = {"agents.num_agents": 1, "limit_train": 1, "limit_val": 1, "limit_test": 1}
+INTEGERS = {"policy.graphs_per_question": 1, "batch_size": 1, "ckpt_every_n_steps": 1, "seed": 0, "task.seed": 0}
+OPTIONAL_INTEGERS = {"agents.num_agents": 1, "limit_train": 1, "limit_val": 1, "limit_test": 1, "eval_batch_size": 1}
 # What a policy group without these keys ran (the settings of runs from before them; policy/default.yaml sets them).
 LEGACY_POLICY = {"fusion": "values", "fuser_graph": "sampled"}
 SELECT_CHECKPOINT = ("last", "best")  # the weights a training run tests (train.yaml select_checkpoint)
@@ -247,7 +246,7 @@ def build_module(cfg: DictConfig, *, task=None, llm: LocalLM | None = None) -> G
 def build_datamodule(cfg: DictConfig, task) -> TaskDataModule:
     """The task's splits, read once here: missing files, malformed lines and empty splits fail now."""
     datamodule = TaskDataModule(
-        task, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size,
+        task, batch_size=cfg.batch_size, eval_batch_size=cfg.eval_batch_size, eval_rows=cfg.rollout.max_batch,
         limit_train=cfg.limit_train, limit_val=cfg.limit_val, limit_test=cfg.limit_test, seed=cfg.seed,
     )
     for split in ("train", "val", "test"):

@@ -9,6 +9,7 @@ uninterrupted run would have seen (Lightning restores the loop counters, not the
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from typing import Any
 
@@ -27,6 +28,16 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 
 def _collate(batch: list[Example]) -> list[Example]:
     return batch
+
+
+def eval_batch_size(questions: int, rows_per_question: int, max_rows: int) -> int:
+    """Questions per evaluation batch, sized by rows: at most `max_rows` rows (the rollout's `max_batch`,
+    what one forward pass takes) of `rows_per_question` each, and `questions` split into batches of
+    equal size (40 questions at 32 rows: two batches of 20, not 32 and 8)."""
+    if questions < 1:
+        return 1
+    cap = max(1, max_rows // max(rows_per_question, 1))
+    return math.ceil(questions / math.ceil(questions / cap))
 
 
 class ShardSampler(DistributedSampler):
@@ -65,6 +76,7 @@ class TaskDataModule(L.LightningDataModule):
         *,
         batch_size: int = 2,
         eval_batch_size: int | None = None,
+        eval_rows: int = 32,
         limit_train: int | None = None,
         limit_val: int | None = None,
         limit_test: int | None = None,
@@ -76,7 +88,8 @@ class TaskDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.task = task
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = eval_batch_size  # None: sized by rows (`eval_batch_size`), `eval_rows` per batch
+        self.eval_rows = eval_rows
         self.limits = {"train": limit_train, "val": limit_val, "test": limit_test}
         self.shuffle = shuffle
         self.seed = seed
@@ -120,10 +133,18 @@ class TaskDataModule(L.LightningDataModule):
         return self._loader("train", self.batch_size, sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size)
+        return self._loader("val", self.eval_size("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)
+        return self._loader("test", self.eval_size("test"))
+
+    def eval_size(self, name: str) -> int:
+        """Questions per validation / test batch: `eval_batch_size`, or sized by rows (one per question: the
+        module evaluates one graph per question) over this rank's shard of the split."""
+        if self.eval_batch_size is not None:
+            return self.eval_batch_size
+        world = self.trainer.world_size if self.trainer is not None else 1
+        return eval_batch_size(math.ceil(len(self.split(name)) / world), 1, self.eval_rows)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -81,6 +81,7 @@ from gcache.cli import (
     renamed_overrides,
     run_job,
 )
+from gcache.datamodule import eval_batch_size
 from gcache.policy.sampling import deterministic_dag
 from gcache.policy.topology import (
     TOPOLOGIES,
@@ -97,7 +98,7 @@ from gcache.report import (
     report_markdown,
     write_report,
 )
-from gcache.rollout import AgentMemo, RolloutConfig, RolloutEngine
+from gcache.rollout import AgentMemo, RolloutBatch, RolloutConfig, RolloutEngine
 from gcache.secrets import redacted_config
 from gcache.stats import mcnemar_exact, wilson_interval
 
@@ -217,58 +218,125 @@ class Evaluator:
         active = self.module.active if config["graph"] == self.module.topology else None
         return judger_senders_all(adjacency, active), None
 
-    def run(self, method: str, batch) -> list[dict]:
+    def rollout_config(self, config: dict) -> RolloutConfig:
+        """The rollout settings of a method's config (`describe`): the run's, with the method's changes."""
+        base = self.module.rollout_config
+        return RolloutConfig(**{
+            **base.__dict__, "method": config["method"], "retention": config["retention"] or base.retention,
+            "latent_steps": base.latent_steps if config["latent_steps"] is None else config["latent_steps"],
+            "realign": config["realign"] or base.realign,
+            "judger_cache": config["judger_cache"], "judger_latent_steps": config["judger_latent_steps"],
+            "agent_max_new_tokens": config.get("agent_max_new_tokens") or base.agent_max_new_tokens,
+        })
+
+    def engine_key(self, method: str) -> tuple | None:
+        """What decides the engine a method runs on: its rollout settings, its fuser and the logits that
+        weight it. Methods with the same key run as one batch of rows (`run_methods`); None: a method that
+        runs alone (`gcache`: the module's own evaluation; the API methods)."""
+        if method == "gcache" or method in API_METHODS:
+            return None
         config = self.describe(method)
-        start = time.perf_counter()
-        if method in API_METHODS:
-            return self._run_api(method, batch, start, config)
-        if method == "gcache":  # exactly what the training run's validation and test run
-            engine = self.module.engine
-            engine.memo = self.memo
-            try:
-                answers, _, rows = self.module.evaluate_batch(batch)
-            finally:
-                engine.memo = None
-        else:
-            base = self.module.rollout_config
-            rollout = RolloutConfig(**{
-                **base.__dict__, "method": config["method"], "retention": config["retention"] or base.retention,
-                "latent_steps": base.latent_steps if config["latent_steps"] is None else config["latent_steps"],
-                "realign": config["realign"] or base.realign,
-                "judger_cache": config["judger_cache"], "judger_latent_steps": config["judger_latent_steps"],
-                "agent_max_new_tokens": config.get("agent_max_new_tokens") or base.agent_max_new_tokens,
-            })
-            fuser = self.module.fuser if config["fuser"] == "trained" else None
-            engine = RolloutEngine(self.module.llm, self.module.roster, rollout, fuser=fuser)
-            engine.memo = self.memo
-            adjacency, logits = self._graph(config, batch)
-            if fuser is not None and logits is None:
-                with torch.no_grad():
-                    logits = self.module.edge_logits([ex.question for ex in batch])  # (B, N+1, N+1)
-            if config.get("fuser_signal") == "other-question":
-                if len({ex.question for ex in batch}) < 2:
-                    raise ValueError(f"method {method!r} needs batches of at least two different questions")
-                logits = logits.roll(-1, dims=0)  # question i weighted by question i + 1's logits
-            rows = engine.run(
-                [ex.question for ex in batch], adjacency, list(range(len(batch))),
-                answer_format=self.module.task.answer_format, agent_facts=[ex.agent_facts for ex in batch],
-                edge_logits=logits,
-            )
-            answers, _ = self.module._answers(batch, rows)
+        return self.rollout_config(config), config["fuser"], config.get("fuser_signal")
+
+    def rows_per_question(self, methods: list[str], *, together: bool = True) -> int:
+        """The rows one question adds to the largest engine call of `run_methods` (one per method that
+        shares the call): what sizes an evaluation's batches by rows (`gcache.datamodule.eval_batch_size`)."""
+        counts: dict[Any, int] = {}
+        for method in methods:
+            key = self.engine_key(method) if together else None
+            key = ("alone", method) if key is None else key
+            counts[key] = counts.get(key, 0) + 1
+        return max(counts.values(), default=1)
+
+    def run(self, method: str, batch) -> list[dict]:
+        """`method` on a batch of examples: one record per example."""
+        return self.run_methods([method], batch)[method]
+
+    def run_methods(self, methods: list[str], batch, *, together: bool = True) -> dict[str, list[dict]]:
+        """Every method of `methods` on a batch of examples: method -> one record per example. With
+        `together`, methods whose engines agree (`engine_key`: e.g. `single`, `fixed-full` and `oracle`)
+        run as one batch of rows, one engine call: identical agents computed once, every judger in the
+        same decoding batches (`rollout.max_batch` rows each); the others run alone. Each method's agents
+        are also shared with the other methods of the batch through the memo (`AgentMemo`; the caller
+        clears it between batches). Each record is what the method gives when it runs alone; its
+        `seconds` are its rows' share of the engine call's time (by the tokens they ran)."""
+        groups: dict[Any, list[str]] = {}
+        for method in methods:
+            key = self.engine_key(method) if together else None
+            groups.setdefault(("alone", method) if key is None else key, []).append(method)
+        records: dict[str, list[dict]] = {}
+        for members in sorted(groups.values(), key=lambda group: group != ["gcache"]):  # gcache first
+            start = time.perf_counter()
+            if members == ["gcache"]:  # exactly what the training run's validation and test run
+                engine = self.module.engine
+                engine.memo = self.memo
+                try:
+                    answers, _, rows = self.module.evaluate_batch(batch)
+                finally:
+                    engine.memo = None
+                records["gcache"] = self._records("gcache", batch, answers, rows.rollouts, start)
+            elif members[0] in API_METHODS:
+                records[members[0]] = self._run_api(members[0], batch, start, self.describe(members[0]))
+            else:
+                records.update(self._run_group(members, batch, start))
+        return {method: records[method] for method in methods}
+
+    def _run_group(self, methods: list[str], batch, start: float) -> dict[str, list[dict]]:
+        """Methods with one engine (`engine_key`) on a batch: their rows (method by method, B each) in one
+        engine call."""
+        configs = {method: self.describe(method) for method in methods}
+        config = configs[methods[0]]
+        fuser = self.module.fuser if config["fuser"] == "trained" else None
+        engine = RolloutEngine(self.module.llm, self.module.roster, self.rollout_config(config), fuser=fuser)
+        engine.memo = self.memo
+        graphs = [self._graph(configs[method], batch)[0] for method in methods]  # (B, N+1, N+1) each
+        logits = None
+        if fuser is not None:
+            with torch.no_grad():
+                logits = self.module.edge_logits([ex.question for ex in batch])  # (B, N+1, N+1)
+        if config.get("fuser_signal") == "other-question":
+            if len({ex.question for ex in batch}) < 2:
+                raise ValueError(f"method {methods[0]!r} needs batches of at least two different questions")
+            logits = logits.roll(-1, dims=0)  # question i weighted by question i + 1's logits
+        b = len(batch)
+        rows = engine.run(
+            [ex.question for ex in batch], torch.cat(graphs), list(range(b)) * len(methods),
+            answer_format=self.module.task.answer_format, agent_facts=[ex.agent_facts for ex in batch],
+            edge_logits=logits,
+        )
+        # the call's time, spread over its rows by the tokens each ran (prompts, latent steps, decoding)
+        elapsed = time.perf_counter() - start
+        work = [r.prompt_tokens + r.decoded_tokens + engine.config.latent_steps * r.agents_run for r in rows.rollouts]
+        shares = [elapsed * w / max(sum(work), 1) for w in work]
+        records = {}
+        for m, method in enumerate(methods):
+            own = rows.rollouts[m * b : (m + 1) * b]
+            answers, _ = self.module._answers(batch, RolloutBatch(own, [], prefills=0, prefills_naive=0))
+            records[method] = self._records(method, batch, answers, own, time.perf_counter(),
+                                            seconds=shares[m * b : (m + 1) * b], config=configs[method])
+        return records
+
+    def _records(self, method: str, batch, answers: list[str | None], rollouts, start: float, *,
+                 seconds: list[float] | None = None, config: dict | None = None) -> list[dict]:
+        """The records of `method` on `batch` from its rollouts: scored (code tasks' programs run once; an
+        answer that never came, a failed API request, is unscored) and timed (`seconds`: each question's
+        time before scoring; default none: the time since `start`, spread evenly)."""
+        config = self.describe(method) if config is None else config
         mode = self.module.generator_mode
         api = mode.item_usage() if mode is not None else [{}] * len(batch)
-        # Runs code tasks' programs once; an answer that never came (a failed API request) is unscored.
         details = self.module.task.score_details(["" if a is None else a for a in answers], list(batch))
         details = [{**d, "reward": None} if a is None else d for a, d in zip(answers, details, strict=True)]
-        seconds = (time.perf_counter() - start) / len(batch)
+        scoring = (time.perf_counter() - start) / len(batch)  # (all of it without `seconds`)
+        seconds = [scoring + s for s in seconds] if seconds is not None else [scoring] * len(batch)
         return [
             _record(ex, method, answer, detail, config, decoded_tokens=rollout.decoded_tokens,
-                    prompt_tokens=rollout.prompt_tokens, seconds=seconds,
+                    prompt_tokens=rollout.prompt_tokens, seconds=secs,
                     peak_cache_bytes=rollout.peak_cache_bytes, graph=self.module.graph_text(rollout.adjacency),
                     edges=int(rollout.adjacency.sum()),
                     judger_senders=rollout.judger_senders, agents_run=rollout.agents_run,
                     handed_positions=rollout.handed_positions, handed_bytes=rollout.handed_bytes, **usage)
-            for ex, rollout, answer, detail, usage in zip(batch, rows.rollouts, answers, details, api, strict=True)
+            for ex, rollout, answer, detail, usage, secs in zip(batch, rollouts, answers, details, api, seconds,
+                                                                 strict=True)
         ]
 
     def _run_api(self, method: str, batch, start: float, config: dict) -> list[dict]:
@@ -380,7 +448,7 @@ def evaluate(cfg: DictConfig, *, module=None, overrides: list[str] | None = None
     if cfg.ckpt_path is None and (wants := [m for m in methods if m in TRAINED_METHODS]):
         raise ValueError(f"methods {wants} evaluate a trained policy: give ckpt_path=… (an untrained fixed "
                          f"graph is `fixed-{cfg.topology.name}`)")
-    if "mismatched" in methods and cfg.eval_batch_size < 2:
+    if "mismatched" in methods and cfg.eval_batch_size is not None and cfg.eval_batch_size < 2:
         raise ValueError("the mismatched control needs eval_batch_size >= 2 (it swaps caches between questions)")
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -398,24 +466,30 @@ def evaluate(cfg: DictConfig, *, module=None, overrides: list[str] | None = None
     done = {(r["id"], r["method"]) for r in repair_results(results)}
     todo = [(m, ex) for m in methods for ex in examples if (ex.id, m) not in done]
     log.info("%d of %d (question, method) pairs to run (%d done)", len(todo), len(methods) * len(examples), len(done))
+    size = cfg.eval_batch_size or eval_batch_size(len(examples), evaluator.rows_per_question(methods),
+                                                  module.rollout_config.max_batch)
     with tqdm(total=len(todo), desc="evaluate", disable=not todo) as bar:
-        # a batch of questions at a time, every method on it: the methods share its agents (`AgentMemo`)
-        for start in range(0, len(examples), cfg.eval_batch_size):
+        # a batch of questions at a time, every method on it: the methods share its agents (`AgentMemo`) and
+        # run as one batch of rows where their engines agree (`Evaluator.run_methods`)
+        for start in range(0, len(examples), size):
             evaluator.memo.clear()
+            pending: dict[tuple, tuple[list, list[str]]] = {}  # the questions not done yet -> (them, the methods)
             for method in methods:
-                batch = [ex for ex in examples[start : start + cfg.eval_batch_size] if (ex.id, method) not in done]
-                if not batch:
-                    continue
-                if method == "mismatched" and len(batch) < 2:
+                batch = [ex for ex in examples[start : start + size] if (ex.id, method) not in done]
+                if batch and method == "mismatched" and len(batch) < 2:
                     batch = [*batch, *[ex for ex in examples if ex.id != batch[0].id][:1]]
-                records = [r for r in evaluator.run(method, batch) if (r["id"], method) not in done]
-                with results.open("a") as fh:
-                    for record in records:
-                        fh.write(json.dumps(record) + "\n")
-                        done.add((record["id"], method))
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                bar.update(len(records))
+                if batch:
+                    pending.setdefault(tuple(ex.id for ex in batch), (batch, []))[1].append(method)
+            for batch, group in pending.values():
+                for method, rows in evaluator.run_methods(group, batch, together=cfg.get("share_methods", True)).items():
+                    records = [r for r in rows if (r["id"], method) not in done]
+                    with results.open("a") as fh:
+                        for record in records:
+                            fh.write(json.dumps(record) + "\n")
+                            done.add((record["id"], method))
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                    bar.update(len(records))
     evaluator.memo.clear()
     if evaluator.memo.computed:
         log.info("agents computed %d times, shared between methods %d times", evaluator.memo.computed,
@@ -427,47 +501,53 @@ def evaluate(cfg: DictConfig, *, module=None, overrides: list[str] | None = None
     return report
 
 
-def compare_on_test(module, methods: list[str], examples: list, out: Path, *, batch_size: int,
-                    ckpt_path: str | None = None) -> dict | None:
-    """A training run's trained policy (its test predictions, `module.test_records`) next to baseline
-    `methods` on the same test questions, with paired exact McNemar tests (and under an API mode
-    API tokens, USD per question and per correct answer). `out/comparison.jsonl` gets every method's
-    records, the trained policy's first (method "gcache": its test predictions, with the `config` a
-    `gcache` evaluation of the checkpoint records), each with the question (docs/outputs.md). `oracle`
-    is left out for tasks without oracle graphs. `ckpt_path`: the checkpoint whose weights the module
-    holds (default `out/checkpoints/last.ckpt`). A log line per method about every tenth of the questions."""
-    from gcache.callbacks import progress_due
+class TestComparison:
+    """Baseline methods run on every test batch of a training run next to its trained policy (`gcache.train`
+    sets `GCacheModule.test_comparison`; `GCacheModule.test_step` calls `run` after the policy's own
+    evaluation of the batch): the methods share the policy's agents through the memo (the policy's
+    routed keeper is `oracle`'s) and each other's (`Evaluator.run_methods`), and under DDP every rank
+    runs its own shard. `records`: method -> this rank's records, in test order."""
 
-    methods = [m for m in methods if m not in ORACLE_METHODS or all(ex.oracle_edges for ex in examples)]
-    if not methods:
-        return None
-    evaluator = Evaluator(module, ckpt_path=ckpt_path or str(out / "checkpoints" / "last.ckpt"))
-    trained = {r["id"]: r for r in module.test_records}
-    config = evaluator.describe("gcache")  # what a training run's test_predictions.jsonl records already hold
-    rows_of = {"gcache": [{**trained[ex.id], "config": trained[ex.id].get("config", config)} for ex in examples]}
-    records = list(rows_of["gcache"])
-    was_training = module.training
-    module.eval()
-    log.info("comparison: %s on the %d test questions", ", ".join(methods), len(examples))
-    try:
-        with module.api_part("compare"):
-            for method in methods:
-                rows_of[method] = []
-            for start in range(0, len(examples), batch_size):  # a batch, every method: they share its agents
-                evaluator.memo.clear()
-                for method in methods:
-                    rows_of[method] += evaluator.run(method, examples[start : start + batch_size])  # question included
-                    if progress_due(len(rows_of[method]), min(batch_size, len(examples) - start), len(examples)):
-                        log.info("comparison: %s %d/%d questions", method, len(rows_of[method]), len(examples))
-            for method in methods:
-                records += rows_of[method]
-    finally:
-        evaluator.memo.clear()
-        module.train(was_training)
+    def __init__(self, module, methods: list[str], *, ckpt_path: str, together: bool = True) -> None:
+        self.evaluator = Evaluator(module, ckpt_path=ckpt_path)
+        self.methods = list(methods)
+        self.together = together
+        self.records: dict[str, list[dict]] = {method: [] for method in methods}
+
+    @property
+    def memo(self) -> AgentMemo:
+        return self.evaluator.memo
+
+    def run(self, batch) -> None:
+        """The methods on one test batch, after the policy's evaluation of it filled the memo; clears it."""
+        try:
+            for method, rows in self.evaluator.run_methods(self.methods, batch, together=self.together).items():
+                self.records[method] += rows  # question included
+        finally:
+            self.memo.clear()
+
+
+def comparison_methods(methods: list[str], examples: list) -> list[str]:
+    """`methods` that can run on `examples`: `oracle` and its kin only for tasks with oracle graphs."""
+    return [m for m in methods if m not in ORACLE_METHODS or all(ex.oracle_edges for ex in examples)]
+
+
+def write_comparison(trained: list[dict], rows_of: dict[str, list[dict]], out: Path) -> dict:
+    """A training run's trained policy (its test predictions, `trained`, each with its `config`) next to the
+    baseline methods' records on the same test questions (`rows_of`: method -> records, in test order), with
+    paired exact McNemar tests (and under an API mode API tokens, USD per question and per correct answer).
+    `out/comparison.jsonl` gets every method's records, the trained policy's first (method "gcache"), each
+    with the question (docs/outputs.md). Returns the comparison (accuracy, CI, McNemar p per method)."""
+    rows_of = {"gcache": trained, **rows_of}
+    for method, rows in rows_of.items():
+        if [r["id"] for r in rows] != [r["id"] for r in trained]:
+            raise ValueError(f"comparison: method {method!r} has records of other questions than the test's")
     rewards = {method: [r["reward"] for r in rows] for method, rows in rows_of.items()}
-    with open(out / "comparison.jsonl", "w") as fh:
-        fh.writelines(json.dumps(r) + "\n" for r in records)
-    result = {"questions": len(examples), "methods": {}}
+    tmp = out / "comparison.jsonl.tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(json.dumps(r) + "\n" for rows in rows_of.values() for r in rows)
+    tmp.replace(out / "comparison.jsonl")
+    result = {"questions": len(trained), "methods": {}}
     for method, values in rewards.items():
         scored = [v for v in values if v is not None]
         entry = {"accuracy": sum(scored) / max(len(scored), 1), "ci95": list(wilson_interval(sum(scored), len(scored)))}

@@ -70,7 +70,13 @@ from gcache.cli import (
     run_directory_error,
     run_job,
 )
-from gcache.evaluate import Evaluator, compare_on_test, comparison_table
+from gcache.evaluate import (
+    Evaluator,
+    TestComparison,
+    comparison_methods,
+    comparison_table,
+    write_comparison,
+)
 from gcache.report import API_COLUMNS, accuracy_counts
 from gcache.secrets import redacted_config
 
@@ -175,13 +181,25 @@ def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tup
     if not cfg.run_test:
         return val, {}, None, tested
     module.test_records = []
-    # The best checkpoint's weights replace the module's (the comparison's controls then use them too).
-    results = trainer.test(module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None,
-                           weights_only=True)
+    test_split = datamodule.split("test")
+    methods = comparison_methods(compare_methods(cfg), test_split)
+    if methods:  # run on each test batch next to the policy, sharing its agents (`TestComparison`)
+        module.test_comparison = TestComparison(module, methods, ckpt_path=tested,
+                                                together=cfg.get("share_methods", True))
+        log.info("test: gcache and the comparison's %s on %d questions, %d per batch", ", ".join(methods),
+                 len(test_split), datamodule.eval_size("test"))
+    try:
+        # The best checkpoint's weights replace the module's (the comparison's controls then use them too).
+        results = trainer.test(module, datamodule=datamodule, verbose=False, ckpt_path=best_path or None,
+                               weights_only=True)
+    finally:
+        comparison_records = module.test_comparison.records if module.test_comparison is not None else {}
+        module.test_comparison = None
     test = {k: float(v) for k, v in (results[0] if results else {}).items() if k != "step"}  # (the loggers' step)
-    module.test_records = gather_records(module.test_records, datamodule.split("test"))
+    module.test_records = gather_records(module.test_records, test_split)
     test["test/counts"] = accuracy_counts([r["reward"] for r in module.test_records])
     test["test/accuracy"] = test["test/counts"]["accuracy"]  # exact, not a float32 mean of batch means
+    rows_of = {method: gather_records(rows, test_split) for method, rows in comparison_records.items()}
     comparison = None
     if trainer.is_global_zero:  # every rank's test records, gathered above
         # With what ran (graph, fuser, checkpoint: `Evaluator.describe`), as every record of comparison.jsonl
@@ -191,9 +209,8 @@ def _fit_and_test(cfg, trainer, module, datamodule, ckpt_path, out: Path) -> tup
         log.info("test: %d predictions in %s", len(module.test_records), out / "test_predictions.jsonl")
         (out / "test_predictions.jsonl.tmp").write_text("".join(json.dumps(r) + "\n" for r in module.test_records))
         (out / "test_predictions.jsonl.tmp").replace(out / "test_predictions.jsonl")
-        comparison = compare_on_test(module, compare_methods(cfg), datamodule.split("test"), out,
-                                     batch_size=cfg.eval_batch_size, ckpt_path=tested)
-        if comparison:
+        if rows_of:
+            comparison = write_comparison(module.test_records, rows_of, out)
             log_comparison(trainer.loggers, comparison, trainer.global_step)
     return val, test, comparison, tested
 
