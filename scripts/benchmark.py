@@ -33,8 +33,9 @@ work-sharing changes), `--rounds` of each:
     python scripts/benchmark.py --quickstart --compare-ref 3fe0b27 --rounds 1
 
 8. quickstart: wall time of startup (to the end of the first validation), training (24 steps and
-   their validations), test, comparison and the whole run; prefill tokens per question of the
-   validation and test (`val/prefill_tokens`, where the ref records it) and the test table.
+   their validations), test and comparison (one phase: the comparison now runs on the test batches)
+   and the whole run; prompt tokens run through the model per question of training, validation and
+   test + comparison (counted in the process, `TOKEN_COUNTER`, at either commit) and the test table.
 
 `--random-shape {smollm2-135m,llama-1b,qwen3-0.6b,qwen3-4b,qwen3-8b}` builds random weights of
 that config offline (speed and memory only); `--compare-ref REF` runs rows 5-7 in fresh processes
@@ -379,9 +380,44 @@ def compare_with_ref(ref: str, argv: list[str], rounds: int) -> dict:
         subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(base)], capture_output=True)
 
 
+# Run in the quickstart's process (`python -c`): counts the prompt tokens run through the model (every
+# `kv.prefill`: agents, judgers, cached prefixes; the fuser's teacher-forced `kv.answer_nll`: prompt and
+# target) by the phase whose Lightning hook (or the comparison of commits before it ran in the test) called
+# them, and writes them to <run dir>/prefill_tokens.json at exit. Works on any commit that has these names.
+TOKEN_COUNTER = """
+import atexit, inspect, json, runpy, sys
+import gcache.kv as kv
+counts = {}
+PHASES = {"training_step": "training", "validation_step": "validation", "test_step": "test + comparison",
+          "compare_on_test": "test + comparison"}
+def phase():
+    frame = inspect.currentframe()
+    while frame is not None:
+        name = PHASES.get(frame.f_code.co_name)
+        if name:
+            return name
+        frame = frame.f_back
+    return "other"
+def counted(original, tokens):
+    def wrapper(*args, **kwargs):
+        key = phase()
+        counts[key] = counts.get(key, 0) + int(tokens(*args, **kwargs))
+        return original(*args, **kwargs)
+    return wrapper
+kv.prefill = counted(kv.prefill, lambda model, ids, mask, **kw: mask.sum())
+kv.answer_nll = counted(kv.answer_nll, lambda model, cache, pids, pmask, tids, tmask: pmask.sum() + tmask.sum())
+run_dir = next(a.split("=", 1)[1] for a in sys.argv if a.startswith("hydra.run.dir="))
+atexit.register(lambda: open(run_dir + "/prefill_tokens.json", "w").write(json.dumps(counts)))
+sys.argv[0] = "gcache.train"
+runpy.run_module("gcache.train", run_name="__main__")
+"""
+
+
 def quickstart_phases(run_dir: Path, launched: float, ended: float) -> dict:
     """Seconds per phase of a `gcache.train` run, from its train.log's timestamps (local time) and the
-    process's launch and end (`time.time()`); prefill tokens per question and accuracies from summary.json."""
+    process's launch and end (`time.time()`); prompt tokens run through the model per question of each phase
+    (`TOKEN_COUNTER`: training over its 96 questions, validation over its 5 x 16, test + comparison over 40)
+    and the test table from summary.json."""
     import datetime
     import re
 
@@ -397,24 +433,25 @@ def quickstart_phases(run_dir: Path, launched: float, ended: float) -> dict:
 
     start_val = next(t for t, text in stamps if text.startswith("topology picture") and "step000000" in text)
     trained = last("topology picture")
-    tested = next(t for t, text in stamps if text.startswith("test: ") and "predictions" in text)
     summary = json.loads((run_dir / "summary.json").read_text())
     comparison = summary.get("comparison") or {}
+    tokens = json.loads((run_dir / "prefill_tokens.json").read_text())
+    questions = {"training": 96, "validation": 5 * 16, "test + comparison": 40}
+    per_question = {f"{phase} prompt tokens/q": tokens.get(phase, 0) / n for phase, n in questions.items()}
     return {
         "startup + first validation s": start_val - launched,
-        "training s (24 steps, 3 validations)": trained - start_val,
-        "test s": tested - trained,
-        "comparison s": last("summary:") - tested,
+        "training s (24 steps, 4 validations)": trained - start_val,
+        "test + comparison s": last("summary:") - trained,
         "total s": ended - launched,
-        "val prefill tokens/q": (summary.get("val") or {}).get("val/prefill_tokens"),
-        "test prefill tokens/q": (summary.get("test") or {}).get("test/prefill_tokens"),
+        **per_question,
+        "training + test + comparison prompt tokens": tokens.get("training", 0) + tokens.get("test + comparison", 0),
         "table": " / ".join(f"{m['accuracy']:.3f}" for m in comparison.get("methods", {}).values()),
     }
 
 
 def compare_quickstart(ref: str, rounds: int) -> dict:
     """The quickstart with this checkout and with git `ref` (a worktree), alternating fresh processes;
-    the faster of each kept, with this / ref for every time."""
+    the faster of each kept, with this / ref for every time and token count."""
     import os
     import subprocess
     import tempfile
@@ -428,16 +465,17 @@ def compare_quickstart(ref: str, rounds: int) -> dict:
         for _ in range(rounds):
             for label, tree in (("this", root), ("ref", base)):
                 run_dir = Path(tempfile.mkdtemp(prefix=f"quickstart-{label}-"))
-                env = {**os.environ, "PYTHONPATH": f"{tree / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                       "OMP_WAIT_POLICY": "PASSIVE"}
+                # the caller's environment, as a user's run has it (OMP_WAIT_POLICY=PASSIVE, for processes that
+                # share cores, makes every small op wait for its threads to wake)
+                env = {**os.environ, "PYTHONPATH": f"{tree / 'src'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
                 launched = time.time()
-                subprocess.run([sys.executable, "-m", "gcache.train", "logger=csv", f"hydra.run.dir={run_dir}"],
+                subprocess.run([sys.executable, "-c", TOKEN_COUNTER, "logger=csv", f"hydra.run.dir={run_dir}"],
                                check=True, env=env, cwd=tree, capture_output=True)
                 phases = quickstart_phases(run_dir, launched, time.time())
                 if label not in best or phases["total s"] < best[label]["total s"]:
                     best[label] = phases
         ratio = {key: value / best["ref"][key] for key, value in best["this"].items()
-                 if " s" in key and best["ref"].get(key)}  # the times
+                 if not isinstance(value, str) and best["ref"].get(key)}
         return {"this": best["this"], "ref": best["ref"], "this / ref": ratio, "ref commit": ref}
     finally:
         subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(base)], capture_output=True)
