@@ -34,6 +34,8 @@ def _gcache(command: str, *args: str, timeout: int = 600) -> subprocess.Complete
     ("train", ["rollout.latent_step=3"], "error: rollout.latent_step: no such key; did you mean rollout.latent_steps?"),
     ("study", ["limit_tset=3"], "error: limit_tset: no such key; did you mean limit_test?"),
     ("evaluate", ["eval_batch_sise=3"], "error: eval_batch_sise: no such key; did you mean eval_batch_size?"),
+    ("evaluate", ["eval_batch_size=0"], "error: eval_batch_size must be an integer >= 1 or null, got 0"),
+    ("train", ["share_methods=yes"], "error: share_methods must be true or false, got 'yes'"),
 ])
 def test_a_typo_is_an_error_line_before_any_work(tmp_path, command, args, message):
     where = f"hydra.sweep.dir={tmp_path}" if command == "study" else f"hydra.run.dir={tmp_path}"

@@ -81,6 +81,9 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.policy.get(key, LEGACY_POLICY.get(key, allowed[0]))
         if value not in allowed:
             raise ConfigError(f"policy.{key}={value!r} is not one of {list(allowed)}")
+    share = cfg.get("share_methods", True)
+    if not isinstance(share, bool):
+        raise ConfigError(f"share_methods must be true or false, got {share!r}")
     select = cfg.get("select_checkpoint", "last")
     if select not in SELECT_CHECKPOINT:
         raise ConfigError(f"select_checkpoint={select!r} is not one of {list(SELECT_CHECKPOINT)}")

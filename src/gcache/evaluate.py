@@ -466,7 +466,8 @@ def evaluate(cfg: DictConfig, *, module=None, overrides: list[str] | None = None
     done = {(r["id"], r["method"]) for r in repair_results(results)}
     todo = [(m, ex) for m in methods for ex in examples if (ex.id, m) not in done]
     log.info("%d of %d (question, method) pairs to run (%d done)", len(todo), len(methods) * len(examples), len(done))
-    size = cfg.eval_batch_size or eval_batch_size(len(examples), evaluator.rows_per_question(methods),
+    together = cfg.get("share_methods", True)
+    size = cfg.eval_batch_size or eval_batch_size(len(examples), evaluator.rows_per_question(methods, together=together),
                                                   module.rollout_config.max_batch)
     with tqdm(total=len(todo), desc="evaluate", disable=not todo) as bar:
         # a batch of questions at a time, every method on it: the methods share its agents (`AgentMemo`) and
@@ -481,7 +482,7 @@ def evaluate(cfg: DictConfig, *, module=None, overrides: list[str] | None = None
                 if batch:
                     pending.setdefault(tuple(ex.id for ex in batch), (batch, []))[1].append(method)
             for batch, group in pending.values():
-                for method, rows in evaluator.run_methods(group, batch, together=cfg.get("share_methods", True)).items():
+                for method, rows in evaluator.run_methods(group, batch, together=together).items():
                     records = [r for r in rows if (r["id"], method) not in done]
                     with results.open("a") as fh:
                         for record in records:
