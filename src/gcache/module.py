@@ -92,10 +92,10 @@ from gcache.tasks.base import Example, Task
 
 log = logging.getLogger(__name__)
 
-GRAPHS = ("learned", "oracle")
+GRAPHS = ("learned", "oracle")  # where a step's graphs come from: sampled from the policy, or the task's oracle
 # Validations run the same questions every time: their agents' segments are kept between them, up to this
 # (at the quickstart's size, 16 questions' routed keepers: about 170 MB in float32).
-VAL_MEMO_BYTES = 512 * 2**20  # where a step's graphs come from: sampled from the policy, or the task's oracle
+VAL_MEMO_BYTES = 512 * 2**20
 
 # Lightning warns whenever a module overrides `transfer_batch_to_device` next to a datamodule;
 # ours does so on purpose (batches are lists of Examples, not tensors).
