@@ -94,7 +94,7 @@ log = logging.getLogger(__name__)
 
 GRAPHS = ("learned", "oracle")  # where a step's graphs come from: sampled from the policy, or the task's oracle
 # Validations run the same questions every time: their agents' segments are kept between them, up to this
-# (at the quickstart's size, 16 questions' routed keepers: about 170 MB in float32).
+# (the quickstart: at most its 16 questions x 4 keepers, about 5 MB each in float32: 320 MB).
 VAL_MEMO_BYTES = 512 * 2**20
 
 # Lightning warns whenever a module overrides `transfer_batch_to_device` next to a datamodule;
