@@ -372,6 +372,15 @@ def test_prompts_on_cached_prefixes_equal_whole_prompts_in_a_left_padded_batch(l
     assert cached.prefill_tokens < plain.prefill_tokens
     stats = llm.prefix_cache().stats()
     assert stats["computed"] >= 3 and stats["uses"] >= 2 * (n - 1) + 2  # agents alone and judgers alone, per question
+    # Text agents read their senders' messages in their prompts: every one starts afresh, on a cached prefix
+    text = {}
+    for cached in (False, True):
+        engine = RolloutEngine(llm, roster, RolloutConfig(method="text", agent_max_new_tokens=4, max_new_tokens=3,
+                                                          prefix_cache=cached))
+        text[cached] = engine.run(questions, torch.cat([graphs, graphs]), [0, 0, 1, 1], answer_format="Answer:")
+    assert [r.messages for r in text[True].rollouts] == [r.messages for r in text[False].rollouts]
+    assert [r.answer for r in text[True].rollouts] == [r.answer for r in text[False].rollouts]
+    assert text[True].prefill_tokens < text[False].prefill_tokens
 
 
 @torch.no_grad()

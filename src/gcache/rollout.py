@@ -496,9 +496,9 @@ class RolloutEngine:
 
     def _prefill_prompts(self, messages: list[list[dict]], texts: list[str], pasts: list[kv.KV], *, logits: bool):
         """Prefill each row's chat prompt on its past (single-row compact KVs), left-padded in one batch.
-        With `prefix_cache`, a prompt with nothing before it (an agent without senders, the judger alone)
-        whose start is a cached prefix (`gcache.prefix_cache`) prefills only the rest, on the prefix: the
-        same tokens at the same positions. (After a past the prefix's tokens attend to it, so their keys
+        With `prefix_cache`, a prompt with nothing before it (an agent without senders, any text agent, the
+        judger alone) whose start is a cached prefix (`gcache.prefix_cache`) prefills only the rest, on the
+        prefix: the same tokens at the same positions. (After a past the prefix's tokens attend to it, so their keys
         and values are the past's own: never cached.) Returns the step, each row's prompt tokens (whole
         prompts), the prefix tokens each row took from the cache and the width T of the prefilled block.
         `texts`: the prompts (`messages` rendered by the chat template)."""
@@ -556,21 +556,14 @@ class RolloutEngine:
                                     row.seq_len) if keep_starts else None
                 done[x] = _Done(row, "", prompt_tokens[b], 0, full * self.bytes_per_position, length, start)
             return
-        host_mask, (ids, mask) = self._tokenize(texts)
-        prompt_tokens = host_mask.sum(-1).tolist()  # host integers: lengths are tracked without asking the device
-        self._prefilled += sum(prompt_tokens)
-        step = kv.prefill(self.llm.model, ids, mask)
+        # text: a reader reads its senders' messages in its prompt, so every agent's prompt starts afresh (and
+        # with a cached prefix)
+        empty = [kv.empty(1, self.llm.device) for _ in nodes]
+        step, prompt_tokens, _, _ = self._prefill_prompts(messages, texts, empty, logits=True)
         texts, counts = self._decode(step, cfg.agent_max_new_tokens, generator)
         for b, x in enumerate(chunk):
             done[x] = _Done(None, texts[b], prompt_tokens[b], counts[b],
                             (prompt_tokens[b] + counts[b]) * self.bytes_per_position)
-
-    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Left-padded prompts: the mask on the host (for lengths) and (ids, mask) on the model's device
-        (one copy for both)."""
-        ids, mask = self.llm.tokenize(texts)
-        ids_device, mask_device = torch.stack([ids, mask]).to(self.llm.device)  # (2, B, T)
-        return mask, (ids_device, mask_device)
 
     def _decode(self, step: kv.Step, max_new_tokens: int, generator) -> tuple[list[str], list[int]]:
         """Texts and token counts decoded from a prefilled batch with the config's sampling (one copy to
