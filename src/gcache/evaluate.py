@@ -238,15 +238,18 @@ class Evaluator:
         config = self.describe(method)
         return self.rollout_config(config), config["fuser"], config.get("fuser_signal")
 
+    def groups(self, methods: list[str], *, together: bool = True) -> list[list[str]]:
+        """`methods` as `run_methods` runs them: with `together`, those with one `engine_key` in one call."""
+        groups: dict[Any, list[str]] = {}
+        for method in methods:
+            key = self.engine_key(method) if together else None
+            groups.setdefault(("alone", method) if key is None else key, []).append(method)
+        return list(groups.values())
+
     def rows_per_question(self, methods: list[str], *, together: bool = True) -> int:
         """The rows one question adds to the largest engine call of `run_methods` (one per method that
         shares the call): what sizes an evaluation's batches by rows (`gcache.datamodule.eval_batch_size`)."""
-        counts: dict[Any, int] = {}
-        for method in methods:
-            key = self.engine_key(method) if together else None
-            key = ("alone", method) if key is None else key
-            counts[key] = counts.get(key, 0) + 1
-        return max(counts.values(), default=1)
+        return max(map(len, self.groups(methods, together=together)), default=1)
 
     def run(self, method: str, batch) -> list[dict]:
         """`method` on a batch of examples: one record per example."""
@@ -260,12 +263,9 @@ class Evaluator:
         are also shared with the other methods of the batch through the memo (`AgentMemo`; the caller
         clears it between batches). Each record is what the method gives when it runs alone; its
         `seconds` are its rows' share of the engine call's time (by the tokens they ran)."""
-        groups: dict[Any, list[str]] = {}
-        for method in methods:
-            key = self.engine_key(method) if together else None
-            groups.setdefault(("alone", method) if key is None else key, []).append(method)
         records: dict[str, list[dict]] = {}
-        for members in sorted(groups.values(), key=lambda group: group != ["gcache"]):  # gcache first
+        for members in sorted(self.groups(methods, together=together), key=lambda group: group != ["gcache"]):
+            # (gcache first: the others may read its agents)
             start = time.perf_counter()
             if members == ["gcache"]:  # exactly what the training run's validation and test run
                 engine = self.module.engine
