@@ -7,6 +7,7 @@ import csv
 import json
 import struct
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def _check_completions(rows: list[dict], step: int, *, files: bool = True) -> No
 def wandb_records(path: Path):
     """The records of a `.wandb` file: a 7-byte W&B header (`:W&B`, magic, version), then the LevelDB
     log format (32 KiB blocks; chunks with a 7-byte header: crc32, length, type full/first/middle/last)
-    of serialized `wandb_internal_pb2.Record`s, the protocol `wandb sync` uploads."""
+    of serialized `wandb_internal_pb2.Record`s, the protocol `wandb sync` uploads. A chunk's crc32 covers
+    its type byte and its bytes; reading stops at the first chunk not yet written whole."""
     from wandb.proto import wandb_internal_pb2
 
     data = path.read_bytes()
@@ -65,8 +67,11 @@ def wandb_records(path: Path):
         if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
             pos += block - pos % block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        pending += data[pos + 7 : pos + 7 + length]
+        crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        if len(chunk) < length or zlib.crc32(bytes([kind]) + chunk) != crc:
+            return  # W&B's service is still writing this chunk: the records before it are whole
+        pending += chunk
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
             record = wandb_internal_pb2.Record()
@@ -75,10 +80,22 @@ def wandb_records(path: Path):
             yield record
 
 
+def run_records(run_dir: Path) -> list:
+    """The records of an offline W&B run, once all are written. W&B's service process may still be writing
+    the file when the run has returned: read it again (for up to 60 s) until the run's last record, `exit`,
+    is in it."""
+    for _ in range(120):
+        records = list(wandb_records(next(run_dir.glob("run-*.wandb"))))
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        time.sleep(0.5)
+    raise AssertionError(f"{run_dir}: no exit record after 60 s")
+
+
 def _read_run(run_dir: Path) -> tuple[list[dict], dict]:
     """History rows and the final summary of an offline W&B run."""
     history, final = [], {}
-    for record in wandb_records(next(run_dir.glob("run-*.wandb"))):
+    for record in run_records(run_dir):
         kind = record.WhichOneof("record_type")
         items = record.history.item if kind == "history" else record.summary.update if kind == "summary" else []
         values = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
@@ -92,13 +109,7 @@ def _read_run(run_dir: Path) -> tuple[list[dict], dict]:
 def test_an_offline_wandb_run_holds_completions_tables_edge_series_and_the_comparison(tmp_path):
     summary = _run(tmp_path, "wandb")
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    # W&B's service process may still be writing the file when the run has returned: read it again
-    # (for up to 20 s) until the validation series are in it.
-    for _ in range(40):
-        history, final = _read_run(run_dir)
-        if all(any(key in row for row in history) for key in EDGES):
-            break
-        time.sleep(0.5)
+    history, final = _read_run(run_dir)
 
     # Edge probabilities over time: one series per agent -> judger edge, and oracle vs distractor.
     for key in [*EDGES, "val/p_oracle", "val/p_distractor"]:
@@ -128,7 +139,7 @@ def test_an_offline_wandb_run_holds_completions_tables_edge_series_and_the_compa
     assert [row[0] for row in table["data"]] == list(comparison["methods"])
 
     # gcache starts the run (not Lightning): Lightning's x-axis is still every metric's step.
-    records = list(wandb_records(next(run_dir.glob("run-*.wandb"))))
+    records = run_records(run_dir)
     metrics = [r.metric for r in records if r.WhichOneof("record_type") == "metric"]
     assert any(m.glob_name == "*" and m.step_metric == "trainer/global_step" for m in metrics)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
@@ -146,12 +157,7 @@ def test_evaluate_logs_its_report_to_an_offline_wandb_run(tmp_path):
         cfg.output_dir = str(tmp_path)
     report = _evaluate_command(cfg)
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    for _ in range(40):  # W&B's service process may still be writing the file (see above)
-        runs = [r.run for r in wandb_records(next(run_dir.glob("run-*.wandb"))) if r.WhichOneof("record_type") == "run"]
-        if runs:
-            break
-        time.sleep(0.5)
-    (run,) = runs
+    (run,) = [r.run for r in run_records(run_dir) if r.WhichOneof("record_type") == "run"]
     assert (run.project, run.job_type) == ("gcache", "evaluate")
     (table_file,) = (run_dir / "files" / "media" / "table").glob("evaluation_*.table.json")
     table = json.loads(table_file.read_text())
