@@ -551,14 +551,41 @@ def test_the_pool_keeps_workspaces_within_a_budget_in_bytes_and_reuses_larger_on
     assert not pool.workspaces
     kv.latent_steps(model, start, 3, realign, pool=pool)
     assert list(pool.workspaces) == [(4, 16, "embeds")] and pool.created == 2
-    # A workspace that cannot fit at all is reported once, with its size, and that loop runs eagerly.
+    # A loop whose workspace does not fit runs in groups of rows whose workspace does (here one row of 64
+    # slots: less than 4 rows of 16), said once; every row as in one eager loop.
+    one_row = kv_static.workspace_bytes(model, template, 1, 64, "embeds")
+    assert one_row <= size[16] < kv_static.workspace_bytes(model, template, 2, 64, "embeds")
+    with caplog.at_level("INFO", logger="gcache.kv_static"):
+        for _ in range(2):
+            split = kv.latent_steps(model, start, 40, realign, logits=True, pool=pool)
+    eager40 = kv.latent_steps(model, start, 40, realign, logits=True)
+    torch.testing.assert_close(split.step.hidden, eager40.step.hidden, atol=1e-5, rtol=0)
+    torch.testing.assert_close(split.step.logits, eager40.step.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(split.fed, eager40.fed, atol=1e-5, rtol=0)
+    assert torch.equal(split.step.kv.mask, eager40.step.kv.mask)
+    for (k0, v0), (k1, v1) in zip(split.step.kv.layers(), eager40.step.kv.layers(), strict=True):
+        torch.testing.assert_close(k0, k1, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v0, v1, atol=1e-5, rtol=0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "3 rows x 64 slots" in messages[0] and "groups of 1 rows" in messages[0], messages
+    assert list(pool.workspaces) == [(1, 64, "embeds")] and pool.stats()["split_loops"] == 2
+    assert pool.stats()["eager_fallbacks"] == 0
+    # Decoding too: the same greedy tokens as one eager loop of the three rows.
+    kwargs = dict(max_new_tokens=15, eos_token_ids=[-1], pad_token_id=0)  # 49 + 15 slots: 64
+    tokens, counts = kv.decode(model, split.step.kv, split.step.logits, pool=pool, **kwargs)
+    eager_tokens, eager_counts = kv.decode(model, eager40.step.kv, eager40.step.logits, **kwargs)
+    assert torch.equal(tokens, eager_tokens) and torch.equal(counts, eager_counts) and tokens.shape == (3, 15)
+    assert pool.stats()["split_loops"] == 3 and (1, 64, "ids") in pool.workspaces
+    # A workspace of which not even one row fits is reported once, with its size, and that loop runs eagerly.
+    caplog.clear()
+    pool.set_budget(one_row - 1)
     with caplog.at_level("WARNING", logger="gcache.kv_static"):
         for _ in range(2):
             torch.testing.assert_close(kv.latent_steps(model, start, 40, realign, pool=pool).step.hidden,
                                        eager[40], atol=1e-5, rtol=0)
-    reports = [r.getMessage() for r in caplog.records if "budget" in r.getMessage()]
-    assert len(reports) == 1 and f"{size[64] / kv_static.GIB:.2f} GiB" in reports[0] and "4 rows x 64 slots" in reports[0]
-    assert list(pool.workspaces) == [(4, 16, "embeds")]
+    reports = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(reports) == 1 and kv_static.amount(size[64]) in reports[0] and "4 rows x 64 slots" in reports[0]
+    assert list(pool.workspaces) == [(1, 64, "ids")]  # what still fits: smaller than an embeddings workspace
 
 
 @torch.no_grad()

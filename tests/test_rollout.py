@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gcache import kv
+from gcache import kv, kv_static
 from gcache.agents import build_roster
 from gcache.llm.local import LocalLM
 from gcache.policy.cache_fuser import CacheFuser
@@ -333,6 +333,32 @@ def test_static_loops_give_the_eager_engines_answers_token_for_token(llm, roster
         for (k0, v0), (k1, v1) in zip(a.cache.layers(), b.cache.layers(), strict=True):
             torch.testing.assert_close(k0, k1, atol=1e-5, rtol=0)
             torch.testing.assert_close(v0, v1, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_a_workspace_budget_too_small_for_a_batch_runs_it_in_row_groups_with_the_same_answers(llm, roster):
+    # The budget holds one row of 1024 slots: every loop of these rows fits in groups, none runs eagerly.
+    g = torch.Generator().manual_seed(4)
+    adjacency = judger_senders_all(torch.triu(torch.rand(6, N, N, generator=g) < 0.5, diagonal=1))
+    ids = llm.tokenize(["x"])[0]
+    template = kv.prefill(llm.model, ids, torch.ones_like(ids)).kv.layers()
+    budget = kv_static.workspace_bytes(llm.model, template, 1, 1024, "embeds") / kv_static.GIB
+
+    def run(loops, memory):
+        config = RolloutConfig(cuda_graphs=loops, latent_steps=3, retention="full", max_new_tokens=10,
+                               judger_latent_steps=1, workspace_memory=memory)
+        return RolloutEngine(llm, roster, config).run(QUESTIONS, adjacency, [0, 1, 0, 1, 0, 1], answer_format=FORMAT)
+
+    eager = run("off", "25%")
+    pool = llm.loop_pool(capture=False, memory=budget)
+    before = pool.stats()["split_loops"]
+    small = run("static", budget)
+    stats = pool.stats()
+    assert [r.answer for r in small.rollouts] == [r.answer for r in eager.rollouts]
+    assert [r.decoded_tokens for r in small.rollouts] == [r.decoded_tokens for r in eager.rollouts]
+    assert stats["split_loops"] > before and stats["eager_fallbacks"] == 0
+    assert {rows for rows, _, _ in pool.workspaces} < {1, 2, 4}  # never the batch's 8 rows
+    llm.loop_pool(capture=False, memory="25%")  # the other tests' budget
 
 
 @torch.no_grad()

@@ -486,6 +486,22 @@ def token_loop(model: torch.nn.Module, kv: KV, steps: int, kind: str, pool: kv_s
     return pool.loop(kv.layers(), kv.mask, steps, kind, log_weight)
 
 
+def _row_groups(pool: kv_static.LoopPool | None, kv: KV, steps: int, kind: str) -> list[list[int]]:
+    """Consecutive rows of `kv` run as one token loop: the whole batch, or under a pool's budget groups of
+    the rows whose workspace fits (`LoopPool.rows_that_fit`)."""
+    batch = kv.batch_size
+    if pool is None:
+        return [list(range(batch))]
+    rows = pool.rows_that_fit(kv.layers(), batch, kv.seq_len, steps, kind)
+    return [list(range(start, min(start + rows, batch))) for start in range(0, batch, rows)]
+
+
+def _step_rows(step: Step, rows: list[int]) -> Step:
+    """Some consecutive rows of a step."""
+    part = slice(rows[0], rows[-1] + 1)
+    return Step(select(step.kv, rows), step.hidden[part], None if step.logits is None else step.logits[part])
+
+
 def _loop_kv(loop) -> KV:
     layers, mask, log_weight = loop.result()
     return KV(cache_from_layers(layers), mask, log_weight)
@@ -496,7 +512,8 @@ def latent_steps(model: torch.nn.Module, start: Step, steps: int, realign: Reali
     """`steps` latent steps: feed realign(last hidden) back as the next input embedding.
 
     One position per step, written in place (`gcache.kv_static`); no host-device sync. The LM
-    head runs once, at the end, and only with `logits=True` (a judger about to decode)."""
+    head runs once, at the end, and only with `logits=True` (a judger about to decode). A batch whose
+    static workspace does not fit the pool's budget runs in groups of rows (`LoopPool.rows_that_fit`)."""
     if steps < 0:
         raise ValueError(f"latent_steps must be >= 0, got {steps}")
     width = start.hidden.shape[-1]
@@ -504,6 +521,15 @@ def latent_steps(model: torch.nn.Module, start: Step, steps: int, realign: Reali
         out_logits = next_token_logits(model, start.hidden) if logits and start.logits is None else start.logits
         return LatentResult(Step(copy(start.kv), start.hidden, out_logits),
                             start.hidden.new_zeros(start.kv.batch_size, 0, width))
+    if _is_empty(start.kv):
+        raise ValueError("a token loop starts from a prefilled cache")
+    groups = _row_groups(pool, start.kv, steps, "embeds")
+    if len(groups) > 1:  # rows are independent: each group alone, as if the batch were that group
+        parts = [latent_steps(model, _step_rows(start, rows), steps, realign, logits=logits, pool=pool)
+                 for rows in groups]
+        step = Step(stack([p.step.kv for p in parts], compacted=True), torch.cat([p.step.hidden for p in parts]),
+                    torch.cat([p.step.logits for p in parts]) if logits else None)  # equal widths: no padding
+        return LatentResult(step, torch.cat([p.fed for p in parts]))
     loop = token_loop(model, start.kv, steps, "embeds", pool)
     hidden, fed = start.hidden, []
     for t in range(steps):
@@ -675,10 +701,22 @@ def decode(
 
     Sampling draws one (B, V) block of exponential noise from `generator` per token for the whole
     batch, so the tokens of a seeded generator are the same with eager or static loops and for any
-    `check_every` (which rows are still running never changes what is drawn).
+    `check_every` (which rows are still running never changes what is drawn). A batch whose static
+    workspace does not fit the pool's budget decodes in groups of rows, one after another
+    (`LoopPool.rows_that_fit`): greedy tokens are the same, sampled ones are drawn per group.
     """
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
+    if pool is not None and max_new_tokens > 1 and not _is_empty(kv):
+        groups = _row_groups(pool, kv, max_new_tokens, "ids")
+        if len(groups) > 1:
+            parts = [decode(model, select(kv, rows), logits[rows[0] : rows[-1] + 1], max_new_tokens=max_new_tokens,
+                            eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, temperature=temperature,
+                            top_p=top_p, generator=generator, check_every=check_every, pool=pool) for rows in groups]
+            width = max(ids.shape[1] for ids, _ in parts)
+            ids = torch.cat([torch.nn.functional.pad(ids, (0, width - ids.shape[1]), value=pad_token_id)
+                             for ids, _ in parts])  # (B, T)
+            return ids, torch.cat([counts for _, counts in parts])
     batch = kv.batch_size
     device = logits.device
     eos = torch.as_tensor(eos_token_ids, device=device)  # a tensor on the device already: no copy

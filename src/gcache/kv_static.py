@@ -18,7 +18,8 @@ Two kinds of loop:
   is captured once as a CUDA graph per workspace and replayed (`rollout.cuda_graphs=auto|on`).
   Without capture (`static`) the same steps run on any device: the GPU's path under test on CPU.
   The pool keeps the buffers and graphs between loops, within a budget in bytes; a loop copies its
-  starting cache in.
+  starting cache in. A batch whose workspace would not fit the budget runs in groups of rows that do
+  (`LoopPool.rows_that_fit`), one group after another.
 
 Both give the logits of `gcache.kv.forward` over a `DynamicCache` (tested to 1e-5 in fp32). What
 outlives a loop is made outside inference mode (Lightning validates under `torch.inference_mode()`,
@@ -289,6 +290,11 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def amount(n: int) -> str:
+    """Bytes for a log line: GiB, or MiB below a tenth of one."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
+
+
 def check_memory(memory: float | str, name: str = "memory") -> None:
     """A memory budget is a number of GiB > 0 or a percentage of free memory ('25%', in (0, 100])."""
     if isinstance(memory, (int, float)) and not isinstance(memory, bool) and memory > 0:
@@ -339,6 +345,8 @@ class LoopPool:
         self.created = 0  # workspaces allocated (a key allocated twice was evicted in between)
         self.loops = 0  # loops run on workspaces (the rest ran eagerly: `reported`)
         self.reported: set[tuple[int, int, str]] = set()  # keys whose fallback was reported
+        self.split = 0  # loops run in row groups to fit the budget (`rows_that_fit`)
+        self.split_reported: set[tuple[int, int, str]] = set()
 
     @property
     def nbytes(self) -> int:
@@ -346,12 +354,13 @@ class LoopPool:
 
     def stats(self) -> dict[str, int | float]:
         """What the pool holds and did: kept workspaces and their MiB, workspaces allocated, loops run on
-        them, CUDA graphs captured and captures that failed, shapes that fell back to eager loops."""
+        them, CUDA graphs captured and captures that failed, shapes that fell back to eager loops, loops run in
+        row groups to fit the budget."""
         return {"workspaces": len(self.workspaces), "MiB": round(self.nbytes / 2**20, 1),
                 "budget_GiB": round(self.budget_bytes / GIB, 2), "allocated": self.created, "loops": self.loops,
                 "captures": self.captures,
                 "capture_failures": sum(ws.capture_failed is not None for ws in self.workspaces.values()),
-                "eager_fallbacks": len(self.reported),
+                "eager_fallbacks": len(self.reported), "split_loops": self.split,
                 "shapes": [f"{rows} rows x {slots} slots ({kind})" for rows, slots, kind in self.workspaces]}
 
     def set_budget(self, budget_bytes: int) -> None:
@@ -372,6 +381,32 @@ class LoopPool:
                 if key[0] == rows and key[2] == kind and capacity <= key[1] <= capacity * self.REUSE_FACTOR]
         return min(fits, key=lambda key: key[1]) if fits else None
 
+    def rows_that_fit(self, layers: Layers, batch: int, length: int, steps: int, kind: str) -> int:
+        """How many rows of a loop of `batch` rows, `length` cached slots and `steps` new ones run at once: all
+        of them when their workspace fits the budget (or is kept already), else the most rows, a power of two,
+        that fit. `gcache.kv`'s loops run a larger batch in row groups of that many, one after another, on one
+        workspace, instead of eagerly. All where not even one row fits: that loop runs eagerly (reported)."""
+        capacity = bucket(length + steps)
+
+        def fits(rows: int) -> bool:
+            return (self._find(rows, capacity, kind) is not None
+                    or workspace_bytes(self.model, layers, rows, capacity, kind) <= self.budget_bytes)
+
+        rows = bucket(batch, minimum=1)
+        while rows > 1 and not fits(rows):
+            rows //= 2
+        if not fits(rows):
+            return batch  # one eager loop (`loop` reports it)
+        if rows < batch:
+            self.split += 1
+            key = (bucket(batch, minimum=1), capacity, kind)
+            if key not in self.split_reported:
+                self.split_reported.add(key)
+                log.info("a token loop of %d rows x %d slots (%s) needs more than the workspace budget of %s "
+                         "(rollout.workspace_memory): it runs in groups of %d rows", batch, capacity, kind,
+                         amount(self.budget_bytes), rows)
+        return min(rows, batch)
+
     def _report(self, key: tuple[int, int, str], message: str, *args) -> None:
         if key not in self.reported:
             self.reported.add(key)
@@ -387,16 +422,16 @@ class LoopPool:
             key = (rows, capacity, kind)
             size = workspace_bytes(self.model, layers, rows, capacity, kind)
             if size > self.budget_bytes:
-                self._report(key, "a token-loop workspace of %d rows x %d slots needs %.2f GiB, more than the "
-                             "budget of %.2f GiB (rollout.workspace_memory): those loops run eagerly",
-                             rows, capacity, size / GIB, self.budget_bytes / GIB)
+                self._report(key, "a token-loop workspace of %d rows x %d slots (%s) needs %s, more than the "
+                             "budget of %s (rollout.workspace_memory): those loops run eagerly",
+                             rows, capacity, kind, amount(size), amount(self.budget_bytes))
                 return EagerLoop(self.model, layers, mask, steps, log_weight)
             self._evict(size)
             try:
                 self.workspaces[key] = _Workspace(self.model, layers, rows, capacity, kind)
             except torch.OutOfMemoryError:
                 self._report(key, "out of memory allocating a token-loop workspace of %d rows x %d slots "
-                             "(%.2f GiB): those loops run eagerly", rows, capacity, size / GIB)
+                             "(%s, %s): those loops run eagerly", rows, capacity, kind, amount(size))
                 return EagerLoop(self.model, layers, mask, steps, log_weight)
             self.created += 1
         workspace = self.workspaces.pop(key)
