@@ -361,14 +361,17 @@ def test_prompts_on_cached_prefixes_equal_whole_prompts_in_a_left_padded_batch(l
     plain, cached = runs[False], runs[True]
     assert [r.answer for r in cached.rollouts] == [r.answer for r in plain.rollouts]
     assert [r.prompt_tokens for r in cached.rollouts] == [r.prompt_tokens for r in plain.rollouts]
+    lengths = set()
     for a, b in zip(cached.judger_inputs, plain.judger_inputs, strict=True):
         for seg_a, seg_b in zip(a.sender_kvs, b.sender_kvs, strict=True):
-            real = seg_a.mask[0].bool()  # a segment built on a prefix may hold the batch's padding inside
-            assert int(real.sum()) == seg_b.seq_len == int(seg_b.lengths[0])
+            # Slot for slot: a segment built on a prefix keeps none of the batch's padding between the prefix
+            # and the rest of its prompt (the two questions' prompts differ in length).
+            assert seg_a.seq_len == seg_b.seq_len == int(seg_a.lengths[0]) == int(seg_b.lengths[0])
+            lengths.add(seg_a.seq_len)
             for (ka, va), (kb, vb) in zip(seg_a.layers(), seg_b.layers(), strict=True):
-                torch.testing.assert_close(ka[:, :, real], kb, atol=1e-5, rtol=0)
-                torch.testing.assert_close(va[:, :, real], vb, atol=1e-5, rtol=0)
-    assert any(not bool(seg.mask.all()) for inp in cached.judger_inputs for seg in inp.sender_kvs)  # padding inside
+                torch.testing.assert_close(ka, kb, atol=1e-5, rtol=0)
+                torch.testing.assert_close(va, vb, atol=1e-5, rtol=0)
+    assert len(lengths) > 1
     assert cached.prefill_tokens < plain.prefill_tokens
     stats = llm.prefix_cache().stats()
     assert stats["computed"] >= 3 and stats["uses"] >= 2 * (n - 1) + 2  # agents alone and judgers alone, per question
@@ -381,6 +384,44 @@ def test_prompts_on_cached_prefixes_equal_whole_prompts_in_a_left_padded_batch(l
     assert [r.messages for r in text[True].rollouts] == [r.messages for r in text[False].rollouts]
     assert [r.answer for r in text[True].rollouts] == [r.answer for r in text[False].rollouts]
     assert text[True].prefill_tokens < text[False].prefill_tokens
+
+
+def test_a_trained_realignments_segments_recomputed_with_grad_are_the_rollouts_own(llm):
+    """`RolloutEngine.segment_with_grad` (a trained realignment's loss) recomputes each direct sender's
+    segment from where its latent steps began: the rollout's own slots, for agents on cached prefixes in a
+    left-padded batch and agents on a past alike, and differentiable in the realignment."""
+    from gcache.agents import build_roster
+    from gcache.policy.cache_fuser import CacheFuser
+    from gcache.policy.topology import judger_senders_all
+    from gcache.rollout import RolloutConfig, RolloutEngine
+
+    roster = build_roster("math")
+    n = roster.num_agents
+    fuser = CacheFuser(llm.num_layers, channel="realign", rank=2, hidden_dim=llm.model.config.hidden_size,
+                       latent_steps=2)
+    with torch.no_grad():
+        fuser.realign.offsets.normal_(0, 0.1)
+        fuser.realign.up.normal_(0, 0.1)
+    engine = RolloutEngine(llm, roster, RolloutConfig(latent_steps=2, retention="full", max_new_tokens=2), fuser)
+    graphs = judger_senders_all(torch.zeros(2, n, n, dtype=torch.bool))
+    graphs[:, 0, 1] = True  # agent 1 reads agent 0: a prompt on a past
+    questions = ["What is 2 + 3?", "A train leaves at noon at 60 km/h; how far has it gone by 3 pm, in km?"]
+    with torch.no_grad():
+        out = engine.run(questions, graphs, [0, 1], answer_format="Answer:", keep_judger_inputs=True)
+    realign = engine.agent_realignment()
+    checked = 0
+    for inp in out.judger_inputs:
+        for segment, start in zip(inp.sender_kvs, inp.sender_starts, strict=True):
+            again = engine.segment_with_grad(start, realign)
+            assert again.seq_len == segment.seq_len and torch.equal(again.mask, segment.mask)
+            for (k0, v0), (k1, v1) in zip(again.layers(), segment.layers(), strict=True):
+                torch.testing.assert_close(k0.detach(), k1, atol=1e-5, rtol=0)
+                torch.testing.assert_close(v0.detach(), v1, atol=1e-5, rtol=0)
+            checked += 1
+    assert checked == 2 * n and any(start.gap[1] > start.gap[0] for inp in out.judger_inputs
+                                    for start in inp.sender_starts)  # padding dropped somewhere
+    again.layers()[0][1].sum().backward()
+    assert fuser.realign.up.grad is not None and bool(fuser.realign.up.grad.abs().gt(0).any())
 
 
 @torch.no_grad()

@@ -175,6 +175,22 @@ def tail(kv: KV, n: int) -> KV:
               _slots(kv.log_weight, slice(cut, None)))
 
 
+def drop_columns(kv: KV, start: int, stop: int) -> KV:
+    """The slots without columns start … stop−1, for a caller that knows those columns are padding in
+    every row: positions follow real slots only, so nothing is re-rotated (`compact` finds such columns
+    on the device instead)."""
+    if stop <= start:
+        return kv
+    if _is_empty(kv):
+        return empty(kv.batch_size, kv.mask.device)
+
+    def cut(t: torch.Tensor, dim: int) -> torch.Tensor:
+        return torch.cat([t.narrow(dim, 0, start), t.narrow(dim, stop, t.shape[dim] - stop)], dim)
+
+    return KV(cache_from_layers([(cut(k, 2), cut(v, 2)) for k, v in kv.layers()]), cut(kv.mask, 1),
+              None if kv.log_weight is None else cut(kv.log_weight, 1))
+
+
 def stack(kvs: Sequence[KV], *, compacted: bool = False) -> KV:
     """Concatenate batches along B, left-padding each to the longest (pads masked, values zero).
     Each batch is first `compact`ed (a host-device sync) unless the caller knows it is (`compacted`)."""

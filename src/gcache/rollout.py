@@ -316,13 +316,15 @@ class _Done:
 @dataclass
 class SenderStart:
     """Where an agent's latent steps began: its cache after its prompt (one row, as batched: its past
-    and left padding included) and last hidden state; `width` slots were kept of the result, then the
-    last `length` (`RolloutEngine._run_agents`). Lets a loss recompute the handed-on segment with
-    autograd through the latent steps (a trained realignment)."""
+    and left padding included) and last hidden state; `width` slots were kept of the result, the
+    columns `gap` (the batch's padding between a cached prefix and the rest of the prompt) dropped,
+    then the last `length` kept (`RolloutEngine._run_agents`). Lets a loss recompute the handed-on
+    segment with autograd through the latent steps (a trained realignment)."""
 
     step: kv.Step
     width: int
     length: int
+    gap: tuple[int, int] = (0, 0)
 
 
 def _chunks(items: list, size: int):
@@ -484,7 +486,7 @@ class RolloutEngine:
         steps fed by `realign` (`agent_realignment()`: the trained realignment's gradient path): the
         same slots the rollout kept."""
         result = kv.latent_steps_with_grad(self.llm.model, start.step, self.config.latent_steps, realign)
-        return kv.tail(kv.keep_last(result, start.width, self.llm.rotary), start.length)
+        return kv.tail(kv.drop_columns(kv.keep_last(result, start.width, self.llm.rotary), *start.gap), start.length)
 
     def _agent_messages(self, plan: Plan, node: AgentNode, questions, agent_facts, done) -> list[dict]:
         facts = agent_facts[node.question] if agent_facts is not None else ()
@@ -546,14 +548,16 @@ class RolloutEngine:
                 segment = kv.keep_last(result.kv, window, self.llm.rotary)  # (B, H, window, Dh) per layer
             for b, x in enumerate(chunk):
                 length = cfg.latent_steps if latent_only else prompt_tokens[b] + cfg.latent_steps  # real slots
+                gap = (0, 0)
                 if latent_only or not any(heads):
                     kept, row = window, kv.tail(kv.select(segment, [b]), length)
-                else:  # the row's cached prefix, the block's padding, its prompt's rest, its latents: one window
+                else:  # the row's cached prefix, the block's padding (dropped), its prompt's rest, its latents
                     kept = heads[b] + width + cfg.latent_steps
-                    row = kv.keep_last(kv.select(result.kv, [b]), kept, self.llm.rotary)
+                    gap = (heads[b], heads[b] + width - (prompt_tokens[b] - heads[b]))
+                    row = kv.drop_columns(kv.keep_last(kv.select(result.kv, [b]), kept, self.llm.rotary), *gap)
                 full = past_lengths[b] + prompt_tokens[b] + cfg.latent_steps
                 start = SenderStart(kv.Step(kv.select(step.kv, [b]), step.hidden[b : b + 1], None), kept,
-                                    row.seq_len) if keep_starts else None
+                                    row.seq_len, gap) if keep_starts else None
                 done[x] = _Done(row, "", prompt_tokens[b], 0, full * self.bytes_per_position, length, start)
             return
         # text: a reader reads its senders' messages in its prompt, so every agent's prompt starts afresh (and
