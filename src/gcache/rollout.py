@@ -327,6 +327,12 @@ class SenderStart:
     gap: tuple[int, int] = (0, 0)
 
 
+def _facts(node: AgentNode, agent_facts) -> str:
+    """What an agent node's agent alone holds for its question ("" without `agent_facts`)."""
+    facts = agent_facts[node.question] if agent_facts is not None else ()
+    return facts[node.agent] if facts else ""
+
+
 def _chunks(items: list, size: int):
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -463,9 +469,8 @@ class RolloutEngine:
     def _memo_key(self, node: AgentNode, keys: dict[int, tuple], questions, agent_facts) -> tuple:
         """Everything that decides an agent node's work (`AgentMemo`): its question and facts, its role, the
         keys of the nodes it reads, the engine's settings."""
-        facts = agent_facts[node.question] if agent_facts is not None else ()
-        return (questions[node.question], facts[node.agent] if facts else "", node.agent,
-                tuple(keys[x] for x in node.reads), self._agent_settings)
+        return (questions[node.question], _facts(node, agent_facts), node.agent, tuple(keys[x] for x in node.reads),
+                self._agent_settings)
 
     def base_realignment(self):
         """The config's realignment (`realign`, `realign_temperature`): the judger's latent steps."""
@@ -489,12 +494,11 @@ class RolloutEngine:
         return kv.tail(kv.drop_columns(kv.keep_last(result, start.width, self.llm.rotary), *start.gap), start.length)
 
     def _agent_messages(self, plan: Plan, node: AgentNode, questions, agent_facts, done) -> list[dict]:
-        facts = agent_facts[node.question] if agent_facts is not None else ()
         received = []
         if self.config.method == "text":
             received = [(self.roster.roles[plan.nodes[x].agent].name, done[x].text) for x in node.reads]
         return agent_messages(self.roster.roles[node.agent], questions[node.question],
-                              facts=facts[node.agent] if facts else "", received=received)
+                              facts=_facts(node, agent_facts), received=received)
 
     def _prefill_prompts(self, messages: list[list[dict]], texts: list[str], pasts: list[kv.KV], *, logits: bool):
         """Prefill each row's chat prompt on its past (single-row compact KVs), left-padded in one batch.
