@@ -504,9 +504,10 @@ def token_loop(model: torch.nn.Module, kv: KV, steps: int, kind: str, pool: kv_s
 
 def _row_groups(pool: kv_static.LoopPool | None, kv: KV, steps: int, kind: str) -> list[list[int]]:
     """Consecutive rows of `kv` run as one token loop: the whole batch, or under a pool's budget groups of
-    the rows whose workspace fits (`LoopPool.rows_that_fit`)."""
+    the rows whose workspace fits (`LoopPool.rows_that_fit`). An empty `kv` is one group (`token_loop`
+    refuses it)."""
     batch = kv.batch_size
-    if pool is None:
+    if pool is None or _is_empty(kv):
         return [list(range(batch))]
     rows = pool.rows_that_fit(kv.layers(), batch, kv.seq_len, steps, kind)
     return [list(range(start, min(start + rows, batch))) for start in range(0, batch, rows)]
@@ -537,8 +538,6 @@ def latent_steps(model: torch.nn.Module, start: Step, steps: int, realign: Reali
         out_logits = next_token_logits(model, start.hidden) if logits and start.logits is None else start.logits
         return LatentResult(Step(copy(start.kv), start.hidden, out_logits),
                             start.hidden.new_zeros(start.kv.batch_size, 0, width))
-    if _is_empty(start.kv):
-        raise ValueError("a token loop starts from a prefilled cache")
     groups = _row_groups(pool, start.kv, steps, "embeds")
     if len(groups) > 1:  # rows are independent: each group alone, as if the batch were that group
         parts = [latent_steps(model, _step_rows(start, rows), steps, realign, logits=logits, pool=pool)
@@ -723,7 +722,7 @@ def decode(
     """
     if check_every < 1:
         raise ValueError(f"check_every must be >= 1, got {check_every}")
-    if pool is not None and max_new_tokens > 1 and not _is_empty(kv):
+    if max_new_tokens > 1:  # (a loop runs from the second token on)
         groups = _row_groups(pool, kv, max_new_tokens, "ids")
         if len(groups) > 1:
             parts = [decode(model, select(kv, rows), logits[rows[0] : rows[-1] + 1], max_new_tokens=max_new_tokens,
